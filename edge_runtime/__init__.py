@@ -1,0 +1,1 @@
+"""The device side of split fine-tuning. Never imports torch or transformers."""

@@ -1,0 +1,96 @@
+"""The edge-engine interface: what the training loop needs from whatever runs the edge half.
+
+Why it exists: the edge half can run on onnxruntime-training (``ort-training``: the
+two-pass step, x86_64 and Python ≤ 3.11 only) or on plain onnxruntime with ahead-of-time
+forward/backward graphs (``onnx``: portable, aarch64). The wire loop is written against
+this interface only, and the cloud does not know which engine a device uses.
+
+One training step: ``z = engine.forward(batch)`` → send ``z`` → receive ``dz`` →
+``engine.backward(dz)`` (parameter gradients for that batch, replacing earlier ones) →
+``engine.optimizer_step()``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from splitwire.bundle import Bundle
+
+
+@dataclass(frozen=True)
+class EdgeBatch:
+    """One batch of edge inputs, all ``int64`` and ``B×L``."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    position_ids: np.ndarray
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": self.token_type_ids,
+            "position_ids": self.position_ids,
+        }
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+
+class EdgeEngine(ABC):
+    """Runs the edge half (embeddings … compression head) and trains its parameters."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def forward(self, batch: EdgeBatch) -> np.ndarray:
+        """``z`` (``B×L×r`` float32) for a training step; remembers what ``backward`` needs."""
+
+    @abstractmethod
+    def backward(self, dz: np.ndarray) -> None:
+        """Back-propagate ``dL/dz`` through the last ``forward``; gradients replace earlier ones."""
+
+    @abstractmethod
+    def optimizer_step(self) -> None:
+        """One AdamW step (``torch.optim.AdamW`` semantics) with the current gradients."""
+
+    @abstractmethod
+    def infer(self, batch: EdgeBatch) -> np.ndarray:
+        """``z`` for evaluation or prediction; keeps no state."""
+
+    @abstractmethod
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters' gradients, by their PyTorch names."""
+
+    @abstractmethod
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters, by their PyTorch names."""
+
+    @abstractmethod
+    def set_learning_rate(self, lr: float) -> None: ...
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write parameters and optimizer state into ``directory`` (which exists and is empty)."""
+
+    @abstractmethod
+    def restore(self, directory: Path) -> None:
+        """Load what ``save`` wrote; training then continues exactly."""
+
+
+ENGINE_MODULES = {"ort-training": "edge_runtime.engines.ort_training", "onnx": "edge_runtime.engines.onnx_engine"}
+
+
+def open_engine(bundle: Bundle, *, threads: int | None = None) -> EdgeEngine:
+    """The engine the bundle was exported for, initialised from the bundle's weights."""
+    name = bundle.manifest["engine"]
+    module = importlib.import_module(ENGINE_MODULES[name])
+    return module.Engine(bundle, threads=threads)

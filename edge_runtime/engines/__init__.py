@@ -1,0 +1,1 @@
+"""Edge engines; see ``edge_runtime.engine`` for the interface."""

@@ -1,0 +1,22 @@
+"""The split model in PyTorch: SVD compression head, link elimination, edge and cloud halves."""
+
+from models.compression import CompressionHead, SplitFeedForward, truncated_svd
+from models.loading import LoadedEncoder, load_encoder
+from models.spec import EncoderSpec, SplitSpec
+from models.split import EDGE_INPUTS, CloudPart, EdgePart, SplitModel, build_full, build_split
+
+__all__ = [
+    "EDGE_INPUTS",
+    "CloudPart",
+    "CompressionHead",
+    "EdgePart",
+    "EncoderSpec",
+    "LoadedEncoder",
+    "SplitFeedForward",
+    "SplitModel",
+    "SplitSpec",
+    "build_full",
+    "build_split",
+    "load_encoder",
+    "truncated_svd",
+]

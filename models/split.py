@@ -1,0 +1,178 @@
+"""The split model: ``EdgePart`` (bottom) and ``CloudPart`` (top), and their composition.
+
+Why it exists: this is the paper's model in plain PyTorch. The same modules are traced
+into the edge's ONNX graphs, run by the cloud server, and used as the in-process
+reference that the distributed system is tested against. ``SplitModel`` composes both
+halves so an existing training loop needs only a few changed lines (docs/USAGE.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.blocks import AttentionBlock, Embeddings, EncoderLayer, FeedForward, Pooler, attention_bias, dropout
+from models.compression import CompressionHead, SplitFeedForward, factorise_into
+from models.spec import EncoderSpec, SplitSpec
+
+EDGE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+class EdgePart(nn.Module):
+    """Embeddings, encoder layers ``0..k-2``, the attention block of layer ``k-1`` and the
+    compression head. Output ``z``: ``B×L×r`` (``B×L×hidden`` for the vanilla split)."""
+
+    def __init__(self, encoder: EncoderSpec, split: SplitSpec, *, dropout: bool = False) -> None:
+        super().__init__()
+        split.validate(encoder)
+        self.embeddings = Embeddings(encoder, dropout=dropout)
+        self.layers = nn.ModuleList(EncoderLayer(encoder, dropout=dropout) for _ in range(split.split - 1))
+        self.split_attention = AttentionBlock(encoder, dropout=dropout)
+        self.head = CompressionHead(encoder.hidden_size, split.rank) if split.compressed else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        bias = attention_bias(attention_mask, self.embeddings.norm.weight.dtype)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        for layer in self.layers:
+            x = layer(x, bias)
+        h = self.split_attention(x, bias)
+        return h if self.head is None else self.head(h)
+
+
+class CloudPart(nn.Module):
+    """The split layer's FFN (fed by ``z``, residual link eliminated), encoder layers
+    ``k..N-1``, pooler and the classification/regression head."""
+
+    def __init__(self, encoder: EncoderSpec, split: SplitSpec, *, dropout: bool = True) -> None:
+        super().__init__()
+        split.validate(encoder)
+        self.spec = split
+        self.split_ffn: nn.Module = (
+            SplitFeedForward(encoder, split.rank, dropout=dropout)
+            if split.compressed
+            else FeedForward(encoder, dropout=dropout)
+        )
+        self.layers = nn.ModuleList(
+            EncoderLayer(encoder, dropout=dropout) for _ in range(encoder.num_layers - split.split)
+        )
+        self.pooler = Pooler(encoder)
+        self.classifier = nn.Linear(encoder.hidden_size, split.num_labels)
+        self.p_drop = encoder.hidden_dropout if dropout else 0.0
+
+    def forward(self, z: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        bias = attention_bias(attention_mask, z.dtype)
+        x = self.split_ffn(z)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.classifier(dropout(self.pooler(x), self.p_drop, self.training))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy for classification, mean squared error for regression."""
+        if self.spec.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+        return F.cross_entropy(logits, labels.long())
+
+
+class SplitModel(nn.Module):
+    """Both halves in one process: a drop-in module for an ordinary PyTorch loop."""
+
+    def __init__(self, edge: EdgePart, cloud: CloudPart) -> None:
+        super().__init__()
+        self.edge = edge
+        self.cloud = cloud
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        position_ids = default_position_ids(input_ids) if position_ids is None else position_ids
+        z = self.edge(input_ids, attention_mask, token_type_ids, position_ids)
+        return self.cloud(z, attention_mask)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.cloud.loss(logits, labels)
+
+
+def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    b, l = input_ids.shape
+    return torch.arange(l, device=input_ids.device).expand(b, l)
+
+
+# Parameters that do not come from the pretrained encoder: set by ``build_split`` itself.
+_DERIVED = ("classifier.", "head.", "split_ffn.decompression.")
+
+
+def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix_map: dict[str, str]) -> None:
+    """Load ``module`` from canonical encoder weights renamed by ``prefix_map`` (ours → canonical)."""
+    target = module.state_dict()
+    for name in target:
+        if name.startswith(_DERIVED):
+            continue
+        source = next((c + name[len(o):] for o, c in prefix_map.items() if name.startswith(o)), None)
+        if source not in state:
+            raise KeyError(f"pretrained weights lack {source or name!r} needed for {name!r}")
+        target[name] = state[source]
+    module.load_state_dict(target)
+
+
+def build_split(
+    encoder: EncoderSpec,
+    weights: dict[str, torch.Tensor],
+    split: SplitSpec,
+    *,
+    classifier_seed: int = 0,
+    initializer_range: float = 0.02,
+    cloud_dropout: bool = True,
+) -> SplitModel:
+    """Cut the encoder whose canonical ``weights`` are given (see ``models.adapters``).
+
+    The split layer ``k-1``'s FFN input projection is factorised by SVD into the
+    compression head (edge) and decompression (cloud). The classifier is new, drawn from
+    ``N(0, initializer_range)`` with ``classifier_seed``, as Hugging Face initialises it.
+    """
+    split.validate(encoder)
+    k = split.split - 1  # index of the split layer
+    edge = EdgePart(encoder, split)
+    edge_map = {"embeddings.": "embeddings.", "split_attention.": f"layers.{k}.attention."}
+    edge_map |= {f"layers.{i}.": f"layers.{i}." for i in range(k)}
+    _load(edge, weights, edge_map)
+
+    cloud = CloudPart(encoder, split, dropout=cloud_dropout)
+    cloud_map = {f"layers.{i - split.split}.": f"layers.{i}." for i in range(split.split, encoder.num_layers)}
+    cloud_map |= {"pooler.": "pooler.", "split_ffn.dense_out.": f"layers.{k}.ffn.dense_out.",
+                  "split_ffn.norm.": f"layers.{k}.ffn.norm.", "split_ffn.dense_in.": f"layers.{k}.ffn.dense_in."}
+    _load(cloud, weights, cloud_map)
+    if split.compressed:
+        w, b = weights[f"layers.{k}.ffn.dense_in.weight"], weights[f"layers.{k}.ffn.dense_in.bias"]
+        factorise_into(edge.head, cloud.split_ffn, w, b)
+    generator = torch.Generator().manual_seed(classifier_seed)
+    with torch.no_grad():
+        cloud.classifier.weight.normal_(0.0, initializer_range, generator=generator)
+        cloud.classifier.bias.zero_()
+    return SplitModel(edge, cloud)
+
+
+def build_full(
+    encoder: EncoderSpec, weights: dict[str, torch.Tensor], num_labels: int, *, classifier_seed: int = 0
+) -> SplitModel:
+    """The full fine-tuning baseline: the unsplit model with dropout everywhere.
+
+    It is a vanilla split at the last layer with edge dropout on, which is exactly standard
+    BERT sequence classification (a vanilla split is the unsplit model, cut anywhere).
+    """
+    split = SplitSpec(split=encoder.num_layers, rank=None, num_labels=num_labels, link_elimination=False)
+    model = build_split(encoder, weights, split, classifier_seed=classifier_seed)
+    full_edge = EdgePart(encoder, split, dropout=True)
+    full_edge.load_state_dict(model.edge.state_dict())
+    return SplitModel(full_edge, model.cloud)

