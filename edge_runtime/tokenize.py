@@ -1,0 +1,56 @@
+"""Texts → an ``EdgeBatch`` with the bundle's own tokenizer (the ``tokenizers`` library, no transformers).
+
+Why it exists: the edge graphs expect exactly the ids, masks and positions the exported
+model was traced with. ``tokenizer.json`` files may carry a built-in padding and
+truncation (the packaged MiniLM pads every row to 128) that the ``tokenizers`` library
+applies silently, so both are set here explicitly: truncation to the bundle's
+``max_length`` (longest-first for pairs) and right padding to the batch's longest row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edge_runtime.engine import EdgeBatch
+from splitwire.bundle import Bundle, BundleError
+
+TOKENIZER_FILE = "edge/tokenizer.json"
+
+
+class EdgeTokenizer:
+    """Encodes a batch of texts (or text pairs) into the edge's int64 inputs and int32 lengths."""
+
+    def __init__(self, path: str | Path, *, max_length: int, pad_id: int) -> None:
+        self.tokenizer = Tokenizer.from_file(str(path))
+        pad_token = self.tokenizer.id_to_token(pad_id)
+        if pad_token is None:
+            raise BundleError(f"{path}: the tokenizer has no token with the pad id {pad_id}")
+        self.max_length = max_length
+        self.tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
+        self.tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_type_id=0, pad_token=pad_token,
+                                      length=None)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> "EdgeTokenizer":
+        return cls(bundle.path(TOKENIZER_FILE), max_length=bundle.max_length,
+                   pad_id=int(bundle.encoder["pad_token_id"]))
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> tuple[EdgeBatch, np.ndarray]:
+        """``(batch, lengths)``: ``B×L`` int64 inputs with ``L`` the longest row, and int32 real-token counts."""
+        if not texts:
+            raise ValueError("cannot encode an empty batch")
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} pair texts")
+        inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+        encodings = self.tokenizer.encode_batch(inputs)
+        input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        token_type_ids = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        b, length = input_ids.shape
+        position_ids = np.broadcast_to(np.arange(length, dtype=np.int64), (b, length)).copy()
+        lengths = attention_mask.sum(axis=1).astype(np.int32)
+        return EdgeBatch(input_ids, attention_mask, token_type_ids, position_ids), lengths
