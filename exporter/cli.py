@@ -1,0 +1,71 @@
+"""``sft-export``: write a split fine-tuning bundle from a BERT-family model id or directory.
+
+Why it exists: the command-line face of ``exporter.export.export_bundle``. Mistakes the
+user can fix (a split or rank the model cannot take, an existing output directory, no
+tokenizer) end with exit status 2 and one line saying what to change, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from exporter.bundle_writer import ExportError
+from exporter.export import export_bundle
+from splitwire.bundle import ENGINES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sft-export", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("--model", required=True, help="hub id, local directory, or (with --init random) a preset")
+    p.add_argument("--split", required=True, type=_positive_int,
+                   help="encoder layers on the edge; the cut falls inside layer SPLIT")
+    width = p.add_mutually_exclusive_group()
+    width.add_argument("--rank", type=_positive_int, default=8, help="SVD rank of the compression head (default 8)")
+    width.add_argument("--no-compression", action="store_true",
+                       help="vanilla split: send the full hidden activation, keep the residual link")
+    p.add_argument("--num-labels", type=_positive_int, default=2, help="classes; 1 means regression (default 2)")
+    p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="do not train the word, position and token-type embeddings on the edge")
+    p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                   help="pretrained weights, or random weights from the config (offline bert-base-sized runs)")
+    p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--tokenizer", help="directory or hub id of the tokenizer, when --model has none")
+    p.add_argument("--engine", choices=ENGINES, default="ort-training", help="edge engine (default ort-training)")
+    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
+    p.add_argument("--eps", type=float, default=1e-8, help="AdamW eps (default 1e-8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the classifier (and of --init random)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        out = export_bundle(
+            model=args.model, split=args.split, rank=None if args.no_compression else args.rank,
+            num_labels=args.num_labels, max_length=args.max_length, freeze_embeddings=args.freeze_embeddings,
+            init=args.init, revision=args.revision, tokenizer=args.tokenizer, engine=args.engine, lr=args.lr,
+            weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps, seed=args.seed,
+            out=args.out, force=args.force,
+        )
+    except ExportError as exc:
+        p.exit(2, f"sft-export: error: {exc}\n")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

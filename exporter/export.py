@@ -1,0 +1,201 @@
+"""``export_bundle``: one model id in, one verified bundle directory out.
+
+Why it exists: the CLI, the tests and the benchmarks all export the same way. This module
+loads the encoder, cuts it (``models.build_split``), has the chosen edge engine's builder
+write its files, and writes the cloud weights, the initial edge weights, the tokenizer and
+the manifest through ``exporter.bundle_writer``. Slow steps report their timings to ``log``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterator
+
+from safetensors.torch import save_file
+
+from exporter.bundle_writer import ExportError, check_target, save_numpy_weights, staged_bundle, write_manifest
+from models import EDGE_INPUTS, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
+from splitwire.bundle import ENGINES
+
+# Each engine's builder: write_edge_files(edge, *, out_dir, frozen, optimizer, max_length, log) -> role → path.
+EDGE_BUILDERS = {"ort-training": "exporter.ort_artifacts", "onnx": "exporter.aot_graphs"}
+EMBEDDING_TABLES = ("embeddings.word.weight", "embeddings.position.weight", "embeddings.token_type.weight")
+CLOUD_WEIGHTS = "cloud/weights.safetensors"
+EDGE_WEIGHTS = "edge/edge_weights.safetensors"
+TOKENIZER = "edge/tokenizer.json"
+
+Log = Callable[[str], None]
+
+
+def stderr_log(message: str) -> None:
+    print(f"sft-export: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def timed(log: Log, what: str) -> Iterator[None]:
+    log(f"{what} …")
+    start = time.perf_counter()
+    yield
+    log(f"{what}: done in {time.perf_counter() - start:.1f}s")
+
+
+def export_bundle(
+    *,
+    model: str,
+    split: int,
+    out: str | Path,
+    rank: int | None = 8,
+    num_labels: int = 2,
+    max_length: int = 128,
+    freeze_embeddings: bool = False,
+    init: str = "pretrained",
+    revision: str | None = None,
+    tokenizer: str | None = None,
+    engine: str = "ort-training",
+    lr: float = 2e-5,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    seed: int = 0,
+    force: bool = False,
+    log: Log = stderr_log,
+) -> Path:
+    """Export ``model`` cut at ``split`` with SVD ``rank`` (``None``: the vanilla split) into ``out``."""
+    out = Path(out)
+    check_target(out, force=force)
+    builder = _edge_builder(engine)
+    _check_numbers(max_length=max_length, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None)
+    with timed(log, f"loading {model} ({init} weights)"):
+        loaded = _load(model, init=init, revision=revision, seed=seed)
+    _check_fits(loaded, spec, max_length)
+    tok = _tokenizer(tokenizer or model, revision=None if tokenizer else revision)
+    with timed(log, f"cutting at split {split}, {'SVD rank ' + str(rank) if rank else 'no compression'}"):
+        split_model = build_split(loaded.spec, loaded.weights, spec, classifier_seed=seed,
+                                  initializer_range=loaded.initializer_range)
+    frozen = list(EMBEDDING_TABLES) if freeze_embeddings else []
+    optimizer = {"name": "adamw", "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay}
+    with staged_bundle(out, force=force) as root:
+        with timed(log, f"building the {engine} edge files"):
+            edge_files = builder.write_edge_files(split_model.edge, out_dir=root, frozen=frozen,
+                                                  optimizer=optimizer, max_length=max_length, log=log)
+        tokenizer_info = _write_tokenizer(tok, root, loaded=loaded, max_length=max_length)
+        _write_weights(split_model, root)
+        with timed(log, "hashing and writing the manifest"):
+            manifest = write_manifest(root, {
+                "created_by": f"splitft {_version()} sft-export",
+                "base_model": loaded.source,
+                "encoder": loaded.spec.to_dict(),
+                "split": spec.to_dict(),
+                "task": "regression" if num_labels == 1 else "classification",
+                "max_length": max_length,
+                "engine": engine,
+                "edge": _edge_section(split_model, edge_files, frozen),
+                "cloud": {"files": {"weights": CLOUD_WEIGHTS}, "dropout": True},
+                "optimizer": optimizer,
+                "tokenizer": tokenizer_info,
+                "wire": {"dtype": "float32"},
+            })
+    log(f"wrote {out} ({len(manifest['files'])} files, {_size_mib(out):.1f} MiB)")
+    return out
+
+
+def _edge_builder(engine: str):
+    if engine not in ENGINES:
+        raise ExportError(f"unknown edge engine {engine!r}; known: {', '.join(ENGINES)}")
+    name = EDGE_BUILDERS[engine]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        raise ExportError(f"--engine {engine} needs {name}, which this installation lacks") from None
+
+
+def _check_numbers(*, max_length: int, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
+    if max_length < 2:
+        raise ExportError(f"max_length must be at least 2, got {max_length}")
+    if not lr > 0 or weight_decay < 0 or not eps > 0 or not all(0 <= b < 1 for b in betas):
+        raise ExportError(f"bad optimizer settings: lr {lr}, weight decay {weight_decay}, betas {betas}, eps {eps}")
+
+
+def _load(model: str, *, init: str, revision: str | None, seed: int) -> LoadedEncoder:
+    try:
+        return load_encoder(model, init=init, revision=revision, seed=seed)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load model {model!r}: {exc}") from None
+
+
+def _check_fits(loaded: LoadedEncoder, spec: SplitSpec, max_length: int) -> None:
+    try:
+        spec.validate(loaded.spec)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if max_length > loaded.spec.max_positions:
+        raise ExportError(f"max_length {max_length} exceeds the model's {loaded.spec.max_positions} positions")
+
+
+def _tokenizer(source: str, *, revision: str | None):
+    """The fast tokenizer of ``source`` (a directory or hub id), as a ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer
+
+    file = Path(source) / "tokenizer.json"
+    if file.is_file():
+        return Tokenizer.from_file(str(file))
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True).backend_tokenizer
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ExportError(
+            f"no tokenizer found for {source!r} ({type(exc).__name__}); "
+            "pass --tokenizer DIR_OR_ID (e.g. the MiniLM directory for an uncased BERT vocabulary)"
+        ) from None
+
+
+def _write_tokenizer(tok, root: Path, *, loaded: LoadedEncoder, max_length: int) -> dict:
+    """``edge/tokenizer.json`` truncating at ``max_length`` and not padding (the edge pads per batch)."""
+    if tok.get_vocab_size() > loaded.spec.vocab_size:
+        raise ExportError(
+            f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary {loaded.spec.vocab_size}"
+        )
+    pad_id = loaded.spec.pad_token_id
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    (root / TOKENIZER).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(root / TOKENIZER))
+    return {"file": TOKENIZER, "max_length": max_length, "pad_id": pad_id, "pad_token": tok.id_to_token(pad_id),
+            "pad_type_id": 0}
+
+
+def _write_weights(model: SplitModel, root: Path) -> None:
+    (root / CLOUD_WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.cloud.state_dict().items()}, str(root / CLOUD_WEIGHTS))
+    save_numpy_weights(root / EDGE_WEIGHTS, {k: v.detach().numpy() for k, v in model.edge.state_dict().items()})
+
+
+def _edge_section(model: SplitModel, files: dict[str, str], frozen: list[str]) -> dict:
+    names = list(model.edge.state_dict())
+    return {
+        "files": {**files, "weights": EDGE_WEIGHTS},
+        "trainable": [n for n in names if n not in frozen],
+        "frozen": frozen,
+        "inputs": list(EDGE_INPUTS),
+        "dropout": 0,
+    }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("splitft")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _size_mib(root: Path) -> float:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**20
