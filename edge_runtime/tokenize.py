@@ -18,9 +18,6 @@ from tokenizers import Tokenizer
 from edge_runtime.engine import EdgeBatch
 from splitwire.bundle import Bundle, BundleError
 
-TOKENIZER_FILE = "edge/tokenizer.json"
-
-
 class EdgeTokenizer:
     """Encodes a batch of texts (or text pairs) into the edge's int64 inputs and int32 lengths."""
 
@@ -36,8 +33,9 @@ class EdgeTokenizer:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "EdgeTokenizer":
-        return cls(bundle.path(TOKENIZER_FILE), max_length=bundle.max_length,
-                   pad_id=int(bundle.encoder["pad_token_id"]))
+        """From the manifest's ``tokenizer`` section: ``file`` and ``pad_id``; ``max_length`` is the bundle's."""
+        settings = bundle.manifest["tokenizer"]
+        return cls(bundle.path(settings["file"]), max_length=bundle.max_length, pad_id=int(settings["pad_id"]))
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> tuple[EdgeBatch, np.ndarray]:
         """``(batch, lengths)``: ``B×L`` int64 inputs with ``L`` the longest row, and int32 real-token counts."""

@@ -1,0 +1,345 @@
+"""The edge's training loop: data order, the split step over the wire, checkpoints, evaluation.
+
+Why it exists: this is the device half of split fine-tuning. Per step the engine computes
+``z`` on the private batch, the cloud answers ``dL/dz`` (and the loss), the engine
+back-propagates it and takes its AdamW step with ``schedule.rate(step)``, the same rate
+the cloud used. The batch order is a pure function of (seed, epoch), so an in-process
+PyTorch reference and a resumed run see exactly the same batches. Checkpoints hold the
+engine's state plus the run's config as JSON, written atomically; a run resumes at the
+step the cloud says it has applied.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from edge_runtime import metrics
+from edge_runtime.data import LabelMap, TextData
+from edge_runtime.engine import EdgeBatch, EdgeEngine
+from edge_runtime.tokenize import EdgeTokenizer
+from splitwire.schedule import Schedule
+
+if TYPE_CHECKING:
+    from edge_runtime.client import CloudClient
+
+RUN_FILE = "run.json"
+ENGINE_DIR = "edge"
+CHECKPOINT_PREFIX = "step-"
+
+
+class ResumeError(Exception):
+    """The checkpoints on the device and the cloud's session cannot be brought to one step."""
+
+
+# --- data order ------------------------------------------------------------------------------
+
+
+def epoch_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of ``range(num_examples)`` that epoch ``epoch`` (0-based) visits."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def planned_steps(num_examples: int, *, batch_size: int, epochs: int, max_steps: int | None = None) -> int:
+    total = epochs * math.ceil(num_examples / batch_size)
+    return total if max_steps is None else min(total, max_steps)
+
+
+def batch_plan(
+    num_examples: int, *, batch_size: int, epochs: int, seed: int, max_steps: int | None = None
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(epoch, step, indices)`` for every step; steps are 1-based, the last batch of an epoch may be short."""
+    if num_examples < 1 or batch_size < 1 or epochs < 1:
+        raise ValueError(f"nothing to train: {num_examples} examples, batch size {batch_size}, {epochs} epochs")
+    total = planned_steps(num_examples, batch_size=batch_size, epochs=epochs, max_steps=max_steps)
+    step = 0
+    for epoch in range(epochs):
+        order = epoch_order(num_examples, seed=seed, epoch=epoch)
+        for start in range(0, num_examples, batch_size):
+            step += 1
+            if step > total:
+                return
+            yield epoch, step, order[start:start + batch_size]
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """What one training step sends: the edge inputs, real-token counts and the labels."""
+
+    epoch: int
+    step: int
+    inputs: EdgeBatch
+    lengths: np.ndarray
+    labels: np.ndarray
+
+
+def training_batches(
+    data: TextData,
+    tokenizer: EdgeTokenizer,
+    *,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    max_steps: int | None = None,
+    after_step: int = 0,
+) -> Iterator[TrainBatch]:
+    """The tokenized batches of ``batch_plan``, starting after step ``after_step`` (a resume)."""
+    if data.labels is None:
+        raise ValueError("training needs labelled data")
+    for epoch, step, indices in batch_plan(len(data), batch_size=batch_size, epochs=epochs, seed=seed,
+                                           max_steps=max_steps):
+        if step <= after_step:
+            continue
+        part = data.subset(indices)
+        inputs, lengths = tokenizer.encode(part.texts, part.pairs)
+        yield TrainBatch(epoch, step, inputs, lengths, part.labels)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What fixes a run: resuming with anything else would train on another data order or task."""
+
+    session: str
+    bundle_hash: str
+    data_sha256: str
+    columns: dict[str, str | None]
+    label_map: dict[str, Any]
+    seed: int
+    batch_size: int
+    epochs: int
+    max_steps: int | None
+    holdout: float | None
+    schedule: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    epoch: int
+    config: RunConfig
+
+    @property
+    def engine_dir(self) -> Path:
+        return self.path / ENGINE_DIR
+
+
+class CheckpointDir:
+    """``root/step-NNNNNNNN/{edge/, run.json}``, each written to a temp dir and renamed into place."""
+
+    def __init__(self, root: str | Path, *, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    def all(self) -> list[Checkpoint]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        paths = sorted(p for p in self.root.glob(f"{CHECKPOINT_PREFIX}*") if (p / RUN_FILE).is_file())
+        return [self.read(p) for p in paths]
+
+    def latest(self) -> Checkpoint | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    @staticmethod
+    def read(path: Path) -> Checkpoint:
+        state = json.loads((path / RUN_FILE).read_text())
+        return Checkpoint(path, int(state["step"]), int(state["epoch"]), RunConfig.from_dict(state["config"]))
+
+    def save(self, engine: EdgeEngine, *, step: int, epoch: int, config: RunConfig) -> Checkpoint:
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step:08d}-", dir=self.root))
+        try:
+            (staging / ENGINE_DIR).mkdir()
+            engine.save(staging / ENGINE_DIR)
+            state = {"step": step, "epoch": epoch, "config": asdict(config)}
+            (staging / RUN_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            final = self.root / f"{CHECKPOINT_PREFIX}{step:08d}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._prune()
+        return self.read(final)
+
+    def _prune(self) -> None:
+        for old in self.all()[:-self.keep]:
+            shutil.rmtree(old.path)
+
+
+def resume_point(cloud_step: int, saved: list[Checkpoint]) -> Checkpoint | None:
+    """The checkpoint to continue from, given the last step the cloud has applied.
+
+    The cloud may be one step ahead (the edge stopped after the cloud applied a step):
+    that step is then resent and answered from the cloud's replay cache. ``None`` means
+    the bundle's initial weights (step 0).
+    """
+    for checkpoint in reversed(saved):
+        if checkpoint.step in (cloud_step, cloud_step - 1):
+            return checkpoint
+    if cloud_step in (0, 1):
+        if saved and cloud_step == 0:
+            raise ResumeError(
+                f"the cloud holds no training for this session, but {saved[-1].path} is at step {saved[-1].step}: "
+                "pass the session that run used, or a fresh --checkpoint-dir to start over"
+            )
+        return None
+    have = ", ".join(str(c.step) for c in saved) or "none"
+    raise ResumeError(
+        f"the cloud's session is at step {cloud_step}, but the edge checkpoints are at steps {have}: "
+        "the two halves cannot continue from the same step; start a new session with a fresh --checkpoint-dir"
+    )
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """Per step of this call: step numbers, losses and the (up, down) bytes the transport counted."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    step_bytes: list[tuple[int, int]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def last_step(self) -> int | None:
+        return self.steps[-1] if self.steps else None
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often ``train`` checkpoints (every ``every`` steps and after the last)."""
+
+    directory: CheckpointDir
+    config: RunConfig
+    every: int
+
+    async def save(self, engine: EdgeEngine, client: "CloudClient", *, step: int, epoch: int) -> None:
+        self.directory.save(engine, step=step, epoch=epoch, config=self.config)
+        await client.checkpoint(step)
+
+
+async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainBatch, schedule: Schedule):
+    """One training step of the split model; returns the cloud's reply (``dz``, loss, metrics)."""
+    z = engine.forward(batch.inputs)
+    reply = await client.train_step(batch.step, z, batch.lengths, batch.labels)
+    engine.backward(reply.dz)
+    engine.set_learning_rate(schedule.rate(batch.step))
+    engine.optimizer_step()
+    return reply
+
+
+async def train(
+    *,
+    engine: EdgeEngine,
+    client: "CloudClient",
+    batches: Iterable[TrainBatch],
+    schedule: Schedule,
+    total_steps: int,
+    start_step: int = 0,
+    checkpointing: Checkpointing | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run every batch as one split step; ``batches`` continue from ``start_step + 1``."""
+    result = TrainResult()
+    started = time.perf_counter()
+    last: TrainBatch | None = None
+    with tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches:
+            if batch.step != (last.step if last else start_step) + 1:
+                raise ValueError(f"batches must continue from step {start_step + 1}, got step {batch.step}")
+            reply = await split_step(engine=engine, client=client, batch=batch, schedule=schedule)
+            last = batch
+            result.steps.append(batch.step)
+            result.losses.append(float(reply.loss))
+            result.step_bytes.append(tuple(client.last_step_bytes))
+            bar.update(1)
+            bar.set_postfix(loss=f"{reply.loss:.4f}", up=_size(client.bytes_sent), down=_size(client.bytes_received),
+                            refresh=False)
+            if checkpointing and batch.step % checkpointing.every == 0:
+                await checkpointing.save(engine, client, step=batch.step, epoch=batch.epoch)
+    if checkpointing and last is not None and last.step % checkpointing.every:
+        await checkpointing.save(engine, client, step=last.step, epoch=last.epoch)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _size(n: int) -> str:
+    """Bytes in binary units for the progress bar."""
+    units = ("B", "KiB", "MiB", "GiB")
+    value, unit = float(n), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{n}B" if unit == 0 else f"{value:.1f}{units[unit]}"
+
+
+# --- evaluation and prediction ---------------------------------------------------------------
+
+
+async def predict_logits(
+    *, engine: EdgeEngine, client: "CloudClient", data: TextData, tokenizer: EdgeTokenizer, batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """``N×num_labels`` logits for every row, in file order; nothing is trained."""
+    outputs = []
+    for start in tqdm(range(0, len(data), batch_size), unit="batch", disable=not progress, dynamic_ncols=True):
+        part = data.subset(range(start, min(start + batch_size, len(data))))
+        inputs, lengths = tokenizer.encode(part.texts, part.pairs)
+        outputs.append(await client.predict(engine.infer(inputs), lengths))
+    return np.concatenate(outputs)
+
+
+async def evaluate(
+    *, engine: EdgeEngine, client: "CloudClient", data: TextData, tokenizer: EdgeTokenizer, batch_size: int,
+    progress: bool = False,
+) -> dict[str, float]:
+    """The task's metrics on a labelled local file (the labels stay on the device)."""
+    if data.labels is None:
+        raise ValueError("evaluation needs labelled data")
+    logits = await predict_logits(engine=engine, client=client, data=data, tokenizer=tokenizer,
+                                  batch_size=batch_size, progress=progress)
+    return metrics.report(data.labels, logits)
+
+
+def prediction_rows(data: TextData, logits: np.ndarray, label_map: LabelMap) -> list[dict[str, Any]]:
+    """One row per input: its text(s), the predicted label name (or value) and its score.
+
+    Classification: ``score`` is the softmax probability of the predicted class.
+    Regression: ``label`` and ``score`` are the predicted value.
+    """
+    rows = []
+    for i, text in enumerate(data.texts):
+        row: dict[str, Any] = {"text": text}
+        if data.pairs is not None:
+            row["text_pair"] = data.pairs[i]
+        if label_map.task == "regression":
+            row["label"] = row["score"] = float(logits[i, 0])
+        else:
+            shifted = np.exp(logits[i] - logits[i].max())
+            best = int(np.argmax(logits[i]))
+            row["label"] = label_map.name(best)
+            row["score"] = round(float(shifted[best] / shifted.sum()), 6)
+        rows.append(row)
+    return rows
