@@ -44,9 +44,17 @@ def staged_bundle(out: Path, *, force: bool) -> Iterator[Path]:
     try:
         yield staging
         check_target(out, force=force)  # nothing appeared there meanwhile
+        _make_readable(staging)
         _replace(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_readable(root: Path) -> None:
+    """Staging directories and safetensors files are created private; a bundle is meant to be copied and shared."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _replace(out: Path, staging: Path) -> None:
