@@ -13,7 +13,6 @@ from edge_runtime.data import (
     Columns,
     DataError,
     LabelMap,
-    TextData,
     holdout_split,
     infer_label_map,
     read_table,
@@ -21,15 +20,6 @@ from edge_runtime.data import (
     write_rows,
 )
 from edge_runtime.tokenize import EdgeTokenizer
-from edge_runtime.trainer import (
-    Checkpoint,
-    ResumeError,
-    batch_plan,
-    epoch_order,
-    planned_steps,
-    resume_point,
-    training_batches,
-)
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -198,51 +188,3 @@ def test_a_short_batch_is_padded_to_its_longest_row_only():
     with pytest.raises(ValueError, match="2 texts but 1 pair"):
         tokenizer.encode(["a", "b"], ["c"])
 
-
-# --- data order and resume point (edge_runtime.trainer, no server needed) -------------------------
-
-
-def test_the_batch_plan_visits_every_row_once_per_epoch_in_a_seeded_order():
-    plan = list(batch_plan(10, batch_size=4, epochs=3, seed=5))
-    assert [step for _, step, _ in plan] == list(range(1, 10))
-    assert [len(idx) for _, _, idx in plan] == [4, 4, 2] * 3
-    orders = [np.concatenate([idx for e, _, idx in plan if e == epoch]) for epoch in range(3)]
-    for order in orders:
-        assert sorted(order.tolist()) == list(range(10))
-    assert not np.array_equal(orders[0], orders[1])
-    again = list(batch_plan(10, batch_size=4, epochs=3, seed=5))
-    assert all(np.array_equal(a[2], b[2]) for a, b in zip(plan, again))
-    assert not np.array_equal(orders[0], epoch_order(10, seed=6, epoch=0))
-    assert len(list(batch_plan(10, batch_size=4, epochs=3, seed=5, max_steps=4))) == 4
-    assert planned_steps(10, batch_size=4, epochs=3) == 9 and planned_steps(10, batch_size=4, epochs=3, max_steps=4) == 4
-
-
-def test_resumed_batches_are_the_batches_of_the_full_run():
-    data = TextData([f"text number {i}" for i in range(9)], None, np.arange(9, dtype=np.int64) % 2)
-    tokenizer = EdgeTokenizer(minilm_path() / "tokenizer.json", max_length=16, pad_id=0)
-    full = list(training_batches(data, tokenizer, batch_size=4, epochs=2, seed=1))
-    resumed = list(training_batches(data, tokenizer, batch_size=4, epochs=2, seed=1, after_step=4))
-    assert [b.step for b in resumed] == [5, 6] and [b.epoch for b in resumed] == [1, 1]
-    for a, b in zip(full[4:], resumed):
-        np.testing.assert_array_equal(a.inputs.input_ids, b.inputs.input_ids)
-        np.testing.assert_array_equal(a.labels, b.labels)
-    first = data.subset(epoch_order(9, seed=1, epoch=0)[:4])
-    np.testing.assert_array_equal(full[0].inputs.input_ids, tokenizer.encode(first.texts)[0].input_ids)
-    np.testing.assert_array_equal(full[0].labels, first.labels)
-
-
-def _checkpoint(step: int) -> Checkpoint:
-    return Checkpoint(Path(f"runs/x/step-{step:08d}"), step, 0, None)  # type: ignore[arg-type]
-
-
-def test_resume_point_meets_the_cloud_at_its_step_or_one_before():
-    saved = [_checkpoint(100), _checkpoint(200)]
-    assert resume_point(0, []) is None
-    assert resume_point(1, []) is None  # the cloud applied step 1; it is resent and answered from its replay cache
-    assert resume_point(200, saved).step == 200
-    assert resume_point(201, saved).step == 200
-    assert resume_point(100, saved).step == 100
-    with pytest.raises(ResumeError, match="holds no training for this session, but runs/x/step-00000200 is at step 200"):
-        resume_point(0, saved)
-    with pytest.raises(ResumeError, match="the cloud's session is at step 150, but the edge checkpoints are at steps 100, 200"):
-        resume_point(150, saved)
