@@ -71,10 +71,10 @@ def export_bundle(
     builder = _edge_builder(engine)
     _check_numbers(max_length=max_length, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None)
+    tok = _tokenizer(tokenizer or model, revision=None if tokenizer else revision)
     with timed(log, f"loading {model} ({init} weights)"):
         loaded = _load(model, init=init, revision=revision, seed=seed)
     _check_fits(loaded, spec, max_length)
-    tok = _tokenizer(tokenizer or model, revision=None if tokenizer else revision)
     with timed(log, f"cutting at split {split}, {'SVD rank ' + str(rank) if rank else 'no compression'}"):
         split_model = build_split(loaded.spec, loaded.weights, spec, classifier_seed=seed,
                                   initializer_range=loaded.initializer_range)
@@ -141,21 +141,20 @@ def _check_fits(loaded: LoadedEncoder, spec: SplitSpec, max_length: int) -> None
 
 
 def _tokenizer(source: str, *, revision: str | None):
-    """The fast tokenizer of ``source`` (a directory or hub id), as a ``tokenizers.Tokenizer``."""
+    """The ``tokenizer.json`` of ``source``: a directory, or a hub id (downloaded by ``tokenizers``)."""
     from tokenizers import Tokenizer
 
-    file = Path(source) / "tokenizer.json"
-    if file.is_file():
-        return Tokenizer.from_file(str(file))
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True).backend_tokenizer
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ExportError(
-            f"no tokenizer found for {source!r} ({type(exc).__name__}); "
-            "pass --tokenizer DIR_OR_ID (e.g. the MiniLM directory for an uncased BERT vocabulary)"
-        ) from None
+    if Path(source).is_dir():
+        file = Path(source) / "tokenizer.json"
+        if file.is_file():
+            return Tokenizer.from_file(str(file))
+        problem = f"{source} has no tokenizer.json"
+    else:
+        try:
+            return Tokenizer.from_pretrained(source, revision=revision or "main")
+        except Exception as exc:  # the hub client raises many kinds; any of them means "none here"
+            problem = f"no tokenizer.json for {source!r} ({type(exc).__name__}: {exc})"
+    raise ExportError(f"{problem}; pass --tokenizer DIR_OR_ID (e.g. the MiniLM directory for an uncased BERT vocabulary)")
 
 
 def _write_tokenizer(tok, root: Path, *, loaded: LoadedEncoder, max_length: int) -> dict:

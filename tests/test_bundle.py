@@ -1,0 +1,141 @@
+"""A bundle is loaded only when it is whole and unmodified; its edge half needs no torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bundles import copy_bundle, export_cached, tiny_options
+from splitwire.bundle import MANIFEST, REQUIRED_KEYS, BundleError, load_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bundle(tmp_path_factory, tiny_model_dir, tmp_path) -> Path:
+    """A private copy of the tiny ort-training bundle, free to tamper with."""
+    return copy_bundle(export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("ort-training")), tmp_path / "b")
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    manifest = json.loads((root / MANIFEST).read_text())
+    edit(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_manifest_hashes_every_file_and_the_bundle_hash_is_the_manifests(bundle):
+    loaded = load_bundle(bundle)
+    files = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {MANIFEST}
+    assert set(loaded.manifest["files"]) == files
+    assert all(k in loaded.manifest for k in REQUIRED_KEYS)
+    assert loaded.hash == hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+    for role, relpath in loaded.manifest["edge"]["files"].items():
+        assert loaded.edge_file(role) == bundle / relpath and relpath in files
+
+
+def test_a_tampered_file_is_refused(bundle):
+    path = bundle / "edge" / "checkpoint"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"edge/checkpoint does not match the manifest.*modified or corrupted"):
+        load_bundle(bundle)
+    with pytest.raises(BundleError, match="edge/checkpoint"):
+        load_bundle(bundle, parts=["edge"])
+    load_bundle(bundle, parts=["cloud"])  # the server checks only its own half
+
+
+def test_a_missing_file_is_refused(bundle):
+    (bundle / "cloud" / "weights.safetensors").unlink()
+    with pytest.raises(BundleError, match="cloud/weights.safetensors is missing"):
+        load_bundle(bundle)
+    load_bundle(bundle, parts=["edge"])  # a device need not hold cloud/
+
+
+def test_a_garbage_manifest_is_refused(bundle):
+    (bundle / MANIFEST).write_bytes(b"\x00\xffnot json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle)
+    (bundle / MANIFEST).unlink()
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        load_bundle(bundle)
+
+
+def test_another_bundles_manifest_is_refused(bundle, tmp_path_factory, tiny_model_dir):
+    other = export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("ort-training"), no_compression=True)
+    (bundle / MANIFEST).write_bytes((other / MANIFEST).read_bytes())
+    with pytest.raises(BundleError, match="does not match the manifest"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(format="something-else"), "not a splitft bundle"),
+        (lambda m: m.update(format_version=99), "format version 99"),
+        (lambda m: m.pop("optimizer"), "lacks optimizer"),
+        (lambda m: m.update(engine="tensorflow"), "unknown edge engine 'tensorflow'"),
+        (lambda m: m["files"].update({"edge/../../escape": "0" * 64}), "outside the bundle"),
+    ],
+)
+def test_an_edited_manifest_is_refused(bundle, edit, message):
+    _edit_manifest(bundle, edit)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle)
+
+
+_NO_TORCH = """
+import importlib.abc, sys
+
+class _Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is not available on this device (test)")
+        return None
+
+sys.meta_path.insert(0, _Refuse())
+"""
+
+_EDGE_STEP = """
+import json, sys
+import numpy as np
+from edge_runtime.engine import EdgeBatch, open_engine
+from splitwire.bundle import load_bundle
+
+bundle = load_bundle(sys.argv[1], parts=["edge"])
+engine = open_engine(bundle, threads=1)
+ids = np.array([[101, 7592, 2088, 102], [101, 2307, 102, 0]], dtype=np.int64)
+mask = (ids != 0).astype(np.int64)
+batch = EdgeBatch(ids, mask, np.zeros_like(ids), np.tile(np.arange(4, dtype=np.int64), (2, 1)))
+z = engine.forward(batch)
+before = engine.parameters()["head.s"]
+engine.backward(np.ones_like(z) * mask[..., None].astype(np.float32))
+engine.optimizer_step()
+print(json.dumps({"z": list(z.shape), "moved": bool((engine.parameters()["head.s"] != before).any()),
+                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))}))
+"""
+
+
+@pytest.mark.parametrize("torch_importable", [False, True], ids=["torch blocked", "torch installed"])
+def test_the_edge_half_loads_and_trains_without_torch(bundle, tmp_path, torch_importable):
+    """Where ``import torch`` fails, and where it would work but must not happen (``loaded`` stays empty)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    if not torch_importable:
+        (site / "sitecustomize.py").write_text(_NO_TORCH)
+    (bundle / "cloud" / "weights.safetensors").unlink()  # a device holds only edge/
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    probe = "import importlib.util as u\ntry: u.find_spec('torch')\nexcept ImportError: raise SystemExit(1)"
+    assert subprocess.run([sys.executable, "-c", probe], env=env).returncode == (0 if torch_importable else 1)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(_EDGE_STEP), str(bundle)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"z": [2, 4, 8], "moved": True, "loaded": []}

@@ -1,0 +1,131 @@
+"""``sft-export``: the real MiniLM bundle trains a split step; user mistakes are clear CLI errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bundles import cli_args, export_cached, minilm_bundle, tiny_options  # noqa: F401 (fixture)
+from edge_runtime.engine import open_engine
+from edge_runtime.tokenize import EdgeTokenizer
+from exporter.bundle_writer import staged_bundle
+from exporter.cli import main
+from models import CloudPart, EncoderSpec, SplitSpec
+from splitwire.bundle import load_bundle
+
+SFT_EXPORT = Path(sys.executable).with_name("sft-export")
+
+
+def test_minilm_bundle_runs_one_split_training_step(minilm_bundle, minilm_dir):
+    bundle = load_bundle(minilm_bundle)
+    manifest = bundle.manifest
+    assert manifest["split"] == {"split": 3, "rank": 8, "num_labels": 2, "link_elimination": True}
+    assert manifest["base_model"]["id"] == str(minilm_dir) and manifest["base_model"]["init"] == "pretrained"
+    assert manifest["task"] == "classification" and manifest["wire"] == {"dtype": "float32"}
+    assert manifest["optimizer"] == {"name": "adamw", "lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
+                                     "weight_decay": 0.01}
+    assert manifest["edge"]["frozen"] == [] and manifest["edge"]["dropout"] == 0
+
+    cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=False)
+    cloud.load_state_dict(load_file(str(bundle.path(manifest["cloud"]["files"]["weights"]))))
+    texts = ["a gripping, beautifully acted film", "dull and far too long", "fine"]
+    batch, _ = EdgeTokenizer.from_bundle(bundle).encode(texts)
+    engine = open_engine(bundle, threads=1)
+    engine.set_learning_rate(1e-3)
+    z = torch.from_numpy(engine.forward(batch)).requires_grad_()
+    assert tuple(z.shape) == (*batch.shape, 8)
+    loss = cloud.loss(cloud(z, torch.from_numpy(batch.attention_mask)), torch.tensor([1, 0, 1]))
+    loss.backward()
+    before = engine.parameters()
+    engine.backward(z.grad.numpy())
+    engine.optimizer_step()
+    after = engine.parameters()
+    assert set(after) == set(manifest["edge"]["trainable"])
+    assert all(float(np.abs(engine.gradients()[n]).max()) > 0 for n in ("head.vt", "head.s", "embeddings.norm.weight"))
+    assert float(np.abs(after["head.vt"] - before["head.vt"]).max()) > 1e-4
+
+
+def test_frozen_embeddings_stay_out_of_training(tmp_path_factory, tiny_model_dir):
+    root = export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("ort-training"), freeze_embeddings=True)
+    bundle = load_bundle(root)
+    frozen = ["embeddings.word.weight", "embeddings.position.weight", "embeddings.token_type.weight"]
+    assert bundle.manifest["edge"]["frozen"] == frozen
+    engine = open_engine(bundle, threads=1)
+    assert set(engine.parameters()) == set(bundle.manifest["edge"]["trainable"])
+    assert not set(frozen) & set(engine.parameters())
+
+
+def _tiny_args(model_dir: Path, out: Path, **options) -> list[str]:
+    return cli_args(model_dir, out, init="random", max_length=16, **options)
+
+
+def test_refuses_to_overwrite_without_force(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(_tiny_args(tiny_model_dir, out, split=2))
+    assert exit_info.value.code == 2
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+    assert main(_tiny_args(tiny_model_dir, out, split=2, force=True)) == 0
+    assert not (out / "precious.txt").exists()
+    assert load_bundle(out).split["split"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_bundle(out, force=False) as root:
+            (root / "edge").mkdir()
+            (root / "edge" / "half.onnx").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"split": 5}, "split 5 is outside 1..4 (the model has 4 encoder layers)"),
+        ({"split": 2, "rank": 40}, "rank 40 is outside 1..32"),
+        ({"split": 2, "max_length": 500}, "max_length 500 exceeds the model's 128 positions"),
+        ({"split": 0}, "argument --split: must be a positive integer"),
+        ({"split": 2, "rank": 4, "no_compression": True}, "not allowed with argument"),
+    ],
+)
+def test_bad_arguments_are_clear_cli_errors(tiny_model_dir, tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(tiny_model_dir, tmp_path / "out", init="random", **options))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_installed_command_reports_a_bad_split_without_a_traceback(tiny_model_dir, tmp_path):
+    done = subprocess.run([str(SFT_EXPORT), *_tiny_args(tiny_model_dir, tmp_path / "out", split=9)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2
+    assert "sft-export: error: split 9 is outside 1..4" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_random_init_without_a_tokenizer_says_to_pass_one(tmp_path, tiny_model_dir, capsys):
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        main(_tiny_args(config_only, tmp_path / "out", split=2))
+    assert exit_info.value.code == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+    assert main(_tiny_args(config_only, tmp_path / "out", split=2, tokenizer=tiny_model_dir)) == 0
+    assert load_bundle(tmp_path / "out").manifest["tokenizer"]["pad_token"] == "[PAD]"
