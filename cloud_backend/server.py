@@ -1,0 +1,307 @@
+"""The cloud's websocket server: sessions in, gradients out, compute off the event loop.
+
+Why it exists: this is the thin async I/O around ``splitwire.protocol``. Each connection
+says hello (bundle hash, session config, resume point), is welcomed or refused with a
+typed error, then sends numbered requests that are validated against the bundle before
+any tensor is touched. Training and prediction run on one worker thread (the GPU when
+present), so the loop keeps answering pings and other sessions meanwhile. Each session id
+owns an isolated ``CloudSession``; a resent step is answered from its replay cache.
+
+Start it in-process with ``async with serve_cloud(bundle, port=0) as server: server.url``;
+``sft-cloud`` (``cloud_backend.cli``) wraps the same call. One JSON log line per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import ssl as ssl_module
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+import torch
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from cloud_backend.model import pick_device
+from cloud_backend.session import SNAPSHOTS, CloudSession, Replay, checkpoint_path, saved_step
+from splitwire.bundle import Bundle
+from splitwire.codecs import Carries, Codec, codec_for
+from splitwire.errors import BundleMismatch, ConfigMismatch, ProtocolError, ServerBusy, SplitftError, StepOrderError
+from splitwire.protocol import (
+    DEFAULT_MAX_BATCH, REPLAYED, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Train,
+    Welcome, WireLimits, decode, encode, session_tag,
+)
+
+log = logging.getLogger("splitft.cloud")
+HELLO_TIMEOUT_S = 30.0
+CLOSE_POLICY = 1008  # websocket close code "policy violation": sent after an error frame
+
+T = TypeVar("T")
+
+
+def log_event(event: str, **fields: Any) -> None:
+    """One structured log line: a JSON object with the time, the event and its fields."""
+    log.info(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}, default=str))
+
+
+@dataclass
+class LiveSession:
+    """A session held in memory, with what its connection handler needs around it."""
+
+    session: CloudSession
+    activation: Codec
+    gradient: Codec
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    connection: ServerConnection | None = None
+
+    @classmethod
+    def of(cls, session: CloudSession) -> "LiveSession":
+        codec = session.config.codec
+        return cls(session, codec_for(codec, Carries.ACTIVATION), codec_for(codec, Carries.GRADIENT))
+
+
+class CloudServer:
+    """Holds the sessions and answers one connection at a time per session."""
+
+    def __init__(self, bundle: Bundle, *, device: torch.device, state_dir: Path | None, max_sessions: int,
+                 max_batch: int) -> None:
+        self.bundle = bundle
+        self.device = device
+        self.state_dir = state_dir
+        self.max_sessions = max_sessions
+        self.limits = WireLimits.from_bundle(bundle, max_batch=max_batch)
+        self.sessions: dict[str, LiveSession] = {}
+        self.url = ""
+        self._opening = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-cloud-compute")
+
+    async def _compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    # ------------------------------------------------------------------ connections
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """One connection: hello, then requests until bye, a drop, or an error."""
+        peer, tag, step = str(ws.remote_address), 0, 0
+        live: LiveSession | None = None
+        try:
+            hello = Hello.from_frame(decode(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)))
+            tag = session_tag(hello.session_id)
+            live = await self._welcome(ws, hello, peer)
+            async for data in ws:
+                frame = decode(data)
+                step = frame.step
+                if frame.session != tag:
+                    raise ProtocolError("frame for another session on this connection")
+                if frame.kind == Kind.BYE:
+                    log_event("bye", session=hello.session_id, peer=peer)
+                    break
+                await ws.send(await self._answer(live, frame, data))
+        except SplitftError as exc:
+            await self._refuse(ws, exc, peer=peer, session=tag, step=step)
+        except TimeoutError:
+            await self._refuse(ws, ProtocolError(f"no hello within {HELLO_TIMEOUT_S:.0f} s"), peer=peer,
+                               session=tag, step=step)
+        except ConnectionClosed as exc:
+            log_event("disconnected", peer=peer, code=exc.rcvd.code if exc.rcvd else None)
+        except Exception as exc:  # a bug or a device failure: tell the edge, keep serving the others
+            log.exception("internal error")
+            await self._refuse(ws, SplitftError(f"internal error on the cloud: {exc!r}"[:500]), peer=peer,
+                               session=tag, step=step)
+        finally:
+            if live is not None and live.connection is ws:
+                live.connection = None
+
+    async def _refuse(self, ws: ServerConnection, exc: SplitftError, **where: Any) -> None:
+        log_event("refused", code=exc.code, message=str(exc), **where)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode(Error.of(exc).to_frame(session=where["session"], step=where["step"])))
+            await ws.close(CLOSE_POLICY, exc.code)
+
+    async def _welcome(self, ws: ServerConnection, hello: Hello, peer: str) -> LiveSession:
+        if hello.bundle_hash != self.bundle.hash:
+            raise BundleMismatch(
+                f"the edge loaded bundle {hello.bundle_hash[:12]}…, this cloud serves {self.bundle.hash[:12]}… "
+                f"({self.bundle.root}): give both sides the same sft-export output"
+            )
+        live = await self._session(hello)
+        if live.session.config != hello.config:
+            raise ConfigMismatch(
+                f"session {hello.session_id!r} was started with {live.session.config.to_meta()}, the edge now "
+                f"asks for {hello.config.to_meta()}: resume with the same schedule, seed and codec, or use a new "
+                "session id"
+            )
+        if live.connection is not None:  # the edge reconnected before the old connection was seen to drop
+            await live.connection.close(1000, "replaced by a newer connection of this session")
+        live.connection = ws
+        async with live.lock:
+            if hello.resume_from is not None:
+                await self._rewind(live, hello.resume_from)
+            resume = live.session.step
+        tag = session_tag(hello.session_id)
+        await ws.send(encode(Welcome(self.bundle.hash, live.session.config, resume, self.limits.max_batch)
+                             .to_frame(session=tag)))
+        log_event("welcome", session=hello.session_id, peer=peer, resume_step=resume,
+                  resume_from=hello.resume_from)
+        return live
+
+    # ------------------------------------------------------------------ sessions
+
+    async def _session(self, hello: Hello) -> LiveSession:
+        """The session in memory, or restored from the state dir, or a new one."""
+        async with self._opening:
+            live = self.sessions.get(hello.session_id)
+            if live is not None:
+                return live
+            await self._make_room()
+            saved = self._saved(hello.session_id)
+            if saved:
+                session = await self._compute(CloudSession.restore, saved[max(saved)], bundle=self.bundle,
+                                              device=self.device)
+                log_event("restored", session=hello.session_id, step=session.step)
+            else:
+                session = await self._compute(CloudSession, session_id=hello.session_id, bundle=self.bundle,
+                                              config=hello.config, device=self.device)
+                log_event("new_session", session=hello.session_id, device=str(self.device))
+            live = self.sessions[hello.session_id] = LiveSession.of(session)
+            return live
+
+    async def _make_room(self) -> None:
+        """Below ``max_sessions``, or evict one disconnected session after saving it."""
+        if len(self.sessions) < self.max_sessions:
+            return
+        for session_id, live in list(self.sessions.items()):
+            path = self._snapshot(session_id, "latest")
+            if live.connection is None and path is not None:
+                async with live.lock:
+                    await self._compute(live.session.save, path)
+                if live.connection is None:
+                    del self.sessions[session_id]
+                    log_event("evicted", session=session_id, step=live.session.step)
+                    return
+        raise ServerBusy(f"the cloud holds its limit of {self.max_sessions} sessions; try again later")
+
+    async def _rewind(self, live: LiveSession, resume_from: int) -> None:
+        """Go back to a saved state when the edge resumes from an older step than the cloud holds.
+
+        The edge may be one step behind (the last reply was lost: the replay cache answers
+        its resend). Further behind, the session is restored from a checkpoint taken at
+        exactly ``resume_from``; without one, the welcome's ``resume_step`` tells the edge
+        where the cloud is and the edge decides.
+        """
+        session = live.session
+        replayable = session.replay is not None and session.replay.step == session.step == resume_from + 1
+        path = self._saved(session.session_id).get(resume_from)
+        if session.step == resume_from or replayable or path is None:
+            return
+        live.session = await self._compute(CloudSession.restore, path, bundle=self.bundle, device=self.device)
+        log_event("rewound", session=session.session_id, from_step=session.step, to_step=resume_from)
+
+    def _saved(self, session_id: str) -> dict[int, Path]:
+        """This session's checkpoint files in the state dir, by the step they were taken at."""
+        if self.state_dir is None:
+            return {}
+        paths = (checkpoint_path(self.state_dir, session_id, snapshot) for snapshot in SNAPSHOTS)
+        return {saved_step(path): path for path in paths if path.is_file()}
+
+    def _snapshot(self, session_id: str, snapshot: str) -> Path | None:
+        return None if self.state_dir is None else checkpoint_path(self.state_dir, session_id, snapshot)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _answer(self, live: LiveSession, frame: Frame, data: bytes) -> bytes:
+        async with live.lock:
+            started = time.perf_counter()
+            if frame.kind == Kind.TRAIN:
+                reply = await self._train(live, frame, hashlib.sha256(data).hexdigest())
+            elif frame.kind == Kind.PREDICT:
+                reply = await self._predict(live, frame)
+            elif frame.kind == Kind.CHECKPOINT:
+                reply = await self._save(live, frame)
+            else:
+                raise ProtocolError(f"the cloud does not accept {frame.kind.name} here")
+            log_event(frame.kind.name.lower(), session=live.session.session_id, step=frame.step, up=len(data),
+                      down=len(reply), ms=round(1000 * (time.perf_counter() - started), 2))
+            return reply
+
+    async def _train(self, live: LiveSession, frame: Frame, digest: str) -> bytes:
+        session = live.session
+        cached = session.replay
+        if cached is not None and frame.step == cached.step == session.step:
+            log_event("replay", session=session.session_id, step=frame.step, same_request=digest == cached.digest)
+            return encode(dataclasses.replace(decode(cached.reply), flags=REPLAYED))
+        if frame.step != session.step + 1:
+            raise StepOrderError(f"session {session.session_id!r} is at step {session.step}; "
+                                 f"expected step {session.step + 1}, got {frame.step}")
+        request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
+        result = await self._compute(session.train, request)
+        reply = encode(Gradient(frame.step, result.dz, result.loss, result.metrics)
+                       .to_frame(session=frame.session, codec=live.gradient, lengths=request.lengths))
+        session.replay = Replay(frame.step, digest, reply)
+        return reply
+
+    async def _predict(self, live: LiveSession, frame: Frame) -> bytes:
+        request = Predict.from_frame(frame, limits=self.limits, codec=live.activation)
+        logits = await self._compute(live.session.predict, request)
+        return encode(Prediction(frame.step, logits).to_frame(session=frame.session))
+
+    async def _save(self, live: LiveSession, frame: Frame) -> bytes:
+        session = live.session
+        if frame.step != session.step:
+            raise StepOrderError(f"checkpoint of step {frame.step} asked, but session {session.session_id!r} "
+                                 f"is at step {session.step}")
+        path = self._snapshot(session.session_id, "requested")
+        if path is not None:
+            await self._compute(session.save, path)
+        return encode(Checkpointed(frame.step, path is not None).to_frame(session=frame.session))
+
+    async def close(self) -> None:
+        """Checkpoint every session (when there is a state dir) and stop the worker thread."""
+        for session_id, live in self.sessions.items():
+            path = self._snapshot(session_id, "latest")
+            if path is not None:
+                async with live.lock:
+                    await self._compute(live.session.save, path)
+                log_event("saved", session=session_id, step=live.session.step)
+        self._executor.shutdown(wait=True)
+
+
+@contextlib.asynccontextmanager
+async def serve_cloud(
+    bundle: Bundle,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    device: str = "auto",
+    state_dir: Path | None = None,
+    max_sessions: int = 64,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    ssl: ssl_module.SSLContext | None = None,
+) -> AsyncIterator[CloudServer]:
+    """Serve ``bundle``'s cloud half until the block exits; ``port=0`` picks a free port (see ``.url``).
+
+    On exit the connections are closed (1001, going away), in-flight steps finish, and every
+    session is checkpointed into ``state_dir``.
+    """
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    server = CloudServer(bundle, device=pick_device(device), state_dir=state_dir, max_sessions=max_sessions,
+                         max_batch=max_batch)
+    try:
+        async with serve(server.handle, host, port, compression=None, ssl=ssl,
+                         max_size=server.limits.max_frame_bytes()) as ws_server:
+            bound_port = ws_server.sockets[0].getsockname()[1]
+            server.url = f"{'wss' if ssl else 'ws'}://{host}:{bound_port}"
+            log_event("listening", url=server.url, bundle=bundle.hash, device=str(server.device),
+                      max_frame_bytes=server.limits.max_frame_bytes(), state_dir=state_dir)
+            yield server
+    finally:
+        await server.close()

@@ -1,0 +1,210 @@
+"""One edge session on the cloud: its own ``CloudPart``, AdamW, dropout RNG, step and replay cache.
+
+Why it exists: every device fine-tunes its own copy of the top part, and that copy must
+train exactly as the in-process reference would (plain backprop: ``dz = dL/dz`` is taken
+before the optimizer steps; the learning rate is ``schedule.rate(step)``), survive a
+reconnect or a server restart, and not apply a resent step twice.
+
+Dropout on the cloud draws from torch's global generator; each session keeps its own
+generator state (seeded from the session's seed) and swaps it in around its step, so a
+session's masks depend only on its own history. Compute runs on one worker thread, so
+the swap never races.
+
+A checkpoint is one safetensors file (model, optimizer moments, RNG state, the cached
+reply) whose metadata holds the rest as JSON; no pickle. It is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cloud_backend.atomic import write_atomically
+from cloud_backend.model import load_cloud_part
+from splitwire.bundle import Bundle
+from splitwire.errors import BundleMismatch, ConfigMismatch, StepOrderError
+from splitwire.protocol import Predict, SessionConfig, Train
+
+CHECKPOINT_FORMAT = "splitft-cloud-session"
+CHECKPOINT_VERSION = 1
+SNAPSHOTS = ("requested", "latest")
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The one-entry replay cache: the last step's request digest and the exact reply frame."""
+
+    step: int
+    digest: str
+    reply: bytes
+
+
+@dataclass(frozen=True)
+class StepResult:
+    dz: np.ndarray
+    loss: float
+    metrics: dict[str, float]
+
+
+def checkpoint_path(state_dir: Path, session_id: str, snapshot: str) -> Path:
+    """Where a session's ``snapshot`` lives: ``requested`` (the step the edge asked to keep, to match
+    its own checkpoint) or ``latest`` (written at shutdown and eviction). Named by a hash: session
+    ids never become paths."""
+    if snapshot not in SNAPSHOTS:
+        raise ValueError(f"unknown snapshot {snapshot!r}")
+    return state_dir / f"session-{hashlib.sha256(session_id.encode()).hexdigest()[:32]}.{snapshot}.safetensors"
+
+
+def saved_step(path: Path) -> int:
+    """The step a checkpoint file was taken at, read from its metadata alone."""
+    with safe_open(str(path), framework="pt") as f:
+        return int(json.loads(f.metadata()["splitft"])["step"])
+
+
+def _get_rng(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class CloudSession:
+    """The top part of one edge session, trained with ``torch.optim.AdamW``."""
+
+    def __init__(self, *, session_id: str, bundle: Bundle, config: SessionConfig, device: torch.device) -> None:
+        self.session_id = session_id
+        self.bundle_hash = bundle.hash
+        self.config = config
+        self.device = device
+        self.model = load_cloud_part(bundle, device=device)
+        opt = bundle.manifest["optimizer"]
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.schedule.rate(1), betas=tuple(opt["betas"]),
+            eps=float(opt["eps"]), weight_decay=float(opt["weight_decay"]),
+        )
+        with self._forked_rng():
+            torch.manual_seed(config.seed)
+            self.rng = _get_rng(device)
+        self.step = 0
+        self.replay: Replay | None = None
+
+    @contextlib.contextmanager
+    def _forked_rng(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            yield
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run with this session's generator state, and keep what the run advanced it to."""
+        with self._forked_rng():
+            _set_rng(self.device, self.rng)
+            yield
+            self.rng = _get_rng(self.device)
+
+    def _inputs(self, z: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z`` on the device, and the attention mask rebuilt from the lengths (right padding)."""
+        z_t = torch.tensor(z, device=self.device)
+        positions = torch.arange(z.shape[1], device=self.device)
+        mask = (positions[None, :] < torch.tensor(lengths, device=self.device)[:, None]).long()
+        return z_t, mask
+
+    def train(self, request: Train) -> StepResult:
+        """One step: forward, mean loss, ``dz = dL/dz``, then AdamW at ``schedule.rate(step)``."""
+        if request.step != self.step + 1:
+            raise StepOrderError(f"session {self.session_id} is at step {self.step}; cannot apply step {request.step}")
+        z, mask = self._inputs(request.z, request.lengths)
+        z.requires_grad_(True)
+        labels = torch.tensor(request.labels, device=self.device)
+        with self._own_rng():
+            logits = self.model(z, mask)
+        loss = self.model.loss(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.schedule.rate(request.step)
+        self.optimizer.step()
+        self.step = request.step
+        return StepResult(z.grad.float().cpu().numpy(), loss.item(), self._metrics(logits.detach(), labels))
+
+    def _metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        count = float(labels.shape[0])
+        if self.model.spec.num_labels == 1:
+            error = (logits.squeeze(-1) - labels.to(logits.dtype)).pow(2).sum()
+            return {"squared_error": float(error), "count": count}
+        return {"correct": float((logits.argmax(-1) == labels).sum()), "count": count}
+
+    @torch.no_grad()
+    def predict(self, request: Predict) -> np.ndarray:
+        """Logits in eval mode (no dropout, no RNG drawn, nothing trained)."""
+        self.model.eval()
+        try:
+            return self.model(*self._inputs(request.z, request.lengths)).float().cpu().numpy()
+        finally:
+            self.model.train()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path: Path) -> None:
+        """Write this session's whole state to ``path`` atomically."""
+        optimizer = self.optimizer.state_dict()
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for index, state in optimizer["state"].items():
+            tensors |= {f"optimizer.{index}.{key}": value for key, value in state.items()}
+        tensors["rng"] = self.rng
+        if self.replay is not None:
+            tensors["replay.reply"] = torch.frombuffer(bytearray(self.replay.reply), dtype=torch.uint8)
+        meta = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "session_id": self.session_id,
+            "bundle_hash": self.bundle_hash, "step": self.step, "config": self.config.to_meta(),
+            "rng_device": self.device.type, "param_groups": optimizer["param_groups"],
+            "replay": None if self.replay is None else {"step": self.replay.step, "digest": self.replay.digest},
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"splitft": json.dumps(meta)}))
+
+    @classmethod
+    def restore(cls, path: Path, *, bundle: Bundle, device: torch.device) -> "CloudSession":
+        """The session exactly as ``save`` left it."""
+        with safe_open(str(path), framework="pt") as f:
+            meta: dict[str, Any] = json.loads(f.metadata()["splitft"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path} is not a version-{CHECKPOINT_VERSION} cloud session checkpoint")
+        if meta["bundle_hash"] != bundle.hash:
+            raise BundleMismatch(
+                f"session {meta['session_id']}'s checkpoint was trained with bundle {meta['bundle_hash'][:12]}…; "
+                f"this cloud serves {bundle.hash[:12]}…"
+            )
+        if meta["rng_device"] != device.type:
+            raise ConfigMismatch(
+                f"session {meta['session_id']} was trained on {meta['rng_device']}, this cloud runs on "
+                f"{device.type}: its dropout would differ; start sft-cloud with --device {meta['rng_device']}"
+            )
+        session = cls(session_id=meta["session_id"], bundle=bundle,
+                      config=SessionConfig.from_meta(meta["config"]), device=device)
+        session.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        session.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        session.rng = tensors["rng"]
+        session.step = int(meta["step"])
+        if meta["replay"] is not None:
+            reply = tensors["replay.reply"].numpy().tobytes()
+            session.replay = Replay(int(meta["replay"]["step"]), meta["replay"]["digest"], reply)
+        return session

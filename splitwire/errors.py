@@ -1,0 +1,86 @@
+"""The errors edge and cloud tell each other, as one small hierarchy with wire codes.
+
+Why it exists: a failure on one side must become the *same* typed exception on the other
+(the cloud sends an error frame carrying ``code`` and a message; the edge raises the class
+registered for that code), and a caller must know without parsing text whether retrying
+can help: ``retryable`` errors (a dropped connection, a busy server) are worth a reconnect,
+the others (a malformed frame, another bundle, a bad token) will fail again.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class SplitftError(Exception):
+    """Base of every error splitft raises on purpose; ``code`` names it on the wire."""
+
+    code: ClassVar[str] = "internal"
+    retryable: ClassVar[bool] = False
+
+
+class ProtocolError(SplitftError):
+    """A frame is malformed or breaks the protocol (bad header, dtype, shape, NaN, order)."""
+
+    code = "protocol"
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the wire protocol."""
+
+    code = "version_mismatch"
+
+
+class StepOrderError(ProtocolError):
+    """A training step arrived out of order (neither the next step nor a resend of the last)."""
+
+    code = "step_order"
+
+
+class BundleMismatch(SplitftError):
+    """Edge and cloud loaded different bundles (their manifest hashes differ)."""
+
+    code = "bundle_mismatch"
+
+
+class ConfigMismatch(SplitftError):
+    """The session's training config (schedule, seed, codec) differs from what the cloud holds."""
+
+    code = "config_mismatch"
+
+
+class AuthError(SplitftError):
+    """The session's token is missing or wrong."""
+
+    code = "auth"
+
+
+class RetryableError(SplitftError):
+    """Worth retrying after a reconnect."""
+
+    code = "retryable"
+    retryable = True
+
+
+class ConnectionLost(RetryableError):
+    """The connection closed or could not be opened."""
+
+    code = "connection_lost"
+
+
+class ServerBusy(RetryableError):
+    """The cloud cannot take this session now (session limit reached, shutting down)."""
+
+    code = "busy"
+
+
+ERRORS: dict[str, type[SplitftError]] = {
+    cls.code: cls
+    for cls in (SplitftError, ProtocolError, VersionMismatch, StepOrderError, BundleMismatch, ConfigMismatch,
+                AuthError, RetryableError, ConnectionLost, ServerBusy)
+}
+
+
+def error_from_code(code: str, message: str) -> SplitftError:
+    """The exception for an error frame's ``code``; an unknown code is a non-retryable ``SplitftError``."""
+    return ERRORS.get(code, SplitftError)(message)
