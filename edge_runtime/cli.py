@@ -210,9 +210,12 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 @asynccontextmanager
-async def _connected(args: argparse.Namespace, bundle: Bundle, config: RunConfig) -> AsyncIterator[CloudClient]:
+async def _connected(args: argparse.Namespace, bundle: Bundle, config: RunConfig,
+                     saved: list[Checkpoint]) -> AsyncIterator[CloudClient]:
+    """The session, the cloud asked to rewind to the latest edge checkpoint if it is ahead of it."""
     client = await CloudClient.connect(args.cloud, bundle=bundle, session_id=config.session, token=_token(args),
-                                       schedule=Schedule.from_dict(config.schedule), seed=config.seed)
+                                       schedule=Schedule.from_dict(config.schedule), seed=config.seed,
+                                       resume_from=saved[-1].step if saved else None)
     try:
         yield client
     finally:
@@ -239,7 +242,7 @@ async def train_command(args: argparse.Namespace) -> dict[str, Any]:
     schedule = Schedule.from_dict(config.schedule)
     tokenizer = EdgeTokenizer.from_bundle(bundle)
     engine = open_engine(bundle, threads=args.threads)
-    async with _connected(args, bundle, config) as client:
+    async with _connected(args, bundle, config, saved) as client:
         start = resume_point(client.resume_step, saved)
         start_step = _restore(engine, start)
         batches = training_batches(train_data, tokenizer, batch_size=config.batch_size, epochs=config.epochs,
@@ -330,7 +333,7 @@ async def _trained_run(args: argparse.Namespace) -> AsyncIterator[tuple[Bundle, 
         raise BundleError(f"{directory.root} was trained with another bundle than {args.bundle}")
     config = replace(config, batch_size=_pick(args.batch_size, config.batch_size))
     engine = open_engine(bundle, threads=args.threads)
-    async with _connected(args, bundle, config) as client:
+    async with _connected(args, bundle, config, saved) as client:
         match = [c for c in saved if c.step == client.resume_step]
         if not match:
             raise ResumeError(f"the cloud's session is at step {client.resume_step}, the checkpoints in "

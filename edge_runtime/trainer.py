@@ -12,6 +12,7 @@ step the cloud says it has applied.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,6 +33,8 @@ from splitwire.schedule import Schedule
 
 if TYPE_CHECKING:
     from edge_runtime.client import CloudClient
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 ENGINE_DIR = "edge"
@@ -228,17 +231,21 @@ class TrainResult:
         return self.steps[-1] if self.steps else None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Checkpointing:
     """Where and how often ``train`` checkpoints (every ``every`` steps and after the last)."""
 
     directory: CheckpointDir
     config: RunConfig
     every: int
+    cloud_persists: bool = True  # False once the cloud said it keeps no state dir
 
     async def save(self, engine: EdgeEngine, client: "CloudClient", *, step: int, epoch: int) -> None:
+        """The edge's checkpoint first, then the cloud's: a resume finds the edge at or ahead of the cloud."""
         self.directory.save(engine, step=step, epoch=epoch, config=self.config)
-        await client.checkpoint(step)
+        if not await client.checkpoint(step) and self.cloud_persists:
+            self.cloud_persists = False
+            log.warning("the cloud keeps no state dir: this run resumes only while sft-cloud keeps running")
 
 
 async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainBatch, schedule: Schedule):
@@ -268,16 +275,17 @@ async def train(
     last: TrainBatch | None = None
     with tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress, dynamic_ncols=True) as bar:
         for batch in batches:
-            if batch.step != (last.step if last else start_step) + 1:
-                raise ValueError(f"batches must continue from step {start_step + 1}, got step {batch.step}")
+            expected = (last.step if last else start_step) + 1
+            if batch.step != expected:
+                raise ValueError(f"steps must be consecutive from {start_step + 1}: expected {expected}, got {batch.step}")
             reply = await split_step(engine=engine, client=client, batch=batch, schedule=schedule)
             last = batch
             result.steps.append(batch.step)
             result.losses.append(float(reply.loss))
             result.step_bytes.append(tuple(client.last_step_bytes))
             bar.update(1)
-            bar.set_postfix(loss=f"{reply.loss:.4f}", up=_size(client.bytes_sent), down=_size(client.bytes_received),
-                            refresh=False)
+            bar.set_postfix({"loss": f"{reply.loss:.4f}", "up": _size(client.bytes_sent),
+                             "down": _size(client.bytes_received)}, refresh=False)
             if checkpointing and batch.step % checkpointing.every == 0:
                 await checkpointing.save(engine, client, step=batch.step, epoch=batch.epoch)
     if checkpointing and last is not None and last.step % checkpointing.every:

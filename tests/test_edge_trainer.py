@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bundles import export_cached, padded_batch, tiny_options, upstream_gradient
-from conftest import minilm_path
+from conftest import minilm_path, movie_reviews_path
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import open_engine
 from edge_runtime.tokenize import EdgeTokenizer
@@ -119,3 +126,108 @@ def test_a_checkpoint_resumes_the_engine_exactly_and_keeps_the_last_two(tiny_bun
     _step(resumed, batches[3], np.random.default_rng(13), tiny_bundle.wire_width)
     for name, value in engine.parameters().items():
         np.testing.assert_array_equal(resumed.parameters()[name], value, err_msg=name)
+
+
+# --- sft-edge end to end: a real cloud on localhost, the edge in a process where torch cannot be imported ---
+
+NO_TORCH = """
+import sys
+class _Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked: the edge must not import it")
+sys.meta_path.insert(0, _Refuse())
+from edge_runtime.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
+sys.exit(code)
+"""
+
+
+async def _sft_edge(*args: str, interrupt_when: Path | None = None) -> tuple[int, str]:
+    """Run ``sft-edge ARGS`` torch-free; with ``interrupt_when``, send SIGINT once that path exists."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SFT_TOKEN": "edge-secret"}
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", NO_TORCH, *args, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    if interrupt_when is not None:
+        while not interrupt_when.exists() and process.returncode is None:
+            await asyncio.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+    output, _ = await process.communicate()
+    return process.returncode, output.decode()
+
+
+def _review_files(tmp_path: Path) -> tuple[Path, Path]:
+    lines = movie_reviews_path().read_text(encoding="utf-8").splitlines()
+    train, test = tmp_path / "train.tsv", tmp_path / "test.tsv"
+    train.write_text("\n".join(lines[:161]) + "\n", encoding="utf-8")  # header + 160 rows
+    test.write_text("\n".join(lines[:1] + lines[161:193]) + "\n", encoding="utf-8")  # header + 32 rows
+    return train, test
+
+
+def _final_edge_weights(bundle, directory: Path) -> dict[str, np.ndarray]:
+    engine = open_engine(bundle, threads=1)
+    engine.restore(CheckpointDir(directory).latest().engine_dir)
+    return engine.parameters()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_bundle, tmp_path):
+    from cloud_backend.server import serve_cloud
+
+    train_file, test_file = _review_files(tmp_path)
+
+    def train_args(url: str, name: str) -> list[str]:
+        return ["train", "--bundle", str(tiny_bundle.root), "--cloud", url, "--session", name,
+                "--checkpoint-dir", str(tmp_path / name), "--data", str(train_file), "--label-column", "sentiment",
+                "--label-threshold", "0", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--seed", "3",
+                "--checkpoint-every", "5", "--threads", "1", "--no-progress", "--report", str(tmp_path / f"{name}.json")]
+
+    async def scenario() -> dict[str, tuple[int, str]]:
+        cloud = load_bundle(tiny_bundle.root, parts=["cloud"])
+        async with serve_cloud(cloud, port=0, device="cpu", state_dir=tmp_path / "cloud-state") as server:
+            runs = {"whole": await _sft_edge(*train_args(server.url, "whole"))}
+            runs["cut"] = await _sft_edge(*train_args(server.url, "cut"),
+                                          interrupt_when=tmp_path / "cut" / "step-00000010")
+            runs["resumed"] = await _sft_edge(*train_args(server.url, "cut"))
+            runs["eval"] = await _sft_edge("eval", "--bundle", str(tiny_bundle.root), "--cloud", server.url,
+                                           "--session", "cut", "--checkpoint-dir", str(tmp_path / "cut"),
+                                           "--eval-file", str(test_file), "--no-progress")
+            for name in ("whole", "cut"):  # equal predictions: the cloud halves ended equal too
+                runs[f"predict-{name}"] = await _sft_edge(
+                    "predict", "--bundle", str(tiny_bundle.root), "--cloud", server.url, "--session", name,
+                    "--checkpoint-dir", str(tmp_path / name), "--input", str(test_file),
+                    "--out", str(tmp_path / f"{name}.jsonl"))
+        return runs
+
+    runs = asyncio.run(scenario())
+    assert runs["whole"][0] == 0, runs["whole"][1]
+    assert runs["cut"][0] == 130, runs["cut"][1]
+    assert "interrupted; rerun the same command" in runs["cut"][1]
+    assert runs["resumed"][0] == 0, runs["resumed"][1]
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    resumed = json.loads((tmp_path / "cut.json").read_text())
+    assert whole["first_step"] == 1 and whole["last_step"] == resumed["last_step"] == 40
+    assert resumed["first_step"] in (11, 16, 21, 26, 31, 36)  # after the last checkpoint before the interrupt
+    assert resumed["losses"] == whole["losses"][resumed["first_step"] - 1:]
+
+    edge_whole = _final_edge_weights(tiny_bundle, tmp_path / "whole")
+    edge_cut = _final_edge_weights(tiny_bundle, tmp_path / "cut")
+    for name, value in edge_whole.items():
+        np.testing.assert_array_equal(edge_cut[name], value, err_msg=name)
+    code, output = runs["eval"]
+    assert code == 0, output
+    assert re.search(r"test\.tsv \(32 rows\): accuracy [01]\.\d{4}, macro_f1 .*, mcc .*, f1 ", output), output
+    for name in ("whole", "cut"):
+        code, output = runs[f"predict-{name}"]
+        assert code == 0 and "wrote 32 predictions" in output, output
+    predictions = [json.loads(line) for line in (tmp_path / "cut.jsonl").read_text().splitlines()]
+    assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
+    assert [p["text"] for p in predictions] == [line.split("\t")[2] for line in test_file.read_text().splitlines()[1:]]
+    assert {p["label"] for p in predictions} <= {"0", "1"} and all(0.5 <= p["score"] <= 1 for p in predictions)
+
+
+def test_help_shows_a_worked_example_without_torch():
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, "train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--label-threshold" in result.stdout and "sft-edge train --bundle" in result.stdout
