@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,26 +24,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from bundles import copy_bundle, export_cached, reference_edge
+from safetensors.torch import load_file
 from websockets.asyncio.client import connect
 
 from cloud_backend.server import CloudServer, serve_cloud
 from edge_runtime.client import CloudClient, StepReply
-from models import EncoderSpec, SplitModel, SplitSpec, build_split, load_encoder
+from models import CloudPart, EncoderSpec, SplitSpec
 from models.split import default_position_ids
-from splitwire.bundle import Bundle, load_bundle, sha256_file
+from splitwire.bundle import Bundle, load_bundle
 from splitwire.codecs import Carries, Fp32Codec
-from splitwire.errors import BundleMismatch, ConfigMismatch, ProtocolError, StepOrderError
+from splitwire.errors import BundleMismatch, ConfigMismatch, ProtocolError, ServerBusy, StepOrderError
 from splitwire.protocol import Error, Train, decode, encode, session_tag
 from splitwire.schedule import Schedule
 
-SPLIT = SplitSpec(split=2, rank=4, num_labels=2)
-MAX_LENGTH = 16
-SCHEDULE = Schedule(lr=2e-3, kind="linear", warmup_steps=1, total_steps=6)
-OPTIMIZER = {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 SEED = 11
 STEPS = 4
 B, L = 4, 12
+RANK, NUM_LABELS, MAX_LENGTH = 4, 2, 16
+SCHEDULE = Schedule(lr=2e-3, kind="linear", warmup_steps=1, total_steps=6)
 REL = 1e-5
 
 
@@ -66,7 +66,7 @@ def batches(n: int, seed: int = 0) -> list[Batch]:
         lengths[0] = L
         mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
         ids = torch.randint(1000, 5000, (B, L), generator=g) * mask
-        out.append(Batch(ids, mask, torch.randint(0, SPLIT.num_labels, (B,), generator=g)))
+        out.append(Batch(ids, mask, torch.randint(0, NUM_LABELS, (B,), generator=g)))
     return out
 
 
@@ -74,38 +74,38 @@ def batches(n: int, seed: int = 0) -> list[Batch]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir) -> tuple[EncoderSpec, SplitModel]:
-    """The tiny BERT cut at layer 2, rank 4, with dropout 0.1 on the cloud (to test its RNG)."""
-    enc = load_encoder(str(tiny_model_dir), init="random", seed=3)
-    spec = dataclasses.replace(enc.spec, hidden_dropout=0.1, attention_dropout=0.1)
-    return spec, build_split(spec, enc.weights, SPLIT, classifier_seed=5)
+def bundle(tmp_path_factory, tiny_model_dir) -> Bundle:
+    """``sft-export`` of the tiny BERT with dropout 0.1 (so the cloud's dropout RNG is tested), split 2, rank 4."""
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("tiny-dropout") / "model"))
+    config = json.loads((model_dir / "config.json").read_text())
+    config |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    root = export_cached(tmp_path_factory, model_dir, split=2, rank=RANK, num_labels=NUM_LABELS, init="random",
+                         max_length=MAX_LENGTH, lr=SCHEDULE.lr)
+    return load_bundle(root)
 
 
-def write_cloud_bundle(root: Path, spec: EncoderSpec, model: SplitModel, *, created_by: str = "tests") -> Bundle:
-    """A bundle with only its cloud half: ``manifest.json`` + ``cloud/weights.safetensors``."""
-    weights = root / "cloud" / "weights.safetensors"
-    weights.parent.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.cloud.state_dict().items()}, str(weights))
-    manifest = {
-        "format": "splitft-bundle", "format_version": 1, "created_by": created_by,
-        "base_model": {"id": "tiny", "init": "random"}, "encoder": spec.to_dict(), "split": SPLIT.to_dict(),
-        "task": "classification", "max_length": MAX_LENGTH, "engine": "ort-training",
-        "edge": {"files": {}, "dropout": 0}, "cloud": {"files": {"weights": "cloud/weights.safetensors"}, "dropout": True},
-        "optimizer": OPTIMIZER, "tokenizer": {"pad_id": spec.pad_token_id}, "wire": {"dtype": "float32"},
-        "files": {"cloud/weights.safetensors": sha256_file(weights)},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return load_bundle(root, parts=["cloud"])
+def other_bundle(bundle: Bundle, to: Path) -> Bundle:
+    """The same files under another manifest: another bundle hash."""
+    root = copy_bundle(bundle.root, to)
+    manifest = json.loads((root / "manifest.json").read_text()) | {"created_by": "another export"}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return load_bundle(root)
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny) -> Bundle:
-    return write_cloud_bundle(tmp_path_factory.mktemp("bundle"), *tiny)
+def initial(bundle) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The split model the bundle starts from: its edge and cloud halves in PyTorch."""
+    cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=True)
+    cloud.load_state_dict(load_file(str(bundle.path(bundle.manifest["cloud"]["files"]["weights"]))))
+    assert cloud.p_drop == 0.1
+    return reference_edge(bundle.root), cloud
 
 
 def _adamw(module: torch.nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW(module.parameters(), lr=SCHEDULE.rate(1), betas=tuple(OPTIMIZER["betas"]),
-                             eps=OPTIMIZER["eps"], weight_decay=OPTIMIZER["weight_decay"])
+    """AdamW as the bundle's manifest sets it (the exporter's defaults)."""
+    return torch.optim.AdamW(module.parameters(), lr=SCHEDULE.rate(1), betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=0.01)
 
 
 def _step(optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -130,9 +130,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny) -> Reference:
-    _, model = tiny
-    edge, cloud = copy.deepcopy(model.edge), copy.deepcopy(model.cloud).train()
+def reference(initial) -> Reference:
+    edge, cloud = (copy.deepcopy(m).train() for m in initial)
     edge_opt, cloud_opt = _adamw(edge), _adamw(cloud)
     dzs, losses = [], []
     with torch.random.fork_rng(devices=[]):
@@ -153,8 +152,8 @@ def reference(tiny) -> Reference:
 class Edge:
     """The test's edge: a torch ``EdgePart`` + AdamW driving a real ``CloudClient``."""
 
-    def __init__(self, model: SplitModel) -> None:
-        self.model = copy.deepcopy(model.edge)
+    def __init__(self, initial: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+        self.model = copy.deepcopy(initial[0])
         self.optimizer = _adamw(self.model)
 
     async def step(self, client: CloudClient, step: int, batch: Batch) -> StepReply:
@@ -192,13 +191,12 @@ def cloud_model(server: CloudServer, session_id: str = "device-1") -> torch.nn.M
 # ---------------------------------------------------------------------------- tests
 
 
-def test_training_over_the_wire_equals_in_process_reference(bundle, tiny, reference):
-    spec, model = tiny
+def test_training_over_the_wire_equals_in_process_reference(bundle, initial, reference):
     data = batches(STEPS)
 
     async def run():
         async with serve_cloud(bundle, port=0, device="cpu") as server:
-            edge = Edge(model)
+            edge = Edge(initial)
             async with await _connect(server, bundle) as client:
                 assert client.resume_step == 0
                 replies = [await edge.step(client, step, b) for step, b in enumerate(data, start=1)]
@@ -210,7 +208,7 @@ def test_training_over_the_wire_equals_in_process_reference(bundle, tiny, refere
     replies, edge, cloud, (up, down), logits, (sent, received) = asyncio.run(run())
     for step, (reply, dz, loss) in enumerate(zip(replies, reference.dz, reference.losses), start=1):
         assert reply.step == step and not reply.replayed
-        assert reply.dz.shape == (B, L, SPLIT.rank) and reply.dz.dtype == np.float32
+        assert reply.dz.shape == (B, L, RANK) and reply.dz.dtype == np.float32
         assert rel_err(reply.dz, dz) <= REL, step
         assert abs(reply.loss - loss) <= REL * abs(loss)
         assert reply.metrics["count"] == B and 0 <= reply.metrics["correct"] <= B
@@ -219,22 +217,21 @@ def test_training_over_the_wire_equals_in_process_reference(bundle, tiny, refere
     assert_weights_equal(cloud, reference.cloud)
     assert_weights_equal(edge.model, reference.edge)
     # bytes per step, counted by the transport: B·L·r·4 and a small header each way
-    payload = B * L * SPLIT.rank * 4
+    payload = B * L * RANK * 4
     assert payload < up < payload + 512 and payload < down < payload + 512
     assert sent > STEPS * payload and received > STEPS * payload
     with torch.no_grad():
         want = reference.cloud.eval()(_edge_z(reference.edge, data[0]), data[0].mask)
     reference.cloud.train()
-    assert logits.shape == (B, SPLIT.num_labels) and rel_err(logits, want) <= REL
+    assert logits.shape == (B, NUM_LABELS) and rel_err(logits, want) <= REL
 
 
-def test_resent_step_is_answered_from_the_replay_cache_not_applied_twice(bundle, tiny):
-    _, model = tiny
+def test_resent_step_is_answered_from_the_replay_cache_not_applied_twice(bundle, initial):
     data = batches(3)
 
     async def run():
         async with serve_cloud(bundle, port=0, device="cpu") as server:
-            edge = Edge(model)
+            edge = Edge(initial)
             async with await _connect(server, bundle, "replay") as client:
                 await edge.step(client, 1, data[0])
                 z2 = _edge_z(edge.model, data[1]).detach().numpy()
@@ -258,14 +255,13 @@ def test_resent_step_is_answered_from_the_replay_cache_not_applied_twice(bundle,
     asyncio.run(run())
 
 
-def test_bad_frames_are_refused_with_a_typed_error_and_others_keep_training(bundle, tiny):
-    _, model = tiny
+def test_bad_frames_are_refused_with_a_typed_error_and_others_keep_training(bundle, initial):
     data = batches(2)
     codec = Fp32Codec(Carries.ACTIVATION)
 
     async def run():
         async with serve_cloud(bundle, port=0, device="cpu") as server:
-            edge = Edge(model)
+            edge = Edge(initial)
             async with await _connect(server, bundle, "good") as good:
                 await edge.step(good, 1, data[0])
                 # A hostile peer: garbage first, then a NaN-laden step after a valid hello.
@@ -274,7 +270,7 @@ def test_bad_frames_are_refused_with_a_typed_error_and_others_keep_training(bund
                     error = Error.from_frame(decode(await ws.recv()))
                     assert error.code == "protocol" and "not a splitft frame" in error.message
                 async with await _connect(server, bundle, "hostile") as hostile:
-                    z = np.full((B, L, SPLIT.rank), np.nan, np.float32)
+                    z = np.full((B, L, RANK), np.nan, np.float32)
                     with pytest.raises(ProtocolError, match="NaN"):  # refused before sending
                         await hostile.train_step(1, z, data[0].lengths, data[0].labels.numpy())
                     nan = Train(1, z, data[0].lengths, data[0].labels.numpy())
@@ -288,8 +284,8 @@ def test_bad_frames_are_refused_with_a_typed_error_and_others_keep_training(bund
     asyncio.run(run())
 
 
-def test_mismatched_bundle_or_config_is_refused_on_both_sides(bundle, tiny, tmp_path, caplog):
-    other = write_cloud_bundle(tmp_path / "other", *tiny, created_by="another export")
+def test_mismatched_bundle_or_config_is_refused_on_both_sides(bundle, tmp_path, caplog):
+    other = other_bundle(bundle, tmp_path / "other")
     assert other.hash != bundle.hash
 
     async def run():
@@ -308,13 +304,12 @@ def test_mismatched_bundle_or_config_is_refused_on_both_sides(bundle, tiny, tmp_
     assert other.hash[:12] in refused[0]["message"]
 
 
-def test_restart_restores_sessions_exactly(bundle, tiny, reference, tmp_path):
-    _, model = tiny
+def test_restart_restores_sessions_exactly(bundle, initial, reference, tmp_path):
     data = batches(STEPS)
     state = tmp_path / "state"
 
     async def run():
-        edge = Edge(model)
+        edge = Edge(initial)
         async with serve_cloud(bundle, port=0, device="cpu", state_dir=state) as server:
             async with await _connect(server, bundle) as client:
                 for step in (1, 2):
@@ -341,8 +336,7 @@ def test_restart_restores_sessions_exactly(bundle, tiny, reference, tmp_path):
         assert_weights_equal(edge_model, reference.edge)
 
 
-def test_sft_cloud_command_serves_logs_and_saves_on_sigterm(bundle, tiny, tmp_path):
-    _, model = tiny
+def test_sft_cloud_command_serves_logs_and_saves_on_sigterm(bundle, initial, tmp_path):
     data = batches(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -357,7 +351,7 @@ def test_sft_cloud_command_serves_logs_and_saves_on_sigterm(bundle, tiny, tmp_pa
         async def run():
             async with await CloudClient.connect(url, bundle=bundle, session_id="cli", schedule=SCHEDULE,
                                                  seed=SEED) as client:
-                return await Edge(model).step(client, 1, data[0])
+                return await Edge(initial).step(client, 1, data[0])
 
         assert asyncio.run(run()).step == 1
         proc.send_signal(signal.SIGTERM)
@@ -369,3 +363,24 @@ def test_sft_cloud_command_serves_logs_and_saves_on_sigterm(bundle, tiny, tmp_pa
     events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
     assert events[:3] == ["listening", "new_session", "welcome"] and "train" in events and "saved" in events
     assert len(list((tmp_path / "state").glob("session-*.safetensors"))) == 1
+
+
+def test_session_limit_evicts_a_saved_idle_session_or_refuses(bundle, initial, tmp_path):
+    data = batches(1)
+
+    async def run():
+        async with serve_cloud(bundle, port=0, device="cpu", max_sessions=1) as server:
+            async with await _connect(server, bundle, "a"):
+                pass
+            with pytest.raises(ServerBusy, match="limit of 1 sessions") as refused:  # nowhere to save "a"
+                await _connect(server, bundle, "b")
+            assert refused.value.retryable
+        async with serve_cloud(bundle, port=0, device="cpu", max_sessions=1, state_dir=tmp_path) as server:
+            async with await _connect(server, bundle, "a") as a:
+                await Edge(initial).step(a, 1, data[0])
+            async with await _connect(server, bundle, "b") as b:
+                assert b.resume_step == 0 and list(server.sessions) == ["b"]  # "a" was saved, then evicted
+            async with await _connect(server, bundle, "a") as a:
+                assert a.resume_step == 1 and list(server.sessions) == ["a"]
+
+    asyncio.run(run())

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from splitwire.codecs import Carries, Fp32Codec
 from splitwire.errors import AuthError, BundleMismatch, ProtocolError, ServerBusy, VersionMismatch
 from splitwire.protocol import (
-    HEADER, MAGIC, REPLAYED, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig,
+    HEADER, MAGIC, REPLAYED, Checkpointed, Error, Gradient, Hello, Kind, Predict, Prediction, SessionConfig,
     Train, Welcome, WireLimits, decode, encode, session_tag,
 )
 from splitwire.schedule import Schedule
