@@ -180,13 +180,12 @@ class CloudServer:
             return
         for session_id, live in list(self.sessions.items()):
             path = self._snapshot(session_id, "latest")
-            if live.connection is None and path is not None:
+            if live.connection is None and path is not None:  # no connection can attach while we hold _opening
                 async with live.lock:
                     await self._compute(live.session.save, path)
-                if live.connection is None:
-                    del self.sessions[session_id]
-                    log_event("evicted", session=session_id, step=live.session.step)
-                    return
+                del self.sessions[session_id]
+                log_event("evicted", session=session_id, step=live.session.step)
+                return
         raise ServerBusy(f"the cloud holds its limit of {self.max_sessions} sessions; try again later")
 
     async def _rewind(self, live: LiveSession, resume_from: int) -> None:

@@ -56,6 +56,7 @@ class CloudClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_step_bytes = (0, 0)
+        self._last = (0, 0)  # (up, down) bytes of the last exchange of any kind
 
     @classmethod
     async def connect(
