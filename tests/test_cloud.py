@@ -57,8 +57,8 @@ class Batch:
         return self.mask.sum(1).numpy().astype(np.int32)
 
 
-def batches(n: int, seed: int = 0) -> list[Batch]:
-    """Batches padded on the right, of varied real lengths."""
+def batches(n: int, seed: int = 0, *, num_labels: int = NUM_LABELS) -> list[Batch]:
+    """Batches padded on the right, of varied real lengths; float labels when ``num_labels`` is 1."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -66,7 +66,8 @@ def batches(n: int, seed: int = 0) -> list[Batch]:
         lengths[0] = L
         mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
         ids = torch.randint(1000, 5000, (B, L), generator=g) * mask
-        out.append(Batch(ids, mask, torch.randint(0, NUM_LABELS, (B,), generator=g)))
+        labels = torch.randint(0, num_labels, (B,), generator=g) if num_labels > 1 else torch.randn(B, generator=g)
+        out.append(Batch(ids, mask, labels))
     return out
 
 
@@ -93,13 +94,18 @@ def other_bundle(bundle: Bundle, to: Path) -> Bundle:
     return load_bundle(root)
 
 
-@pytest.fixture(scope="module")
-def initial(bundle) -> tuple[torch.nn.Module, torch.nn.Module]:
+def split_halves(bundle: Bundle) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The split model the bundle starts from: its edge and cloud halves in PyTorch."""
     cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=True)
     cloud.load_state_dict(load_file(str(bundle.path(bundle.manifest["cloud"]["files"]["weights"]))))
-    assert cloud.p_drop == 0.1
     return reference_edge(bundle.root), cloud
+
+
+@pytest.fixture(scope="module")
+def initial(bundle) -> tuple[torch.nn.Module, torch.nn.Module]:
+    halves = split_halves(bundle)
+    assert halves[1].p_drop == 0.1
+    return halves
 
 
 def _adamw(module: torch.nn.Module) -> torch.optim.AdamW:
@@ -129,14 +135,13 @@ class Reference:
     losses: list[float]
 
 
-@pytest.fixture(scope="module")
-def reference(initial) -> Reference:
+def train_in_process(initial: tuple[torch.nn.Module, torch.nn.Module], data: list[Batch]) -> Reference:
     edge, cloud = (copy.deepcopy(m).train() for m in initial)
     edge_opt, cloud_opt = _adamw(edge), _adamw(cloud)
     dzs, losses = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        for step, batch in enumerate(batches(STEPS), start=1):
+        for step, batch in enumerate(data, start=1):
             z = _edge_z(edge, batch)
             z_cloud = z.detach().requires_grad_(True)
             loss = cloud.loss(cloud(z_cloud, batch.mask), batch.labels)
@@ -147,6 +152,11 @@ def reference(initial) -> Reference:
             dzs.append(z_cloud.grad.numpy().copy())
             losses.append(loss.item())
     return Reference(edge, cloud, dzs, losses)
+
+
+@pytest.fixture(scope="module")
+def reference(initial) -> Reference:
+    return train_in_process(initial, batches(STEPS))
 
 
 class Edge:
@@ -384,3 +394,26 @@ def test_session_limit_evicts_a_saved_idle_session_or_refuses(bundle, initial, t
                 assert a.resume_step == 1 and list(server.sessions) == ["a"]
 
     asyncio.run(run())
+
+
+def test_regression_trains_with_mse_over_the_wire(tmp_path_factory, tiny_model_dir):
+    bundle = load_bundle(export_cached(tmp_path_factory, tiny_model_dir, split=3, rank=RANK, num_labels=1,
+                                       init="random", max_length=MAX_LENGTH, lr=SCHEDULE.lr))
+    initial = split_halves(bundle)
+    data = batches(2, num_labels=1)
+    reference = train_in_process(initial, data)
+
+    async def run():
+        async with serve_cloud(bundle, port=0, device="cpu") as server:
+            edge = Edge(initial)
+            async with await _connect(server, bundle, "sts") as client:
+                replies = [await edge.step(client, step, b) for step, b in enumerate(data, start=1)]
+            return replies, edge, copy.deepcopy(cloud_model(server, "sts"))
+
+    replies, edge, cloud = asyncio.run(run())
+    for reply, dz, loss in zip(replies, reference.dz, reference.losses):
+        assert rel_err(reply.dz, dz) <= REL and abs(reply.loss - loss) <= REL * loss
+        assert reply.metrics["count"] == B
+        assert abs(reply.metrics["squared_error"] - B * reply.loss) <= 1e-5 * B * reply.loss  # MSE is the mean
+    assert_weights_equal(cloud, reference.cloud)
+    assert_weights_equal(edge.model, reference.edge)
