@@ -23,6 +23,7 @@ from edge_runtime.data import (
     Columns,
     DataError,
     LabelMap,
+    Table,
     TextData,
     holdout_split,
     infer_label_map,
@@ -38,6 +39,7 @@ from edge_runtime.trainer import (
     Checkpointing,
     ResumeError,
     RunConfig,
+    TrainResult,
     evaluate,
     planned_steps,
     predict_logits,
@@ -55,7 +57,8 @@ DEFAULTS = {"seed": 0, "batch_size": 32, "epochs": 3, "schedule": "constant", "w
 EXAMPLE = """\
 example (the movie-review snippets: tab-separated id, sentiment, text; positive when sentiment > 0):
 
-  sft-cloud --bundle bundles/minilm-s3-r8 --port 8765 &
+  sft-export --model MODEL_DIR_OR_HUB_ID --split 3 --rank 8 --max-length 66 --out bundles/minilm-s3-r8
+  sft-cloud --bundle bundles/minilm-s3-r8 --port 8765 --state-dir runs/cloud &     # on the server
   sft-edge train --bundle bundles/minilm-s3-r8 --cloud ws://127.0.0.1:8765 --session reviews \\
       --data movieReviewSnippets_GroundTruth.txt --text-column text \\
       --label-column sentiment --label-threshold 0 --holdout 0.2 --epochs 1 --batch-size 32
@@ -70,14 +73,21 @@ The token for the cloud comes from --token-file or the SFT_TOKEN environment var
 """
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, type=Path, help="the bundle directory sft-export wrote")
     parser.add_argument("--cloud", required=True, metavar="URL", help="the sft-cloud server, ws://host:port or wss://…")
     parser.add_argument("--session", help="this training run's name on the cloud (default: 'default', or the run's)")
     parser.add_argument("--token-file", type=Path, help="file holding the session token (default: $SFT_TOKEN)")
     parser.add_argument("--checkpoint-dir", type=Path, help="where checkpoints live (default: runs/<session>)")
-    parser.add_argument("--batch-size", type=int, help=f"rows per step (default {DEFAULTS['batch_size']}, or the run's)")
-    parser.add_argument("--threads", type=int, help="CPU threads for the edge engine (default: onnxruntime's)")
+    parser.add_argument("--batch-size", type=_positive, help=f"rows per step (default {DEFAULTS['batch_size']}, or the run's)")
+    parser.add_argument("--threads", type=_positive, help="CPU threads for the edge engine (default: onnxruntime's)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -111,13 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--holdout", type=float,
                            help="hold out this fraction of --data (fixed by --seed) and evaluate on it at the end")
     train_cmd.add_argument("--eval-file", type=Path, help="labelled test file to evaluate on at the end")
-    train_cmd.add_argument("--epochs", type=int, help=f"passes over the data (default {DEFAULTS['epochs']})")
-    train_cmd.add_argument("--max-steps", type=int, help="stop after this many steps in all")
+    train_cmd.add_argument("--epochs", type=_positive, help=f"passes over the data (default {DEFAULTS['epochs']})")
+    train_cmd.add_argument("--max-steps", type=_positive, help="stop after this many steps in all")
     train_cmd.add_argument("--lr", type=float, help="peak learning rate (default: the bundle's)")
     train_cmd.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default constant)")
     train_cmd.add_argument("--warmup", type=int, help="linear warm-up steps (default 0)")
     train_cmd.add_argument("--seed", type=int, help="data-order seed, also the cloud's dropout seed (default 0)")
-    train_cmd.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    train_cmd.add_argument("--checkpoint-every", type=_positive, default=200, help="steps between checkpoints (default 200)")
     train_cmd.add_argument("--report", type=Path, help="also write a JSON summary (losses, bytes, metrics) here")
 
     eval_cmd = commands.add_parser("eval", help="accuracy/F1/MCC (or Pearson/Spearman) on a labelled local file")
@@ -190,7 +200,7 @@ def _train_columns(args: argparse.Namespace, saved: RunConfig | None) -> Columns
     )
 
 
-def _train_label_map(args: argparse.Namespace, table, columns: Columns, bundle: Bundle,
+def _train_label_map(args: argparse.Namespace, table: Table, columns: Columns, bundle: Bundle,
                      saved: RunConfig | None) -> LabelMap:
     if saved and args.label_threshold is None and args.labels is None and columns.label == saved.columns["label"]:
         return LabelMap.from_dict(saved.label_map)
@@ -255,7 +265,8 @@ async def train_command(args: argparse.Namespace) -> dict[str, Any]:
         for name, test in (("holdout", held_out), ("eval_file", _labelled(args.eval_file, args, columns, label_map))):
             if test is not None:
                 summary[f"{name}_metrics"] = await evaluate(engine=engine, client=client, data=test,
-                                                            tokenizer=tokenizer, batch_size=config.batch_size)
+                                                            tokenizer=tokenizer, batch_size=config.batch_size,
+                                                            progress=args.progress)
     _print_train(summary, directory)
     if args.report:
         args.report.write_text(json.dumps(summary, indent=2) + "\n")
@@ -280,20 +291,26 @@ def _restore(engine: EdgeEngine, checkpoint: Checkpoint | None) -> int:
     return checkpoint.step
 
 
-def _train_summary(result, *, start_step: int, total: int, client: CloudClient) -> dict[str, Any]:
-    ups = [up for up, _ in result.step_bytes]
-    downs = [down for _, down in result.step_bytes]
-    return {
+def _train_summary(result: TrainResult, *, start_step: int, total: int, client: CloudClient) -> dict[str, Any]:
+    """What the run did, as JSON: per-step losses, and bytes per step as the transport counted them."""
+    ran = len(result.steps)
+    summary: dict[str, Any] = {
         "first_step": start_step + 1,
         "last_step": result.last_step or start_step,
         "total_steps": total,
         "seconds": round(result.seconds, 3),
         "losses": result.losses,
-        "bytes_up_per_step": max(ups) if ups else 0,
-        "bytes_down_per_step": max(downs) if downs else 0,
         "bytes_sent": client.bytes_sent,
         "bytes_received": client.bytes_received,
     }
+    if ran:
+        ups, downs = zip(*result.step_bytes)
+        summary |= {
+            "bytes_up_per_step": {"mean": sum(ups) / ran, "max": max(ups)},
+            "bytes_down_per_step": {"mean": sum(downs) / ran, "max": max(downs)},
+            "padded_tokens_per_step": sum(b * l for b, l in result.shapes) / ran,
+        }
+    return summary
 
 
 def _print_train(summary: dict[str, Any], directory: CheckpointDir) -> None:
@@ -302,10 +319,12 @@ def _print_train(summary: dict[str, Any], directory: CheckpointDir) -> None:
         print(f"nothing to train: the run is at step {summary['last_step']} of {summary['total_steps']}")
     else:
         tail = summary["losses"][-50:]
+        up, down = summary["bytes_up_per_step"], summary["bytes_down_per_step"]
         print(f"trained steps {summary['first_step']}..{summary['last_step']} of {summary['total_steps']} "
               f"in {summary['seconds']:.1f} s ({ran / max(summary['seconds'], 1e-9):.2f} steps/s); "
               f"mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f}")
-        print(f"bytes per step (largest): up {summary['bytes_up_per_step']}, down {summary['bytes_down_per_step']}; "
+        print(f"bytes per step: up {up['mean']:.0f} (max {up['max']}), down {down['mean']:.0f} (max {down['max']}), "
+              f"for {summary['padded_tokens_per_step']:.0f} tokens (batch × padded length) a step; "
               f"in all: up {summary['bytes_sent']}, down {summary['bytes_received']}")
         print(f"checkpoint: {directory.latest().path}")
     for key in ("holdout_metrics", "eval_file_metrics"):

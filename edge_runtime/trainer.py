@@ -219,10 +219,11 @@ def resume_point(cloud_step: int, saved: list[Checkpoint]) -> Checkpoint | None:
 
 @dataclass
 class TrainResult:
-    """Per step of this call: step numbers, losses and the (up, down) bytes the transport counted."""
+    """Per step of this call: step numbers, losses, batch shapes ``(B, L)`` and the (up, down) bytes the transport counted."""
 
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    shapes: list[tuple[int, int]] = field(default_factory=list)
     step_bytes: list[tuple[int, int]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -282,6 +283,7 @@ async def train(
             last = batch
             result.steps.append(batch.step)
             result.losses.append(float(reply.loss))
+            result.shapes.append(batch.inputs.shape)
             result.step_bytes.append(tuple(client.last_step_bytes))
             bar.update(1)
             bar.set_postfix({"loss": f"{reply.loss:.4f}", "up": _size(client.bytes_sent),
