@@ -9,16 +9,13 @@ the manifest through ``exporter.bundle_writer``. Slow steps report their timings
 from __future__ import annotations
 
 import importlib
-import sys
-import time
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
 from safetensors.torch import save_file
 
 from exporter.bundle_writer import ExportError, check_target, save_numpy_weights, staged_bundle, write_manifest
+from exporter.progress import Log, stderr_log, timed
 from models import EDGE_INPUTS, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
 from splitwire.bundle import ENGINES
 
@@ -28,21 +25,6 @@ EMBEDDING_TABLES = ("embeddings.word.weight", "embeddings.position.weight", "emb
 CLOUD_WEIGHTS = "cloud/weights.safetensors"
 EDGE_WEIGHTS = "edge/edge_weights.safetensors"
 TOKENIZER = "edge/tokenizer.json"
-
-Log = Callable[[str], None]
-
-
-def stderr_log(message: str) -> None:
-    print(f"sft-export: {message}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def timed(log: Log, what: str) -> Iterator[None]:
-    log(f"{what} …")
-    start = time.perf_counter()
-    yield
-    log(f"{what}: done in {time.perf_counter() - start:.1f}s")
-
 
 def export_bundle(
     *,
@@ -87,20 +69,10 @@ def export_bundle(
         tokenizer_info = _write_tokenizer(tok, root, loaded=loaded, max_length=max_length)
         _write_weights(split_model, root)
         with timed(log, "hashing and writing the manifest"):
-            manifest = write_manifest(root, {
-                "created_by": f"splitft {_version()} sft-export",
-                "base_model": loaded.source,
-                "encoder": loaded.spec.to_dict(),
-                "split": spec.to_dict(),
-                "task": "regression" if num_labels == 1 else "classification",
-                "max_length": max_length,
-                "engine": engine,
-                "edge": _edge_section(split_model, edge_files, frozen),
-                "cloud": {"files": {"weights": CLOUD_WEIGHTS}, "dropout": True},
-                "optimizer": optimizer,
-                "tokenizer": tokenizer_info,
-                "wire": {"dtype": "float32"},
-            })
+            edge_section = _edge_section(split_model, edge_files, frozen)
+            manifest = write_manifest(root, _manifest_body(loaded, spec, engine=engine, edge=edge_section,
+                                                           optimizer=optimizer, tokenizer=tokenizer_info,
+                                                           max_length=max_length))
     log(f"wrote {out} ({len(manifest['files'])} files, {_size_mib(out):.1f} MiB)")
     return out
 
@@ -186,6 +158,25 @@ def _edge_section(model: SplitModel, files: dict[str, str], frozen: list[str]) -
         "frozen": frozen,
         "inputs": list(EDGE_INPUTS),
         "dropout": 0,
+    }
+
+
+def _manifest_body(loaded: LoadedEncoder, spec: SplitSpec, *, engine: str, edge: dict, optimizer: dict,
+                   tokenizer: dict, max_length: int) -> dict:
+    """Everything but the format and the file hashes, which ``write_manifest`` adds."""
+    return {
+        "created_by": f"splitft {_version()} sft-export",
+        "base_model": loaded.source,
+        "encoder": loaded.spec.to_dict(),
+        "split": spec.to_dict(),
+        "task": "regression" if spec.num_labels == 1 else "classification",
+        "max_length": max_length,
+        "engine": engine,
+        "edge": edge,
+        "cloud": {"files": {"weights": CLOUD_WEIGHTS}, "dropout": True},
+        "optimizer": optimizer,
+        "tokenizer": tokenizer,
+        "wire": {"dtype": "float32"},
     }
 
 

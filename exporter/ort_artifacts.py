@@ -30,6 +30,7 @@ from onnxruntime.training import artifacts, onnxblock
 from onnxruntime.training.onnxblock.optim.optim import AdamWOptimizer
 
 from exporter.onnx_graph import OUTPUT, trace_edge
+from exporter.progress import timed
 from models import EdgePart
 
 EDGE_DIR = "edge"
@@ -106,8 +107,9 @@ def write_edge_files(
 
     ``out_dir`` is the bundle root; returns role → path relative to it.
     """
-    model = trace_edge(edge, max_length=max_length)
-    log(f"traced the edge graph: {len(model.graph.node)} nodes; "
+    with timed(log, "tracing the edge part (TorchScript exporter, opset 17, training mode)"):
+        model = trace_edge(edge, max_length=max_length)
+    log(f"traced {len(model.graph.node)} nodes; "
         f"{expose_layer_norm_statistics(model)} LayerNorms expose their statistics")
     target = Path(out_dir) / EDGE_DIR
     target.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,7 @@ def write_edge_files(
     unknown = sorted(set(frozen) - set(names))
     if unknown:
         raise ValueError(f"cannot freeze {unknown}: the edge part has no such parameters")
-    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch, timed(log, "generating onnxruntime-training artifacts"):
         with _without_native_info_logs():
             artifacts.generate_artifacts(
                 model,
@@ -129,7 +131,7 @@ def write_edge_files(
                 additional_output_names=[OUTPUT],
             )
         _finish(Path(scratch), target)
-    log(f"built onnxruntime-training artifacts ({len(names) - len(frozen)} trainable, {len(frozen)} frozen tensors)")
+    log(f"{len(names) - len(frozen)} trainable and {len(frozen)} frozen tensors")
     return {role: f"{EDGE_DIR}/{file}" for role, file in ROLES.items()}
 
 
