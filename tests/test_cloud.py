@@ -185,13 +185,11 @@ def rel_err(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float
 
 
 def assert_weights_equal(got: torch.nn.Module, want: torch.nn.Module) -> None:
-    """Per parameter ≤ REL relative; attention key biases absolutely (their gradient is ~0 noise)."""
+    """Every parameter within ``REL`` (both sides run the same torch ops on this CPU: in practice bit-equal,
+    attention key biases included, whose ~1e-6 gradient noise Adam would otherwise amplify)."""
     want_params = dict(want.named_parameters())
     for name, p in got.named_parameters():
-        if name.endswith("attention.key.bias"):
-            assert (p - want_params[name]).abs().max() <= 4 * SCHEDULE.lr, name
-        else:
-            assert rel_err(p.detach(), want_params[name].detach()) <= REL, name
+        assert rel_err(p.detach(), want_params[name].detach()) <= REL, name
 
 
 def cloud_model(server: CloudServer, session_id: str = "device-1") -> torch.nn.Module:
