@@ -27,6 +27,7 @@ from edge_runtime.trainer import (
     batch_plan,
     epoch_order,
     planned_steps,
+    prediction_rows,
     resume_point,
     training_batches,
 )
@@ -231,3 +232,13 @@ def test_help_shows_a_worked_example_without_torch():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--label-threshold" in result.stdout and "sft-edge train --bundle" in result.stdout
+
+
+def test_prediction_rows_name_the_label_and_its_probability():
+    data = TextData(["good", "bad"], ["p1", "p2"], None)
+    logits = np.array([[0.0, np.log(3.0)], [2.0, 2.0 - np.log(4.0)]], dtype=np.float32)
+    rows = prediction_rows(data, logits, LabelMap("classification", ("neg", "pos")))
+    assert [(r["text"], r["text_pair"], r["label"]) for r in rows] == [("good", "p1", "pos"), ("bad", "p2", "neg")]
+    assert [r["score"] for r in rows] == pytest.approx([0.75, 0.8], abs=1e-6)
+    regression = prediction_rows(TextData(["x"], None, None), np.array([[2.5]], dtype=np.float32), LabelMap("regression"))
+    assert regression == [{"text": "x", "label": 2.5, "score": 2.5}]
