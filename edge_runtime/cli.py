@@ -82,11 +82,13 @@ def _positive(text: str) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, type=Path, help="the bundle directory sft-export wrote")
-    parser.add_argument("--cloud", required=True, metavar="URL", help="the sft-cloud server, ws://host:port or wss://…")
+    parser.add_argument("--cloud", required=True, metavar="URL",
+                        help="the sft-cloud server, ws://host:port or wss://…")
     parser.add_argument("--session", help="this training run's name on the cloud (default: 'default', or the run's)")
     parser.add_argument("--token-file", type=Path, help="file holding the session token (default: $SFT_TOKEN)")
     parser.add_argument("--checkpoint-dir", type=Path, help="where checkpoints live (default: runs/<session>)")
-    parser.add_argument("--batch-size", type=_positive, help=f"rows per step (default {DEFAULTS['batch_size']}, or the run's)")
+    parser.add_argument("--batch-size", type=_positive,
+                        help=f"rows per step (default {DEFAULTS['batch_size']}, or the run's)")
     parser.add_argument("--threads", type=_positive, help="CPU threads for the edge engine (default: onnxruntime's)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -127,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default constant)")
     train_cmd.add_argument("--warmup", type=int, help="linear warm-up steps (default 0)")
     train_cmd.add_argument("--seed", type=int, help="data-order seed, also the cloud's dropout seed (default 0)")
-    train_cmd.add_argument("--checkpoint-every", type=_positive, default=200, help="steps between checkpoints (default 200)")
+    train_cmd.add_argument("--checkpoint-every", type=_positive, default=200,
+                           help="steps between checkpoints (default 200)")
     train_cmd.add_argument("--report", type=Path, help="also write a JSON summary (losses, bytes, metrics) here")
 
     eval_cmd = commands.add_parser("eval", help="accuracy/F1/MCC (or Pearson/Spearman) on a labelled local file")

@@ -164,8 +164,12 @@ class CheckpointDir:
 
     @staticmethod
     def read(path: Path) -> Checkpoint:
-        state = json.loads((path / RUN_FILE).read_text())
-        return Checkpoint(path, int(state["step"]), int(state["epoch"]), RunConfig.from_dict(state["config"]))
+        try:
+            state = json.loads((path / RUN_FILE).read_text())
+            return Checkpoint(path, int(state["step"]), int(state["epoch"]), RunConfig.from_dict(state["config"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ResumeError(f"{path / RUN_FILE} is damaged ({type(exc).__name__}: {exc}); "
+                              "delete that checkpoint directory to resume from an older one") from None
 
     def save(self, engine: EdgeEngine, *, step: int, epoch: int, config: RunConfig) -> Checkpoint:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -219,7 +223,7 @@ def resume_point(cloud_step: int, saved: list[Checkpoint]) -> Checkpoint | None:
 
 @dataclass
 class TrainResult:
-    """Per step of this call: step numbers, losses, batch shapes ``(B, L)`` and the (up, down) bytes the transport counted."""
+    """Per step of this call: step number, loss, batch shape ``(B, L)``, (up, down) bytes the transport counted."""
 
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
@@ -278,7 +282,8 @@ async def train(
         for batch in batches:
             expected = (last.step if last else start_step) + 1
             if batch.step != expected:
-                raise ValueError(f"steps must be consecutive from {start_step + 1}: expected {expected}, got {batch.step}")
+                raise ValueError(f"steps must be consecutive from {start_step + 1}: "
+                                 f"expected {expected}, got {batch.step}")
             reply = await split_step(engine=engine, client=client, batch=batch, schedule=schedule)
             last = batch
             result.steps.append(batch.step)
