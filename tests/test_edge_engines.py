@@ -169,5 +169,10 @@ def test_engine_refuses_what_does_not_fit(tiny_bundle):
     for bad in (np.zeros((2, 4, 7), np.float32), np.zeros((2, 4, 8), np.float64)):
         with pytest.raises(ValueError, match="dz must be float32"):
             engine.backward(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        engine.backward(np.full((2, 4, 8), np.nan, np.float32))
     with pytest.raises(ValueError, match="int64"):
         engine.infer(EdgeBatch(*(a.astype(np.int32) for a in batch.feeds().values())))
+    too_far = EdgeBatch(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.position_ids + 200)
+    with pytest.raises(ValueError, match=r"position_ids must lie in 0\.\.127"):
+        engine.infer(too_far)

@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_runtime.engine import EdgeBatch, EdgeEngine
 from edge_runtime.ort_import import onnxruntime, training_api
-from splitwire.bundle import Bundle
+from splitwire.bundle import Bundle, BundleError
 
 CHECKPOINT = "checkpoint"
 STAMP = "engine.json"
@@ -32,6 +32,9 @@ class Engine(EdgeEngine):
         self._bundle = bundle
         self._width = bundle.wire_width
         self._trainable = list(bundle.manifest["edge"]["trainable"])
+        encoder = bundle.encoder
+        self._limits = {"input_ids": encoder["vocab_size"], "attention_mask": 2,
+                        "token_type_ids": encoder["type_vocab_size"], "position_ids": encoder["max_positions"]}
         self._options = onnxruntime().SessionOptions()
         if threads is not None:
             self._options.intra_op_num_threads = threads
@@ -53,7 +56,7 @@ class Engine(EdgeEngine):
         self._optimizer = api.Optimizer(str(self._bundle.edge_file("optimizer_model")), self._module)
         missing = [n for n in self._trainable if n not in self._state.parameters]
         if missing:
-            raise ValueError(f"the edge checkpoint lacks trainable parameters {missing}")
+            raise BundleError(f"{checkpoint} lacks the trainable parameters {missing} that the manifest names")
 
     def forward(self, batch: EdgeBatch) -> np.ndarray:
         z = self.infer(batch)
@@ -61,8 +64,7 @@ class Engine(EdgeEngine):
         return z
 
     def infer(self, batch: EdgeBatch) -> np.ndarray:
-        feeds = _checked_feeds(batch)
-        z = self._module.eval()(*feeds)
+        z = self._module.eval()(*_checked_feeds(batch, self._limits))
         return np.asarray(z, dtype=np.float32)
 
     def backward(self, dz: np.ndarray) -> None:
@@ -72,9 +74,11 @@ class Engine(EdgeEngine):
         if not isinstance(dz, np.ndarray) or dz.dtype != np.float32 or dz.shape != expected:
             shape, dtype = getattr(dz, "shape", None), getattr(dz, "dtype", type(dz).__name__)
             raise ValueError(f"dz must be float32 of shape {expected}, got {dtype} {shape}")
+        if not np.isfinite(dz).all():
+            raise ValueError("dz holds NaN or infinite values")
         self._module.train()
         self._module.lazy_reset_grad()  # gradients replace, never accumulate
-        self._module(*_checked_feeds(self._batch), np.ascontiguousarray(dz))
+        self._module(*_checked_feeds(self._batch, self._limits), np.ascontiguousarray(dz))
         self._has_gradients = True
 
     def optimizer_step(self) -> None:
@@ -110,12 +114,14 @@ class Engine(EdgeEngine):
         self._batch, self._has_gradients = None, False
 
 
-def _checked_feeds(batch: EdgeBatch) -> list[np.ndarray]:
-    """The four ``B×L`` int64 inputs, in graph order, contiguous; anything else is refused."""
+def _checked_feeds(batch: EdgeBatch, limits: dict[str, int]) -> list[np.ndarray]:
+    """The four ``B×L`` int64 inputs, in graph order, contiguous, each within ``0..limit-1``."""
     feeds = batch.feeds()
     shape = batch.shape
     for name, array in feeds.items():
         if not isinstance(array, np.ndarray) or array.dtype != np.int64 or array.ndim != 2 or array.shape != shape:
             raise ValueError(f"{name} must be a 2-D int64 array of shape {shape}, "
                              f"got {getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', None)}")
+        if array.size and (array.min() < 0 or array.max() >= limits[name]):
+            raise ValueError(f"{name} must lie in 0..{limits[name] - 1}, got {array.min()}..{array.max()}")
     return [np.ascontiguousarray(a) for a in feeds.values()]
