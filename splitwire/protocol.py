@@ -164,7 +164,7 @@ def decode(data: bytes | bytearray | memoryview | str) -> Frame:
 
 def _parse_meta(raw: bytes) -> dict[str, Any]:
     try:
-        meta = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        meta = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"metadata is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(meta, dict):
@@ -174,6 +174,13 @@ def _parse_meta(raw: bytes) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in metadata")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:32]} is not a finite number")
+    return value
 
 
 def _tensor_table(table: Any) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
@@ -261,6 +268,8 @@ def field_of(meta: dict[str, Any], key: str, kind: type, *, optional: bool = Fal
         type(value) in (int, float) if kind is float else isinstance(value, kind))
     if not ok:
         raise ProtocolError(f"metadata field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    if type(value) is int and not -2**63 <= value < 2**63:
+        raise ProtocolError(f"metadata field {key!r} is out of the 64-bit range")
     if kind is str and len(value) > 4096:
         raise ProtocolError(f"metadata field {key!r} is too long")
     return float(value) if kind is float else value
@@ -312,7 +321,7 @@ class SessionConfig:
         raw = field_of(meta, "schedule", dict)
         try:
             schedule = Schedule.from_dict(raw)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"bad schedule {str(raw)[:200]}: {exc}") from None
         codec = field_of(meta, "codec", str)
         if codec not in CODECS:

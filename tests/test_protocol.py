@@ -84,6 +84,9 @@ def test_hello_and_welcome_carry_hash_config_and_resume_point():
     assert Hello.from_frame(decode(encode(hello.to_frame()))) == hello
     welcome = Welcome("ab" * 32, CONFIG, 12, 64)
     assert Welcome.from_frame(decode(encode(welcome.to_frame(session=TAG)))) == welcome
+    huge = dataclasses.replace(hello, config=dataclasses.replace(CONFIG, seed=2**70))
+    with pytest.raises(ProtocolError, match="'seed' is out of the 64-bit range"):
+        Hello.from_frame(decode(encode(huge.to_frame())))
     forged = _with_header(encode(hello.to_frame()), session=session_tag("device-2"))
     with pytest.raises(ProtocolError, match="session tag"):
         Hello.from_frame(decode(forged))
@@ -140,6 +143,7 @@ def _raw_frame(meta: object, body: bytes = b"") -> bytes:
         (b"\xff\xfe", "not valid JSON"),
         (b"[1, 2]", "JSON object"),
         (b'{"x": NaN, "tensors": []}', "not valid JSON"),
+        (b'{"x": 1e999, "tensors": []}', "not valid JSON"),
         (b"[" * 5000 + b"]" * 5000, "not valid JSON"),
         ({"shape": [1, 1]}, "tensor table"),
         ({"tensors": [{"name": "z", "dtype": "float64", "shape": [1]}]}, "unknown dtype"),
@@ -220,20 +224,33 @@ def test_random_bytes_are_refused_cleanly(data):
         _read_train(data)
 
 
+def _mutate(data: st.DataObject, frame: bytes) -> bytes:
+    mutated = bytearray(frame)
+    for _ in range(data.draw(st.integers(1, 4))):
+        mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
+    return bytes(mutated[:data.draw(st.integers(0, len(mutated)))])
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_frames_decode_or_are_refused_cleanly(data):
-    frame = bytearray(_train_bytes())
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(frame) - 1))
-        frame[i] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(frame)))
     try:
-        train = _read_train(bytes(frame[:cut]))
+        train = _read_train(_mutate(data, _train_bytes()))
     except ProtocolError:
         return
     assert np.isfinite(train.z).all() and train.z.shape[2] == LIMITS.width
     assert ((train.lengths >= 1) & (train.lengths <= train.z.shape[1])).all()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_hellos_decode_or_are_refused_cleanly(data):
+    hello = encode(Hello("device-1", "ab" * 32, CONFIG, token="secret", resume_from=3).to_frame())
+    try:
+        got = Hello.from_frame(decode(_mutate(data, hello)))
+    except ProtocolError:
+        return
+    assert got.config.schedule.lr > 0 and got.session_id.isprintable()
 
 
 def test_header_layout_is_fixed():
