@@ -17,6 +17,7 @@ from __future__ import annotations
 import ssl as ssl_module
 from dataclasses import dataclass, replace
 from types import TracebackType
+from typing import Callable, TypeVar
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,6 +31,8 @@ from splitwire.protocol import (
     Welcome, WireLimits, decode, encode, session_tag,
 )
 from splitwire.schedule import Schedule
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class CloudClient:
         client = cls(ws, session_id=session_id, config=config, limits=limits)
         try:
             hello = Hello(session_id, bundle.hash, config, token, resume_from)
-            welcome = Welcome.from_frame(await client._exchange(encode(hello.to_frame()), 0))
+            welcome = await client._exchange(encode(hello.to_frame()), 0, Welcome.from_frame)
             if welcome.bundle_hash != bundle.hash:
                 raise BundleMismatch(
                     f"the cloud serves bundle {welcome.bundle_hash[:12]}…, this edge loaded {bundle.hash[:12]}… "
@@ -104,8 +107,11 @@ class CloudClient:
         client._limits = replace(limits, max_batch=min(max_batch, welcome.max_batch))
         return client
 
-    async def _exchange(self, data: bytes, step: int) -> Frame:
-        """Send one frame, receive and check the reply to it; an error frame raises its error."""
+    async def _exchange(self, data: bytes, step: int, read: Callable[[Frame], T]) -> T:
+        """Send one frame and ``read`` the checked reply to it; an error frame raises its error.
+
+        Any error in the reply is fatal to the connection: it is closed before the error is raised.
+        """
         try:
             await self._ws.send(data)
             self.bytes_sent += len(data)
@@ -121,7 +127,7 @@ class CloudClient:
             if reply.session != self._tag or reply.step != step:
                 raise ProtocolError(f"reply for session {reply.session:#x} step {reply.step} to a request for "
                                     f"session {self._tag:#x} step {step}")
-            return reply
+            return read(reply)
         except SplitftError:
             await self._ws.close()
             raise
@@ -134,23 +140,24 @@ class CloudClient:
         """
         data = encode(Train(step, z, lengths, labels).to_frame(session=self._tag, codec=self._activation))
         Train.from_frame(decode(data), limits=self._limits, codec=self._activation)
-        reply = await self._exchange(data, step)
-        gradient = Gradient.from_frame(reply, codec=self._gradient, shape=z.shape, lengths=lengths)
+        gradient, flags = await self._exchange(data, step, lambda reply: (
+            Gradient.from_frame(reply, codec=self._gradient, shape=z.shape, lengths=lengths), reply.flags))
         self.last_step_bytes = self._last
-        return StepReply(step, np.array(gradient.dz), gradient.loss, gradient.metrics, bool(reply.flags & REPLAYED))
+        return StepReply(step, np.array(gradient.dz), gradient.loss, gradient.metrics, bool(flags & REPLAYED))
 
     async def predict(self, z: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Logits float32 ``(B, num_labels)`` for ``z``; nothing is trained, no labels are sent."""
         self._request += 1
         data = encode(Predict(self._request, z, lengths).to_frame(session=self._tag, codec=self._activation))
         Predict.from_frame(decode(data), limits=self._limits, codec=self._activation)
-        reply = await self._exchange(data, self._request)
-        return np.array(Prediction.from_frame(reply, batch=z.shape[0], num_labels=self._limits.num_labels).logits)
+        prediction = await self._exchange(data, self._request, lambda reply: Prediction.from_frame(
+            reply, batch=z.shape[0], num_labels=self._limits.num_labels))
+        return np.array(prediction.logits)
 
     async def checkpoint(self, step: int) -> bool:
         """Ask the cloud to persist the session as it is after ``step``; False if it keeps no state dir."""
-        reply = await self._exchange(encode(Frame(Kind.CHECKPOINT, self._tag, step)), step)
-        return Checkpointed.from_frame(reply).persisted
+        reply = await self._exchange(encode(Frame(Kind.CHECKPOINT, self._tag, step)), step, Checkpointed.from_frame)
+        return reply.persisted
 
     async def close(self) -> None:
         """Say bye and close the connection."""
