@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default constant)")
     train_cmd.add_argument("--warmup", type=int, help="linear warm-up steps (default 0)")
     train_cmd.add_argument("--seed", type=int, help="data-order seed, also the cloud's dropout seed (default 0)")
+    train_cmd.add_argument("--group-by-length", action="store_true", default=None,
+                           help="batch rows of similar length together (seeded): far less padding, so less "
+                                "compute and traffic per epoch")
     train_cmd.add_argument("--checkpoint-every", type=_positive, default=200,
                            help="steps between checkpoints (default 200)")
     train_cmd.add_argument("--report", type=Path, help="also write a JSON summary (losses, bytes, metrics) here")
@@ -182,6 +185,7 @@ def run_config(args: argparse.Namespace, *, bundle: Bundle, table_columns: Colum
         max_steps=max_steps,
         holdout=holdout,
         schedule=schedule.to_dict(),
+        group_by_length=_pick(args.group_by_length, old.get("group_by_length"), False),
     )
 
 
@@ -259,7 +263,8 @@ async def train_command(args: argparse.Namespace) -> dict[str, Any]:
         start = resume_point(client.resume_step, saved)
         start_step = _restore(engine, start)
         batches = training_batches(train_data, tokenizer, batch_size=config.batch_size, epochs=config.epochs,
-                                   seed=config.seed, max_steps=config.max_steps, after_step=start_step)
+                                   seed=config.seed, max_steps=config.max_steps, after_step=start_step,
+                                   group_by_length=config.group_by_length)
         result = await train(engine=engine, client=client, batches=batches, schedule=schedule,
                              total_steps=schedule.total_steps, start_step=start_step,
                              checkpointing=Checkpointing(directory, config, args.checkpoint_every),

@@ -27,8 +27,12 @@ class EdgeTokenizer:
         if pad_token is None:
             raise BundleError(f"{path}: the tokenizer has no token with the pad id {pad_id}")
         self.max_length = max_length
+        self.pad_id, self.pad_token = pad_id, pad_token
         self.tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
-        self.tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_type_id=0, pad_token=pad_token,
+        self._pad()
+
+    def _pad(self) -> None:
+        self.tokenizer.enable_padding(direction="right", pad_id=self.pad_id, pad_type_id=0, pad_token=self.pad_token,
                                       length=None)
 
     @classmethod
@@ -52,3 +56,12 @@ class EdgeTokenizer:
         position_ids = np.broadcast_to(np.arange(length, dtype=np.int64), (b, length)).copy()
         lengths = attention_mask.sum(axis=1).astype(np.int32)
         return EdgeBatch(input_ids, attention_mask, token_type_ids, position_ids), lengths
+
+    def lengths(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
+        """Real tokens per row (after truncation), without building padded batches."""
+        inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+        self.tokenizer.no_padding()
+        try:
+            return np.array([len(e.ids) for e in self.tokenizer.encode_batch(inputs)], dtype=np.int64)
+        finally:
+            self._pad()

@@ -58,21 +58,51 @@ def planned_steps(num_examples: int, *, batch_size: int, epochs: int, max_steps:
     return total if max_steps is None else min(total, max_steps)
 
 
+# Batches per length group: rows are sorted by length inside groups of this many batches.
+LENGTH_GROUP_BATCHES = 50
+
+
+def epoch_batches(num_examples: int, *, batch_size: int, seed: int, epoch: int,
+                  lengths: np.ndarray | None = None) -> list[np.ndarray]:
+    """The index batches of one epoch, in the order they are trained.
+
+    With ``lengths`` (tokens per example), rows are grouped by length: the epoch's
+    permutation is cut into groups of ``LENGTH_GROUP_BATCHES`` batches, each group sorted
+    by length and cut into batches, and the batches shuffled. Every row is still seen once
+    an epoch, in as many steps, with far less padding (half the compute and traffic on the
+    movie-review snippets).
+    """
+    order = epoch_order(num_examples, seed=seed, epoch=epoch)
+    if lengths is None:
+        return [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+    group = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, num_examples, group):
+        chunk = order[start:start + group]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return [batches[i] for i in shuffle]
+
+
 def batch_plan(
-    num_examples: int, *, batch_size: int, epochs: int, seed: int, max_steps: int | None = None
+    num_examples: int, *, batch_size: int, epochs: int, seed: int, max_steps: int | None = None,
+    lengths: np.ndarray | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """``(epoch, step, indices)`` for every step; steps are 1-based, the last batch of an epoch may be short."""
+    """``(epoch, step, indices)`` for every step; steps are 1-based, an epoch's last batch may be short.
+
+    ``lengths`` groups rows of similar length into batches (see ``epoch_batches``).
+    """
     if num_examples < 1 or batch_size < 1 or epochs < 1:
         raise ValueError(f"nothing to train: {num_examples} examples, batch size {batch_size}, {epochs} epochs")
     total = planned_steps(num_examples, batch_size=batch_size, epochs=epochs, max_steps=max_steps)
     step = 0
     for epoch in range(epochs):
-        order = epoch_order(num_examples, seed=seed, epoch=epoch)
-        for start in range(0, num_examples, batch_size):
+        for indices in epoch_batches(num_examples, batch_size=batch_size, seed=seed, epoch=epoch, lengths=lengths):
             step += 1
             if step > total:
                 return
-            yield epoch, step, order[start:start + batch_size]
+            yield epoch, step, indices
 
 
 @dataclass(frozen=True)
@@ -95,12 +125,14 @@ def training_batches(
     seed: int,
     max_steps: int | None = None,
     after_step: int = 0,
+    group_by_length: bool = False,
 ) -> Iterator[TrainBatch]:
     """The tokenized batches of ``batch_plan``, starting after step ``after_step`` (a resume)."""
     if data.labels is None:
         raise ValueError("training needs labelled data")
+    lengths = tokenizer.lengths(data.texts, data.pairs) if group_by_length else None
     for epoch, step, indices in batch_plan(len(data), batch_size=batch_size, epochs=epochs, seed=seed,
-                                           max_steps=max_steps):
+                                           max_steps=max_steps, lengths=lengths):
         if step <= after_step:
             continue
         part = data.subset(indices)
@@ -126,6 +158,7 @@ class RunConfig:
     max_steps: int | None
     holdout: float | None
     schedule: dict[str, Any]
+    group_by_length: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":

@@ -51,6 +51,27 @@ def test_the_batch_plan_visits_every_row_once_per_epoch_in_a_seeded_order():
     assert planned_steps(10, batch_size=4, epochs=3) == 9 and planned_steps(10, batch_size=4, epochs=3, max_steps=4) == 4
 
 
+def test_grouping_by_length_keeps_every_row_once_and_cuts_padding():
+    lengths = np.random.default_rng(0).integers(3, 60, size=1000)
+    plain = list(batch_plan(1000, batch_size=8, epochs=2, seed=3))
+    grouped = list(batch_plan(1000, batch_size=8, epochs=2, seed=3, lengths=lengths))
+    assert [s for _, s, _ in grouped] == [s for _, s, _ in plain]
+    for epoch in range(2):
+        rows = np.concatenate([idx for e, _, idx in grouped if e == epoch])
+        assert sorted(rows.tolist()) == list(range(1000))
+
+    def padded(plan):
+        return sum(lengths[idx].max() * len(idx) for _, _, idx in plan)
+
+    assert padded(grouped) < 0.7 * padded(plain)
+    again = list(batch_plan(1000, batch_size=8, epochs=2, seed=3, lengths=lengths))
+    assert all(np.array_equal(a[2], b[2]) for a, b in zip(grouped, again))
+    data = TextData(["short", "a much longer text than the other one here"], None, np.array([0, 1]))
+    tokenizer = EdgeTokenizer(minilm_path() / "tokenizer.json", max_length=8, pad_id=0)
+    assert tokenizer.lengths(data.texts).tolist() == [3, 8]
+    assert tokenizer.encode(data.texts)[0].input_ids.shape == (2, 8)  # padding is back on after lengths()
+
+
 def test_resumed_batches_are_the_batches_of_the_full_run():
     data = TextData([f"text number {i}" for i in range(9)], None, np.arange(9, dtype=np.int64) % 2)
     tokenizer = EdgeTokenizer(minilm_path() / "tokenizer.json", max_length=16, pad_id=0)
