@@ -1,0 +1,203 @@
+"""The portable ``onnx`` edge engine: ahead-of-time forward and backward graphs on plain onnxruntime.
+
+Why it exists: onnxruntime-training is deprecated and x86_64/Python ≤ 3.11 only, and its
+step runs the forward twice. This engine needs only ``onnxruntime`` (any maintained
+release, aarch64 included), numpy and ``safetensors``: no torch, no onnxruntime-training.
+``sft-export --engine onnx`` (``exporter.aot_graphs``) writes two graphs whose parameters
+are inputs; a step is
+
+- ``forward``: ``edge/forward.onnx`` → ``z``, keeping the saved activations as onnxruntime
+  values (never copied to numpy);
+- ``backward(dz)``: ``edge/backward.onnx`` (saved activations + ``dz``) → the gradients,
+  written by onnxruntime straight into one flat gradient buffer;
+- ``optimizer_step``: numpy AdamW (``edge_runtime.adamw``) in place on one flat parameter
+  buffer whose views onnxruntime reads without copying.
+
+No forward is recomputed. Both graphs have symbolic batch and length, so every batch runs
+at its own shape (no buckets, no padding beyond the batch's longest row).
+Sessions run with the CPU memory arena off: the forward's saved activations are freed
+after each backward instead of being kept in a growing arena (lower peak RSS, measured in
+``benchmarks/edge_engines.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import ClassVar, Mapping
+
+import numpy as np
+from safetensors import safe_open
+
+from edge_runtime.adamw import AdamW, FlatParameters
+from edge_runtime.engine import EdgeBatch, EdgeEngine
+from edge_runtime.engines.ort_training import _checked_feeds
+from edge_runtime.ort_import import onnxruntime
+from splitwire.bundle import Bundle, BundleError
+
+FORWARD_ROLE, BACKWARD_ROLE, WEIGHTS_ROLE = "forward", "backward", "weights"
+Z, DZ, SAVED, GRAD = "z", "dz", "saved.", "grad."  # graph value names; gradients are "grad.<parameter>"
+STATE = "edge_state.safetensors"
+
+
+class AotGraphs:
+    """The two sessions, fed by value name. Knows nothing of optimizers or bundles."""
+
+    def __init__(self, forward: Path, backward: Path, *, threads: int | None) -> None:
+        ort = onnxruntime()
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        self._ort = ort
+        self._forward = ort.InferenceSession(str(forward), options, providers=providers)
+        self._backward = ort.InferenceSession(str(backward), options, providers=providers)
+        self.forward_inputs = [i.name for i in self._forward.get_inputs()]
+        self.saved = [o.name for o in self._forward.get_outputs() if o.name != Z]
+        self.backward_inputs = [i.name for i in self._backward.get_inputs()]
+        outputs = [o.name for o in self._backward.get_outputs()]
+        if not all(name.startswith(GRAD) for name in outputs) or Z not in [o.name for o in self._forward.get_outputs()]:
+            raise BundleError(f"{forward.name}/{backward.name} are not forward/backward graphs of this engine")
+        self.gradients = [name[len(GRAD):] for name in outputs]
+        self._kept: dict[str, object] = {}
+
+    def forward(self, values: Mapping[str, np.ndarray], *, keep: bool) -> np.ndarray:
+        """``z``; with ``keep`` its saved activations replace the kept ones for ``backward``, else nothing changes."""
+        binding = self._forward.io_binding()
+        for name in self.forward_inputs:
+            binding.bind_ortvalue_input(name, self._value(values[name]))
+        outputs = [Z, *self.saved] if keep else [Z]
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        if keep:
+            self._kept = {}  # the previous step's activations go before this step's arrive
+        self._forward.run_with_iobinding(binding)
+        results = dict(zip(outputs, binding.get_outputs()))
+        if keep:
+            self._kept = {name: results[name] for name in self.saved}
+        return results[Z].numpy()
+
+    def backward(self, values: Mapping[str, np.ndarray], dz: np.ndarray, gradients: Mapping[str, np.ndarray]) -> None:
+        """Write ``dL/d(parameter)`` into ``gradients[parameter]`` (float32, C-contiguous, right shape)."""
+        if not self._kept:
+            raise RuntimeError("backward() needs a forward() first")
+        binding = self._backward.io_binding()
+        for name in self.backward_inputs:
+            kept = name in self._kept
+            binding.bind_ortvalue_input(name, self._kept[name] if kept else self._value(dz if name == DZ else values[name]))
+        for name in self.gradients:
+            out = gradients[name]
+            binding.bind_output(GRAD + name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        self._backward.run_with_iobinding(binding)
+
+    def _value(self, array: np.ndarray):
+        """An onnxruntime value over ``array``'s memory (no copy)."""
+        return self._ort.OrtValue.ortvalue_from_numpy(array)
+
+
+class Engine(EdgeEngine):
+    name: ClassVar[str] = "onnx"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
+        self._bundle = bundle
+        self._width = bundle.wire_width
+        encoder = bundle.encoder
+        self._limits = {"input_ids": encoder["vocab_size"], "attention_mask": 2,
+                        "token_type_ids": encoder["type_vocab_size"], "position_ids": encoder["max_positions"]}
+        self._graphs = AotGraphs(bundle.edge_file(FORWARD_ROLE), bundle.edge_file(BACKWARD_ROLE), threads=threads)
+        weights = _read_weights(bundle.edge_file(WEIGHTS_ROLE))
+        frozen = set(bundle.manifest["edge"]["frozen"])
+        _check_layout(self._graphs, weights, frozen)
+        self._params = FlatParameters({n: w for n, w in weights.items() if n not in frozen})
+        self._frozen = {n: w for n, w in weights.items() if n in frozen}
+        self._grad_buffer = np.zeros_like(self._params.buffer)
+        self._grads = self._params.split(self._grad_buffer)
+        settings = bundle.manifest["optimizer"]
+        if settings.get("name") != "adamw":
+            raise BundleError(f"the onnx engine runs AdamW, the bundle asks for {settings.get('name')!r}")
+        self._adamw = AdamW(self._params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
+                            weight_decay=settings["weight_decay"])
+        self._batch: dict[str, np.ndarray] | None = None
+        self._has_gradients = False
+
+    def forward(self, batch: EdgeBatch) -> np.ndarray:
+        feeds = self._feeds(batch)
+        z = self._graphs.forward(self._values(feeds), keep=True)
+        self._batch = feeds
+        return z
+
+    def infer(self, batch: EdgeBatch) -> np.ndarray:
+        return self._graphs.forward(self._values(self._feeds(batch)), keep=False)
+
+    def backward(self, dz: np.ndarray) -> None:
+        if self._batch is None:
+            raise RuntimeError("backward() needs a forward() first")
+        expected = (*self._batch["input_ids"].shape, self._width)
+        if not isinstance(dz, np.ndarray) or dz.dtype != np.float32 or dz.shape != expected:
+            shape, dtype = getattr(dz, "shape", None), getattr(dz, "dtype", type(dz).__name__)
+            raise ValueError(f"dz must be float32 of shape {expected}, got {dtype} {shape}")
+        if not np.isfinite(dz).all():
+            raise ValueError("dz holds NaN or infinite values")
+        self._graphs.backward(self._values(self._batch), np.ascontiguousarray(dz), self._grads)
+        self._has_gradients = True
+
+    def optimizer_step(self) -> None:
+        if not self._has_gradients:
+            raise RuntimeError("optimizer_step() needs a backward() first")
+        self._adamw.step(self._grad_buffer)
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        if not self._has_gradients:
+            raise RuntimeError("no gradients yet: call backward() first")
+        return {n: g.copy() for n, g in self._grads.items()}
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {n: p.copy() for n, p in self._params.views.items()}
+
+    def set_learning_rate(self, lr: float) -> None:
+        self._adamw.lr = float(lr)
+
+    def save(self, directory: Path) -> None:
+        self._adamw.save(Path(directory) / STATE, metadata=self._stamp())
+
+    def restore(self, directory: Path) -> None:
+        path = Path(directory) / STATE
+        if not path.is_file():
+            raise ValueError(f"{directory} holds no {self.name} engine checkpoint ({STATE} is missing)")
+        self._adamw.restore(path, metadata=self._stamp())
+        self._batch, self._has_gradients = None, False
+
+    def _feeds(self, batch: EdgeBatch) -> dict[str, np.ndarray]:
+        """The batch's four inputs by name: 2-D int64 of one shape, in range, contiguous."""
+        return dict(zip(batch.feeds(), _checked_feeds(batch, self._limits)))
+
+    def _stamp(self) -> dict[str, str]:
+        return {"engine": self.name, "bundle": self._bundle.hash}
+
+    def _values(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**self._params.views, **self._frozen, **feeds}
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    with safe_open(str(path), framework="np") as f:
+        weights = {name: f.get_tensor(name) for name in f.keys()}
+    bad = [n for n, w in weights.items() if w.dtype != np.float32]
+    if bad:
+        raise BundleError(f"{path}: edge weights must be float32, {bad} are not")
+    return weights
+
+
+def _check_layout(graphs: AotGraphs, weights: dict[str, np.ndarray], frozen: set[str]) -> None:
+    """The graphs' parameter inputs are the weights file's tensors; gradients exist for exactly the trainable ones."""
+    parameters = set(graphs.forward_inputs) - {f.name for f in fields(EdgeBatch)}
+    trainable = set(weights) - frozen
+    if parameters != set(weights) or set(graphs.gradients) != trainable or not frozen <= set(weights):
+        raise BundleError(
+            "the onnx graphs do not fit the bundle's weights: graph parameters "
+            f"{sorted(parameters ^ set(weights))[:5]} differ, gradients {sorted(set(graphs.gradients) ^ trainable)[:5]} "
+            "differ from the trainable parameters"
+        )
+
+

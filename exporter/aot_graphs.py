@@ -1,0 +1,305 @@
+"""Build the portable ``onnx`` engine's edge files: ahead-of-time forward and backward graphs.
+
+Why it exists: onnxruntime-training is deprecated (no aarch64 or Python ≥ 3.12 wheels) and
+cannot back-propagate an upstream gradient, so its step recomputes the forward. Plain,
+maintained onnxruntime runs a training step if the edge part's forward and backward are
+two ordinary ONNX graphs (issue 7):
+
+- ``edge/forward.onnx``: parameters + ``EDGE_INPUTS`` → ``z`` and the activations the
+  backward needs (``saved.N``);
+- ``edge/backward.onnx``: those activations, the parameters and inputs the backward
+  reads, and ``dz`` (``dL/dz``) → ``grad.<name>`` for every trainable parameter (a frozen
+  parameter gets no gradient and none of its work is in the graph).
+
+How: AOTAutograd traces the joint forward+backward of ``EdgePart`` once (through
+``torch.compile`` with a backend that only captures) and the min-cut rematerialisation
+partitioner splits it into the two FX graphs; each is exported by
+``torch.onnx.export(dynamo=True)``. Parameters are graph inputs, not initializers, so the
+files are small (hundreds of KiB at bert-base) and the engine owns the weights as numpy.
+
+Shapes: captured symbolically, not in buckets. The trace runs with a symbolic batch ``B``
+and length ``L`` (``dynamic=True``), so one pair of graphs serves every ``B×L`` up to the
+model's positions: no padding compute, no per-shape files. The sizes that the two FX
+graphs pass between them (``B``, ``B·L``, ``heads·B``) are recomputed inside each ONNX
+graph from its tensor inputs' shapes (``attention_mask`` forward, ``dz`` backward), so
+both graphs take tensors only. Because a shape-specialised export could be silently
+wrong, the export runs both graphs with onnxruntime at a second shape (``max_length``,
+with padding) and compares ``z`` and every gradient with PyTorch autograd.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import sympy
+import torch
+from torch import fx, nn
+
+from edge_runtime.engines.onnx_engine import BACKWARD_ROLE, DZ, FORWARD_ROLE, GRAD, SAVED, Z, AotGraphs
+from models import EDGE_INPUTS, EdgePart
+
+FILES = {FORWARD_ROLE: "edge/forward.onnx", BACKWARD_ROLE: "edge/backward.onnx"}
+OPSET = 18
+CAPTURE_SHAPE = (2, 3)  # B ≠ L, both > 1: sizes 0 and 1 would be specialised, equal sizes merged
+CHECK_ROWS = 3
+CHECK_TOLERANCE = 1e-3  # gross-error check: max |ort − torch| ≤ tol · max |torch| (+ tol · gradient scale)
+
+Log = Callable[[str], None]
+
+
+def write_edge_files(
+    edge: EdgePart, *, out_dir: Path, frozen: list[str], optimizer: dict, max_length: int, log: Log
+) -> dict[str, str]:
+    """Write ``edge/forward.onnx`` and ``edge/backward.onnx`` under ``out_dir``; return role → relative path.
+
+    ``optimizer`` is accepted for the builders' common signature: this engine's AdamW runs in
+    numpy on the device and reads its settings from the manifest.
+    """
+    del optimizer
+    capture = capture_graphs(edge, frozen=frozen)
+    log(f"captured forward ({len(capture.forward.graph.nodes)} nodes) and backward "
+        f"({len(capture.backward.graph.nodes)} nodes) with symbolic batch and length")
+    (out_dir / "edge").mkdir(parents=True, exist_ok=True)
+    forward_values = _export_forward(capture, out_dir / FILES[FORWARD_ROLE])
+    _export_backward(capture, forward_values, out_dir / FILES[BACKWARD_ROLE])
+    error = check_graphs(capture.edge, out_dir, length=max_length)
+    log(f"onnx graphs match torch at batch {CHECK_ROWS} × length {max_length} (max relative error {error:.1e})")
+    return dict(FILES)
+
+
+@dataclass
+class Capture:
+    """The partitioned AOT graphs of one ``EdgePart`` and what their placeholders are."""
+
+    edge: EdgePart  # the traced copy, frozen parameters with requires_grad=False
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    forward_args: list  # fake tensors and SymInts, one per forward placeholder
+    backward_args: list
+    primals: list[str | None]  # forward placeholder → parameter or input name (None: a size)
+    example: dict[str, torch.Tensor]  # the EDGE_INPUTS it was traced with
+    batch: sympy.Symbol
+    length: sympy.Symbol
+
+
+def capture_graphs(edge: EdgePart, *, frozen: list[str]) -> Capture:
+    """Trace ``edge``'s forward and backward with AOTAutograd at symbolic ``B×L``."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    edge = _trainable_copy(edge, frozen)
+    example = example_inputs(edge, *CAPTURE_SHAPE)
+    graphs: dict[str, tuple[fx.GraphModule, list]] = {}
+
+    def keep(role: str):
+        def compiler(gm: fx.GraphModule, args: list):
+            graphs[role] = gm, list(args)
+            return make_boxed_func(gm)
+        return compiler
+
+    autograd = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                            partition_fn=min_cut_rematerialization_partition)
+    sources: list = []
+
+    def backend(gm: fx.GraphModule, args: list):  # the last call's graph is the one that runs
+        sources[:] = [n.meta["grapharg"].example for n in gm.graph.nodes if n.op == "placeholder"]
+        return autograd(gm, args)
+
+    torch._dynamo.reset()  # a fresh trace: no cached graph of another EdgePart, no recompile limit
+    # Float attributes (LayerNorm eps) stay constants: made symbolic, they force a second trace.
+    with torch._dynamo.config.patch(specialize_float=True):
+        compiled = torch.compile(edge, backend=backend, dynamic=True, fullgraph=True)
+        compiled(*example.values()).sum().backward()
+    torch._dynamo.reset()
+    edge.zero_grad(set_to_none=True)
+    names = {id(t): n for n, t in (*edge.named_parameters(), *example.items())}
+    primals = [names.get(id(s)) for s in sources]
+    (forward, forward_args), (backward, backward_args) = graphs["forward"], graphs["backward"]
+    if len(primals) != len(forward_args) or set(names.values()) - set(primals):
+        raise RuntimeError("cannot name the forward graph's inputs: the trace lifted parameters differently")
+    batch, length = _symbols(forward_args[primals.index("attention_mask")])
+    return Capture(edge, forward, backward, forward_args, backward_args, primals, example, batch, length)
+
+
+def _trainable_copy(edge: EdgePart, frozen: list[str]) -> EdgePart:
+    if any(getattr(m, p, 0.0) > 0.0 for m in edge.modules() for p in ("p_drop", "p_drop_probs")):
+        raise ValueError("the edge part must have no dropout: its graphs are captured once, without randomness")
+    edge = copy.deepcopy(edge).train()
+    params = dict(edge.named_parameters())
+    unknown = sorted(set(frozen) - set(params))
+    if unknown:
+        raise ValueError(f"frozen parameters {unknown} are not parameters of the edge part")
+    for name, p in params.items():
+        p.requires_grad_(name not in frozen)
+    return edge
+
+
+def example_inputs(edge: EdgePart, batch: int, length: int) -> dict[str, torch.Tensor]:
+    """``EDGE_INPUTS`` of ``batch × length`` with the last row half padding (pad id, mask 0)."""
+    embeddings = edge.embeddings
+    generator = torch.Generator().manual_seed(batch * 1000 + length)
+    ids = torch.randint(1, embeddings.word.num_embeddings, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, max(1, length // 2):] = 0
+    token_types = torch.randint(0, embeddings.token_type.num_embeddings, (batch, length), generator=generator)
+    values = (
+        torch.where(mask == 1, ids, embeddings.word.padding_idx or 0),
+        mask,
+        token_types * mask,
+        torch.arange(length).expand(batch, length).contiguous(),
+    )
+    return dict(zip(EDGE_INPUTS, values))
+
+
+def _symbols(mask: torch.Tensor) -> tuple[sympy.Symbol, sympy.Symbol]:
+    dims = [d.node.expr if isinstance(d, torch.SymInt) else d for d in mask.shape]
+    if not all(isinstance(d, sympy.Symbol) for d in dims) or dims[0] == dims[1]:
+        raise RuntimeError(f"the trace specialised the batch or length (attention_mask is {dims}); "
+                           "the graphs would not serve other shapes")
+    return dims[0], dims[1]
+
+
+class SizedGraph(nn.Module):
+    """An AOT graph called with tensors only; its size arguments come from one input's first two dims."""
+
+    def __init__(self, graph: fx.GraphModule, plan: list[int | sympy.Expr], outputs: list[int],
+                 sizes_from: int, symbols: tuple[sympy.Symbol, sympy.Symbol]) -> None:
+        super().__init__()
+        self.graph, self.plan, self.outputs, self.sizes_from, self.symbols = graph, plan, outputs, sizes_from, symbols
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shape = tensors[self.sizes_from].shape
+        sizes = {self.symbols[0]: shape[0], self.symbols[1]: shape[1]}
+        args = [tensors[a] if isinstance(a, int) else _evaluate(a, sizes) for a in self.plan]
+        results = self.graph(*args)
+        return tuple(results[i] for i in self.outputs)
+
+
+def _evaluate(expr: sympy.Expr, sizes: dict[sympy.Symbol, int]):
+    """A size expression (sums and products of ``B``, ``L`` and integers) on traced sizes."""
+    if expr.is_Symbol:
+        return sizes[expr]
+    if expr.is_Integer:
+        return int(expr)
+    if expr.is_Add or expr.is_Mul:
+        terms = [_evaluate(a, sizes) for a in expr.args]
+        result = terms[0]
+        for term in terms[1:]:
+            result = result + term if expr.is_Add else result * term
+        return result
+    raise NotImplementedError(f"size expression {expr} in the edge graphs")
+
+
+def _plan(args: list, names: list[str | None]) -> tuple[list[int | sympy.Expr], list[str], list]:
+    """Placeholder → tensor-input index or size expression; the tensor inputs' names and fake values."""
+    plan, inputs, fakes = [], [], []
+    for arg, name in zip(args, names):
+        if isinstance(arg, torch.SymInt):
+            plan.append(arg.node.expr)
+        else:
+            plan.append(len(inputs))
+            inputs.append(name)
+            fakes.append(arg)
+    return plan, inputs, fakes
+
+
+def _export_forward(capture: Capture, path: Path) -> dict[str, torch.Tensor]:
+    """Export the forward graph; return the values it computes at the capture shape, by ONNX name."""
+    plan, inputs, fakes = _plan(capture.forward_args, capture.primals)
+    outputs, names = [], []
+    for i, name in enumerate(_forward_output_names(capture)):
+        if name is not None and name not in names and name not in inputs:
+            outputs.append(i)
+            names.append(name)
+    module = SizedGraph(capture.forward, plan, outputs, inputs.index("attention_mask"), (capture.batch, capture.length))
+    values = _known_values(capture)
+    args = tuple(values[n] for n in inputs)
+    _export(module, args, fakes, inputs, names, path)
+    with torch.no_grad():
+        return values | dict(zip(names, module(*args)))
+
+
+def _forward_output_names(capture: Capture) -> list[str | None]:
+    """ONNX name of each forward output: ``z``, a parameter or input passed through, ``saved.N``, or None (a size)."""
+    placeholders = [n for n in capture.forward.graph.nodes if n.op == "placeholder"]
+    nodes = capture.forward.graph.output_node().args[0]
+    names: list[str | None] = [Z]
+    for i, node in enumerate(nodes[1:], 1):
+        if isinstance(node.meta.get("val"), torch.SymInt):
+            names.append(None)
+        elif node is nodes[0]:
+            names.append(Z)
+        elif node.op == "placeholder":
+            names.append(capture.primals[placeholders.index(node)])
+        else:
+            names.append(f"{SAVED}{i}")
+    return names
+
+
+def _export_backward(capture: Capture, values: dict[str, torch.Tensor], path: Path) -> None:
+    forward_nodes = capture.forward.graph.output_node().args[0]
+    by_node = dict(zip((n.name for n in forward_nodes), _forward_output_names(capture)))
+    placeholders = [n.name for n in capture.backward.graph.nodes if n.op == "placeholder"]
+    names = [by_node.get(p, DZ if p.startswith("tangents") else None) for p in placeholders]
+    unknown = [p for p, n, a in zip(placeholders, names, capture.backward_args) if n is None and not isinstance(a, torch.SymInt)]
+    if unknown or names.count(DZ) != 1:
+        raise RuntimeError(f"cannot match the backward graph's inputs {unknown or placeholders} to forward outputs")
+    plan, inputs, fakes = _plan(capture.backward_args, names)
+    gradients = capture.backward.graph.output_node().args[0]
+    outputs = [i for i, g in enumerate(gradients) if g is not None]
+    grad_names = [f"{GRAD}{capture.primals[i]}" for i in outputs]
+    trainable = [f"{GRAD}{n}" for n, p in capture.edge.named_parameters() if p.requires_grad]
+    if sorted(grad_names) != sorted(trainable):
+        raise RuntimeError(f"the backward graph computes {grad_names}, expected {trainable}")
+    module = SizedGraph(capture.backward, plan, outputs, inputs.index(DZ), (capture.batch, capture.length))
+    dz = torch.randn(*values[Z].shape, generator=torch.Generator().manual_seed(0))
+    _export(module, tuple((values | {DZ: dz})[n] for n in inputs), fakes, inputs, grad_names, path)
+
+
+def _known_values(capture: Capture) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in capture.edge.named_parameters()} | capture.example
+
+
+def _export(module: nn.Module, args: tuple, fakes: list, inputs: list[str], outputs: list[str], path: Path) -> None:
+    """``torch.onnx.export`` (dynamo) with every traced-symbolic dimension left dynamic; checks the names."""
+    dynamic = tuple({d: torch.export.Dim.AUTO for d, s in enumerate(f.shape) if isinstance(s, torch.SymInt)} or None
+                    for f in fakes)
+    program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=inputs,
+                                output_names=outputs, dynamic_shapes=(dynamic,), verbose=False, optimize=False)
+    model = program.model_proto
+    got = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+    if got != (inputs, outputs):
+        raise RuntimeError(f"{path.name}: the exported graph's inputs/outputs are {got}, expected {(inputs, outputs)}")
+    onnx.save(model, str(path))
+
+
+def check_graphs(edge: EdgePart, out_dir: Path, *, length: int) -> float:
+    """Run both graphs with onnxruntime at ``CHECK_ROWS × length``; return the largest relative error vs torch."""
+    example = example_inputs(edge, CHECK_ROWS, length)
+    z = edge(*example.values())
+    dz = torch.randn(z.shape, generator=torch.Generator().manual_seed(1)) * example["attention_mask"][..., None]
+    (z * dz).sum().backward()
+    want = {n: p.grad.numpy() for n, p in edge.named_parameters() if p.requires_grad}
+    edge.zero_grad(set_to_none=True)
+    params = {n: p.detach().numpy() for n, p in edge.named_parameters()}
+    graphs = AotGraphs(out_dir / FILES[FORWARD_ROLE], out_dir / FILES[BACKWARD_ROLE], threads=1)
+    batch = {n: t.numpy() for n, t in example.items()}
+    got_z = graphs.forward(params | batch, keep=True)
+    got = {n: np.zeros_like(w) for n, w in want.items()}
+    graphs.backward(params | batch, dz.numpy(), got)
+    scale = max(float(np.abs(w).max()) for w in want.values())
+    errors = [_relative(got_z, z.detach().numpy(), 0.0)] + [_relative(got[n], w, scale) for n, w in want.items()]
+    if max(errors) > CHECK_TOLERANCE:
+        raise RuntimeError(f"the exported onnx graphs disagree with torch at batch {CHECK_ROWS} × length {length} "
+                           f"(relative error {max(errors):.1e}); the export is wrong for this model")
+    return max(errors)
+
+
+def _relative(got: np.ndarray, want: np.ndarray, scale: float) -> float:
+    """max |got − want| / max |want|, floored at ``CHECK_TOLERANCE·scale`` for tensors that are zero in theory."""
+    return float(np.abs(got - want).max()) / max(float(np.abs(want).max()), CHECK_TOLERANCE * scale, 1e-30)
