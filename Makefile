@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m exporter.demo
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) runs bundles

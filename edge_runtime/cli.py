@@ -308,6 +308,7 @@ def _train_summary(result: TrainResult, *, start_step: int, total: int, client: 
         "total_steps": total,
         "seconds": round(result.seconds, 3),
         "losses": result.losses,
+        "step_bytes": [list(pair) for pair in result.step_bytes],
         "bytes_sent": client.bytes_sent,
         "bytes_received": client.bytes_received,
     }
