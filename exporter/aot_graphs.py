@@ -12,39 +12,44 @@ two ordinary ONNX graphs (issue 7):
   parameter gets no gradient and none of its work is in the graph).
 
 How: AOTAutograd traces the joint forward+backward of ``EdgePart`` once (through
-``torch.compile`` with a backend that only captures) and the min-cut rematerialisation
-partitioner splits it into the two FX graphs; each is exported by
-``torch.onnx.export(dynamo=True)``. Parameters are graph inputs, not initializers, so the
-files are small (hundreds of KiB at bert-base) and the engine owns the weights as numpy.
+``torch.compile`` with a backend that only captures), decomposing to the ATen operators
+that torch.onnx's function library implements, and the min-cut rematerialisation
+partitioner splits it into the two FX graphs. Each FX graph is translated to ONNX as it
+is, by torch.onnx's own translator (``torch.onnx._internal``, torch 2.13): going through
+``torch.onnx.export`` instead would re-trace each graph twice more (``torch.export`` and
+its decompositions), tripling the export time, for the same ONNX graph. Parameters are
+graph inputs, not initializers, so the files are small and the engine owns the weights.
 
 Shapes: captured symbolically, not in buckets. The trace runs with a symbolic batch ``B``
 and length ``L`` (``dynamic=True``), so one pair of graphs serves every ``B×L`` up to the
 model's positions: no padding compute, no per-shape files. The sizes that the two FX
-graphs pass between them (``B``, ``B·L``, ``heads·B``) are recomputed inside each ONNX
-graph from its tensor inputs' shapes (``attention_mask`` forward, ``dz`` backward), so
-both graphs take tensors only. Because a shape-specialised export could be silently
-wrong, the export runs both graphs with onnxruntime at a second shape (``max_length``,
-with padding) and compares ``z`` and every gradient with PyTorch autograd.
+graphs pass between them (``B``, ``B·L``, ``heads·B``) become size computations on a
+tensor input (``attention_mask`` forward, ``dz`` backward), so both ONNX graphs take
+tensors only. Because a shape-specialised graph would be silently wrong at other shapes,
+the export runs both graphs with onnxruntime at a second shape (``max_length``, with
+padding) and compares ``z`` and every gradient with PyTorch autograd.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import sympy
 import torch
-from torch import fx, nn
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec
+from torch.export.graph_signature import TensorArgument
 
 from edge_runtime.engines.onnx_engine import BACKWARD_ROLE, DZ, FORWARD_ROLE, GRAD, SAVED, Z, AotGraphs
 from models import EDGE_INPUTS, EdgePart
 
 FILES = {FORWARD_ROLE: "edge/forward.onnx", BACKWARD_ROLE: "edge/backward.onnx"}
-OPSET = 18
 CAPTURE_SHAPE = (2, 3)  # B ≠ L, both > 1: sizes 0 and 1 would be specialised, equal sizes merged
 CHECK_ROWS = 3
 CHECK_TOLERANCE = 1e-3  # gross-error check: max |ort − torch| ≤ tol · max |torch| (+ tol · gradient scale)
@@ -61,12 +66,13 @@ def write_edge_files(
     numpy on the device and reads its settings from the manifest.
     """
     del optimizer
-    capture = capture_graphs(edge, frozen=frozen)
+    translator = OnnxTranslator()
+    capture = capture_graphs(edge, frozen=frozen, decompositions=translator.decompositions)
     log(f"captured forward ({len(capture.forward.graph.nodes)} nodes) and backward "
         f"({len(capture.backward.graph.nodes)} nodes) with symbolic batch and length")
     (out_dir / "edge").mkdir(parents=True, exist_ok=True)
-    forward_values = _export_forward(capture, out_dir / FILES[FORWARD_ROLE])
-    _export_backward(capture, forward_values, out_dir / FILES[BACKWARD_ROLE])
+    for role, graph in ((FORWARD_ROLE, forward_graph(capture)), (BACKWARD_ROLE, backward_graph(capture))):
+        translator.save(graph, out_dir / FILES[role])
     error = check_graphs(capture.edge, out_dir, length=max_length)
     log(f"onnx graphs match torch at batch {CHECK_ROWS} × length {max_length} (max relative error {error:.1e})")
     return dict(FILES)
@@ -82,12 +88,11 @@ class Capture:
     forward_args: list  # fake tensors and SymInts, one per forward placeholder
     backward_args: list
     primals: list[str | None]  # forward placeholder → parameter or input name (None: a size)
-    example: dict[str, torch.Tensor]  # the EDGE_INPUTS it was traced with
     batch: sympy.Symbol
     length: sympy.Symbol
 
 
-def capture_graphs(edge: EdgePart, *, frozen: list[str]) -> Capture:
+def capture_graphs(edge: EdgePart, *, frozen: list[str], decompositions: dict) -> Capture:
     """Trace ``edge``'s forward and backward with AOTAutograd at symbolic ``B×L``."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
@@ -103,7 +108,7 @@ def capture_graphs(edge: EdgePart, *, frozen: list[str]) -> Capture:
         return compiler
 
     autograd = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
-                            partition_fn=min_cut_rematerialization_partition)
+                            partition_fn=min_cut_rematerialization_partition, decompositions=decompositions)
     sources: list = []
 
     def backend(gm: fx.GraphModule, args: list):  # the last call's graph is the one that runs
@@ -123,7 +128,7 @@ def capture_graphs(edge: EdgePart, *, frozen: list[str]) -> Capture:
     if len(primals) != len(forward_args) or set(names.values()) - set(primals):
         raise RuntimeError("cannot name the forward graph's inputs: the trace lifted parameters differently")
     batch, length = _symbols(forward_args[primals.index("attention_mask")])
-    return Capture(edge, forward, backward, forward_args, backward_args, primals, example, batch, length)
+    return Capture(edge, forward, backward, forward_args, backward_args, primals, batch, length)
 
 
 def _trainable_copy(edge: EdgePart, frozen: list[str]) -> EdgePart:
@@ -164,64 +169,40 @@ def _symbols(mask: torch.Tensor) -> tuple[sympy.Symbol, sympy.Symbol]:
     return dims[0], dims[1]
 
 
-class SizedGraph(nn.Module):
-    """An AOT graph called with tensors only; its size arguments come from one input's first two dims."""
+@dataclass
+class NamedGraph:
+    """An FX graph with tensor inputs only, and the ONNX names of its inputs and outputs."""
 
-    def __init__(self, graph: fx.GraphModule, plan: list[int | sympy.Expr], outputs: list[int],
-                 sizes_from: int, symbols: tuple[sympy.Symbol, sympy.Symbol]) -> None:
-        super().__init__()
-        self.graph, self.plan, self.outputs, self.sizes_from, self.symbols = graph, plan, outputs, sizes_from, symbols
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        shape = tensors[self.sizes_from].shape
-        sizes = {self.symbols[0]: shape[0], self.symbols[1]: shape[1]}
-        args = [tensors[a] if isinstance(a, int) else _evaluate(a, sizes) for a in self.plan]
-        results = self.graph(*args)
-        return tuple(results[i] for i in self.outputs)
+    module: fx.GraphModule
+    inputs: list[str]
+    outputs: list[str]
 
 
-def _evaluate(expr: sympy.Expr, sizes: dict[sympy.Symbol, int]):
-    """A size expression (sums and products of ``B``, ``L`` and integers) on traced sizes."""
-    if expr.is_Symbol:
-        return sizes[expr]
-    if expr.is_Integer:
-        return int(expr)
-    if expr.is_Add or expr.is_Mul:
-        terms = [_evaluate(a, sizes) for a in expr.args]
-        result = terms[0]
-        for term in terms[1:]:
-            result = result + term if expr.is_Add else result * term
-        return result
-    raise NotImplementedError(f"size expression {expr} in the edge graphs")
+def forward_graph(capture: Capture) -> NamedGraph:
+    """Parameters + ``EDGE_INPUTS`` → ``z`` + ``saved.N`` (sizes and passed-through inputs dropped)."""
+    names = _forward_output_names(capture)
+    outputs = [i for i, name in enumerate(names) if name == Z and i == 0 or name and name.startswith(SAVED)]
+    return _named_graph(capture, capture.forward, capture.forward_args, capture.primals, "attention_mask",
+                        outputs, [names[i] for i in outputs])
 
 
-def _plan(args: list, names: list[str | None]) -> tuple[list[int | sympy.Expr], list[str], list]:
-    """Placeholder → tensor-input index or size expression; the tensor inputs' names and fake values."""
-    plan, inputs, fakes = [], [], []
-    for arg, name in zip(args, names):
-        if isinstance(arg, torch.SymInt):
-            plan.append(arg.node.expr)
-        else:
-            plan.append(len(inputs))
-            inputs.append(name)
-            fakes.append(arg)
-    return plan, inputs, fakes
-
-
-def _export_forward(capture: Capture, path: Path) -> dict[str, torch.Tensor]:
-    """Export the forward graph; return the values it computes at the capture shape, by ONNX name."""
-    plan, inputs, fakes = _plan(capture.forward_args, capture.primals)
-    outputs, names = [], []
-    for i, name in enumerate(_forward_output_names(capture)):
-        if name is not None and name not in names and name not in inputs:
-            outputs.append(i)
-            names.append(name)
-    module = SizedGraph(capture.forward, plan, outputs, inputs.index("attention_mask"), (capture.batch, capture.length))
-    values = _known_values(capture)
-    args = tuple(values[n] for n in inputs)
-    _export(module, args, fakes, inputs, names, path)
-    with torch.no_grad():
-        return values | dict(zip(names, module(*args)))
+def backward_graph(capture: Capture) -> NamedGraph:
+    """Saved activations, parameters and inputs it reads, ``dz`` → ``grad.<parameter>``."""
+    forward_nodes = capture.forward.graph.output_node().args[0]
+    by_node = dict(zip((n.name for n in forward_nodes), _forward_output_names(capture)))
+    placeholders = [n.name for n in capture.backward.graph.nodes if n.op == "placeholder"]
+    names = [by_node.get(p, DZ if p.startswith("tangents") else None) for p in placeholders]
+    unknown = [p for p, n, a in zip(placeholders, names, capture.backward_args)
+               if n is None and not isinstance(a, torch.SymInt)]
+    if unknown or names.count(DZ) != 1:
+        raise RuntimeError(f"cannot match the backward graph's inputs {unknown or placeholders} to forward outputs")
+    gradients = capture.backward.graph.output_node().args[0]
+    outputs = [i for i, g in enumerate(gradients) if g is not None]
+    grad_names = [f"{GRAD}{capture.primals[i]}" for i in outputs]
+    trainable = [f"{GRAD}{n}" for n, p in capture.edge.named_parameters() if p.requires_grad]
+    if sorted(grad_names) != sorted(trainable):
+        raise RuntimeError(f"the backward graph computes {grad_names}, expected {trainable}")
+    return _named_graph(capture, capture.backward, capture.backward_args, names, DZ, outputs, grad_names)
 
 
 def _forward_output_names(capture: Capture) -> list[str | None]:
@@ -241,41 +222,90 @@ def _forward_output_names(capture: Capture) -> list[str | None]:
     return names
 
 
-def _export_backward(capture: Capture, values: dict[str, torch.Tensor], path: Path) -> None:
-    forward_nodes = capture.forward.graph.output_node().args[0]
-    by_node = dict(zip((n.name for n in forward_nodes), _forward_output_names(capture)))
-    placeholders = [n.name for n in capture.backward.graph.nodes if n.op == "placeholder"]
-    names = [by_node.get(p, DZ if p.startswith("tangents") else None) for p in placeholders]
-    unknown = [p for p, n, a in zip(placeholders, names, capture.backward_args) if n is None and not isinstance(a, torch.SymInt)]
-    if unknown or names.count(DZ) != 1:
-        raise RuntimeError(f"cannot match the backward graph's inputs {unknown or placeholders} to forward outputs")
-    plan, inputs, fakes = _plan(capture.backward_args, names)
-    gradients = capture.backward.graph.output_node().args[0]
-    outputs = [i for i, g in enumerate(gradients) if g is not None]
-    grad_names = [f"{GRAD}{capture.primals[i]}" for i in outputs]
-    trainable = [f"{GRAD}{n}" for n, p in capture.edge.named_parameters() if p.requires_grad]
-    if sorted(grad_names) != sorted(trainable):
-        raise RuntimeError(f"the backward graph computes {grad_names}, expected {trainable}")
-    module = SizedGraph(capture.backward, plan, outputs, inputs.index(DZ), (capture.batch, capture.length))
-    dz = torch.randn(*values[Z].shape, generator=torch.Generator().manual_seed(0))
-    _export(module, tuple((values | {DZ: dz})[n] for n in inputs), fakes, inputs, grad_names, path)
+def _named_graph(capture: Capture, gm: fx.GraphModule, args: list, names: list[str | None], sizes_from: str,
+                 outputs: list[int], output_names: list[str]) -> NamedGraph:
+    """A copy of ``gm`` whose size placeholders are computed from input ``sizes_from``'s first two dims."""
+    gm = copy.deepcopy(gm)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    reference = names.index(sizes_from)
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first_op):
+        sizes = {
+            symbol: _size_node(graph, torch.ops.aten.sym_size.int, (placeholders[reference], dim),
+                               args[reference].shape[dim])
+            for dim, symbol in enumerate((capture.batch, capture.length))
+        }
+        for placeholder, arg in zip(placeholders, args):
+            if isinstance(arg, torch.SymInt):
+                placeholder.replace_all_uses_with(_size_expression(graph, arg.node.expr, sizes))
+                graph.erase_node(placeholder)
+    output = graph.output_node()
+    output.args = (tuple(output.args[0][i] for i in outputs),)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    inputs = [name for name, arg in zip(names, args) if not isinstance(arg, torch.SymInt)]
+    return NamedGraph(gm, inputs, output_names)
 
 
-def _known_values(capture: Capture) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in capture.edge.named_parameters()} | capture.example
+def _size_node(graph: fx.Graph, target, args: tuple, value) -> fx.Node:
+    node = graph.call_function(target, args)
+    node.meta["val"] = value
+    return node
 
 
-def _export(module: nn.Module, args: tuple, fakes: list, inputs: list[str], outputs: list[str], path: Path) -> None:
-    """``torch.onnx.export`` (dynamo) with every traced-symbolic dimension left dynamic; checks the names."""
-    dynamic = tuple({d: torch.export.Dim.AUTO for d, s in enumerate(f.shape) if isinstance(s, torch.SymInt)} or None
-                    for f in fakes)
-    program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=inputs,
-                                output_names=outputs, dynamic_shapes=(dynamic,), verbose=False, optimize=False)
-    model = program.model_proto
-    got = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
-    if got != (inputs, outputs):
-        raise RuntimeError(f"{path.name}: the exported graph's inputs/outputs are {got}, expected {(inputs, outputs)}")
-    onnx.save(model, str(path))
+def _size_expression(graph: fx.Graph, expr: sympy.Expr, sizes: dict[sympy.Symbol, fx.Node]) -> fx.Node | int:
+    """Nodes computing a size expression (sums and products of ``B``, ``L`` and integers)."""
+    if expr.is_Symbol:
+        return sizes[expr]
+    if expr.is_Integer:
+        return int(expr)
+    if not (expr.is_Add or expr.is_Mul):
+        raise NotImplementedError(f"size expression {expr} in the edge graphs")
+    combine = operator.add if expr.is_Add else operator.mul
+    result = _size_expression(graph, expr.args[0], sizes)
+    for term in expr.args[1:]:
+        right = _size_expression(graph, term, sizes)
+        value = combine(*(x.meta["val"] if isinstance(x, fx.Node) else x for x in (result, right)))
+        result = _size_node(graph, combine, (result, right), value)
+    return result
+
+
+class OnnxTranslator:
+    """torch.onnx's FX → ONNX translation, applied to graphs that are already decomposed.
+
+    Uses ``torch.onnx._internal`` (torch 2.13): the registry of torchlib functions, the
+    decomposition table matching it, the type-promotion pass and the translator.
+    """
+
+    def __init__(self) -> None:
+        from torch.onnx._internal.exporter import _decomp, _registration
+
+        self.registry = _registration.ONNXRegistry.from_torchlib()
+        implemented = set(_decomp.get_onnx_implemented_overloads(self.registry))
+        self.decompositions = _decomp.create_onnx_friendly_decomposition_table(implemented)
+
+    def save(self, graph: NamedGraph, path: Path) -> None:
+        from torch.onnx._internal.exporter import _core, _fx_passes
+
+        _fx_passes.insert_type_promotion_nodes(graph.module)
+        placeholders = [n.name for n in graph.module.graph.nodes if n.op == "placeholder"]
+        returned = graph.module.graph.output_node().args[0]
+        signature = ExportGraphSignature(
+            input_specs=[InputSpec(InputKind.USER_INPUT, TensorArgument(n), None) for n in placeholders],
+            output_specs=[OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(n.name), None) for n in returned],
+        )
+        program = ExportedProgram(root=graph.module, graph=graph.module.graph, graph_signature=signature,
+                                  state_dict={}, range_constraints={}, module_call_graph=[])
+        onnx_program = _core._exported_program_to_onnx_program(program, registry=self.registry)
+        model = onnx_program.model
+        for values, names in ((model.graph.inputs, graph.inputs), (model.graph.outputs, graph.outputs)):
+            if len(values) != len(names):
+                raise RuntimeError(f"{path.name}: {len(values)} graph values for the names {names}")
+            for value, name in zip(values, names):
+                value.name = name
+        onnx_program.optimize()  # constant folding (parameters are inputs: nothing of theirs folds), dead values
+        onnx_program.save(path)
 
 
 def check_graphs(edge: EdgePart, out_dir: Path, *, length: int) -> float:

@@ -14,7 +14,7 @@ from bundles import export_cached, minilm_options, padded_batch, reference_edge,
 from edge_runtime.engine import EdgeBatch, EdgeEngine, open_engine
 from splitwire.bundle import load_bundle
 
-ENGINES = ["ort-training"]
+ENGINES = ["ort-training", "onnx"]
 REL_TOL = 1e-4  # max |engine − torch| / max |torch|, per parameter
 Z_REL_TOL = 1e-5
 ADAM_ATOL = 1e-6  # after AdamW steps of lr 1e-3 (updates ~3e-3): about 8 float32 ulps of an O(1) weight
