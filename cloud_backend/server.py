@@ -64,8 +64,9 @@ class LiveSession:
 
     @classmethod
     def of(cls, session: CloudSession) -> "LiveSession":
-        codec = session.config.codec
-        return cls(session, codec_for(codec, Carries.ACTIVATION), codec_for(codec, Carries.GRADIENT))
+        config = session.config
+        return cls(session, codec_for(config.codec, Carries.ACTIVATION, seed=config.seed),
+                   codec_for(config.codec, Carries.GRADIENT, seed=config.seed))
 
 
 class CloudServer:

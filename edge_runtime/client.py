@@ -50,8 +50,8 @@ class CloudClient:
     def __init__(self, ws: ClientConnection, *, session_id: str, config: SessionConfig, limits: WireLimits) -> None:
         self._ws = ws
         self._tag = session_tag(session_id)
-        self._activation = codec_for(config.codec, Carries.ACTIVATION)
-        self._gradient = codec_for(config.codec, Carries.GRADIENT)
+        self._activation = codec_for(config.codec, Carries.ACTIVATION, seed=config.seed)
+        self._gradient = codec_for(config.codec, Carries.GRADIENT, seed=config.seed)
         self._limits = limits
         self._request = 0
         self.session_id = session_id

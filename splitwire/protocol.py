@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from splitwire.codecs import CODECS, Carries, Codec, PartSpec, Shape3
+from splitwire.codecs import CODEC_NAMES, Carries, Codec, PartSpec, Shape3, codec_for
 from splitwire.errors import ProtocolError, SplitftError, VersionMismatch, error_from_code
 from splitwire.schedule import Schedule
 
@@ -224,7 +224,7 @@ class WireLimits:
         """The largest frame either side may send: the widest codec at full batch and length."""
         shape = (self.max_batch, self.max_length, self.width)
         full = np.full(self.max_batch, self.max_length, dtype=np.int32)
-        activation = max(_nbytes(codec(Carries.ACTIVATION).parts(shape, full)) for codec in CODECS.values())
+        activation = max(_nbytes(codec_for(name, Carries.ACTIVATION).parts(shape, full)) for name in CODEC_NAMES)
         per_row = DTYPES["int32"].itemsize + DTYPES["int64"].itemsize + DTYPES["float32"].itemsize * self.num_labels
         return HEADER.size + MAX_META_BYTES + activation + self.max_batch * per_row
 
@@ -294,8 +294,8 @@ def coded(frame: Frame, name: str, codec: Codec, shape: Shape3, lengths: np.ndar
     return finite(value, f"{frame.kind.name} tensor {name!r}")
 
 
-def coded_parts(name: str, codec: Codec, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
-    return {_part_name(name, key): part for key, part in codec.encode(x, lengths).items()}
+def coded_parts(name: str, codec: Codec, x: np.ndarray, lengths: np.ndarray, *, step: int) -> dict[str, np.ndarray]:
+    return {_part_name(name, key): part for key, part in codec.encode(x, lengths, step=step).items()}
 
 
 def _part_name(name: str, key: str) -> str:
@@ -324,8 +324,8 @@ class SessionConfig:
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"bad schedule {str(raw)[:200]}: {exc}") from None
         codec = field_of(meta, "codec", str)
-        if codec not in CODECS:
-            raise ProtocolError(f"unknown wire codec {codec[:32]!r}; known: {', '.join(sorted(CODECS))}")
+        if codec not in CODEC_NAMES:
+            raise ProtocolError(f"unknown wire codec {codec[:32]!r}; known: {', '.join(CODEC_NAMES)}")
         return cls(schedule, field_of(meta, "seed", int), codec)
 
 
@@ -403,7 +403,7 @@ def _activation_frame(kind: Kind, session: int, step: int, codec: Codec, z: np.n
                       lengths: np.ndarray, **extra: np.ndarray) -> Frame:
     if z.ndim != 3:
         raise ProtocolError(f"z must be B×L×W, got shape {z.shape}")
-    tensors = {**coded_parts("z", codec, z, lengths), "lengths": lengths, **extra}
+    tensors = {**coded_parts("z", codec, z, lengths, step=step), "lengths": lengths, **extra}
     return Frame(kind, session, step, {"shape": list(z.shape[:2])}, tensors)
 
 
@@ -471,7 +471,8 @@ class Gradient:
 
     def to_frame(self, *, session: int, codec: Codec, lengths: np.ndarray) -> Frame:
         meta = {"loss": self.loss, "metrics": self.metrics}
-        return Frame(Kind.GRADIENT, session, self.step, meta, coded_parts("dz", codec, self.dz, lengths))
+        tensors = coded_parts("dz", codec, self.dz, lengths, step=self.step)
+        return Frame(Kind.GRADIENT, session, self.step, meta, tensors)
 
     @classmethod
     def from_frame(cls, frame: Frame, *, codec: Codec, shape: Shape3, lengths: np.ndarray) -> "Gradient":
