@@ -237,7 +237,8 @@ class Int8Codec(Codec):
             raise ProtocolError(f"{self.name} scales must be finite and >= 0")
         if (q == -INT8_MAX - 1).any():
             raise ProtocolError(f"{self.name} values must be in -{INT8_MAX}..{INT8_MAX}")
-        return q.astype(np.float32) * self.spread(scale)
+        with np.errstate(over="ignore"):  # an overflow is refused as non-finite by the protocol
+            return q.astype(np.float32) * self.spread(scale)
 
 
 class Int8ChannelCodec(Int8Codec):
