@@ -49,10 +49,12 @@ from edge_runtime.trainer import (
     training_batches,
 )
 from splitwire.bundle import Bundle, BundleError, load_bundle, sha256_file
+from splitwire.codecs import CODEC_NAMES
 from splitwire.errors import SplitftError
 from splitwire.schedule import SCHEDULES, Schedule
 
-DEFAULTS = {"seed": 0, "batch_size": 32, "epochs": 3, "schedule": "constant", "warmup": 0, "session": "default"}
+DEFAULTS = {"seed": 0, "batch_size": 32, "epochs": 3, "schedule": "constant", "warmup": 0, "session": "default",
+            "codec": "fp32"}
 
 EXAMPLE = """\
 example (the movie-review snippets: tab-separated id, sentiment, text; positive when sentiment > 0):
@@ -132,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--group-by-length", action="store_true", default=None,
                            help="batch rows of similar length together (seeded): far less padding, so less "
                                 "compute and traffic per epoch")
+    train_cmd.add_argument("--codec", choices=CODEC_NAMES, metavar="CODEC",
+                           help="wire encoding of z and dz, <base>[+sr][+packed] with base fp32 (default, the "
+                                "paper's), fp16, bf16, int8 (scale per token) or int8-channel; +sr: stochastic "
+                                "rounding of gradients; +packed: real tokens only, no padding. Fixed for the run")
     train_cmd.add_argument("--checkpoint-every", type=_positive, default=200,
                            help="steps between checkpoints (default 200)")
     train_cmd.add_argument("--report", type=Path, help="also write a JSON summary (losses, bytes, metrics) here")
@@ -186,6 +192,7 @@ def run_config(args: argparse.Namespace, *, bundle: Bundle, table_columns: Colum
         holdout=holdout,
         schedule=schedule.to_dict(),
         group_by_length=_pick(args.group_by_length, old.get("group_by_length"), False),
+        codec=_pick(args.codec, old.get("codec"), DEFAULTS["codec"]),
     )
 
 
@@ -232,6 +239,7 @@ async def _connected(args: argparse.Namespace, bundle: Bundle, config: RunConfig
     """The session, the cloud asked to rewind to the latest edge checkpoint if it is ahead of it."""
     client = await CloudClient.connect(args.cloud, bundle=bundle, session_id=config.session, token=_token(args),
                                        schedule=Schedule.from_dict(config.schedule), seed=config.seed,
+                                       codec=config.codec,
                                        resume_from=saved[-1].step if saved else None)
     try:
         yield client

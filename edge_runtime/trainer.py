@@ -159,6 +159,7 @@ class RunConfig:
     holdout: float | None
     schedule: dict[str, Any]
     group_by_length: bool = False
+    codec: str = "fp32"  # the wire codec (splitwire.codecs): the cloud session is opened with it
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":

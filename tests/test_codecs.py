@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -358,3 +360,37 @@ def test_the_cloud_refuses_an_unknown_codec_and_checkpoints_the_one_it_trains_wi
     asyncio.run(unknown())
     asyncio.run(first())
     assert asyncio.run(restarted()) == 1
+
+
+def test_sft_edge_train_codec_reaches_the_cloud_and_is_fixed_for_the_run(tiny, tmp_path, capsys):
+    from conftest import movie_reviews_path
+    from edge_runtime.cli import main
+    from edge_runtime.trainer import CheckpointDir
+
+    data = tmp_path / "train.tsv"
+    data.write_text("\n".join(movie_reviews_path().read_text(encoding="utf-8").splitlines()[:17]) + "\n")
+    directory = tmp_path / "run"
+
+    def args(url: str, codec: str) -> list[str]:
+        return ["train", "--bundle", str(tiny.root), "--cloud", url, "--session", "codec", "--checkpoint-dir",
+                str(directory), "--data", str(data), "--label-column", "sentiment", "--label-threshold", "0",
+                "--batch-size", "8", "--epochs", "1", "--threads", "1", "--no-progress", "--codec", codec,
+                "--report", str(tmp_path / "report.json")]
+
+    async def run() -> tuple[int, str]:
+        async with serve_cloud(tiny, port=0, device="cpu") as server:
+            edge = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "import sys; from edge_runtime.cli import main; sys.exit(main(sys.argv[1:]))",
+                *args(server.url, "int8+packed"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"})
+            output, _ = await edge.communicate()
+            return edge.returncode, output.decode(), server.sessions["codec"].session.config.codec
+
+    code, output, cloud_codec = asyncio.run(run())
+    assert code == 0, output
+    assert cloud_codec == "int8+packed" and CheckpointDir(directory).latest().config.codec == "int8+packed"
+    report = json.loads((tmp_path / "report.json").read_text())
+    fp32_payload = report["padded_tokens_per_step"] * tiny.wire_width * 4
+    assert report["last_step"] == 2 and report["bytes_up_per_step"]["mean"] < fp32_payload / 2
+    assert main(args("ws://127.0.0.1:9", "fp32")) == 1  # refused before connecting: another codec, another run
+    assert "codec: was 'int8+packed', now 'fp32'" in capsys.readouterr().err
