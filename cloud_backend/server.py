@@ -1,11 +1,20 @@
 """The cloud's websocket server: sessions in, gradients out, compute off the event loop.
 
 Why it exists: this is the thin async I/O around ``splitwire.protocol``. Each connection
-says hello (bundle hash, session config, resume point), is welcomed or refused with a
-typed error, then sends numbered requests that are validated against the bundle before
-any tensor is touched. Training and prediction run on one worker thread (the GPU when
-present), so the loop keeps answering pings and other sessions meanwhile. Each session id
-owns an isolated ``CloudSession``; a resent step is answered from its replay cache.
+says hello (session id, token, bundle hash, session config, resume point); the token is
+checked (``cloud_backend.auth``) before anything else is looked at, then the connection is
+welcomed or refused with a typed error, then sends numbered requests, one at a time, that
+are validated against the bundle before any tensor is touched. Training and prediction run
+on one worker thread (the GPU when present), so the loop keeps answering pings and other
+sessions meanwhile. Each session id owns an isolated ``CloudSession``; a resent step is
+answered from its replay cache.
+
+Limits, each refused with a typed error frame and a clean close, without disturbing other
+connections: frames larger than the bundle's shapes allow (the websocket layer refuses
+them, close code 1009), connections and sessions beyond ``max_connections`` /
+``max_sessions`` (``busy``), no hello within ``HELLO_TIMEOUT_S`` or no request within
+``idle_timeout`` (``idle_timeout``), a request sent before the previous one was answered
+(``in_flight``).
 
 Start it in-process with ``async with serve_cloud(bundle, port=0) as server: server.url``;
 ``sft-cloud`` (``cloud_backend.cli``) wraps the same call. One JSON log line per event.
@@ -14,6 +23,7 @@ Start it in-process with ``async with serve_cloud(bundle, port=0) as server: ser
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -30,18 +40,24 @@ import torch
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from cloud_backend.auth import TokenStore
 from cloud_backend.model import pick_device
 from cloud_backend.session import SNAPSHOTS, CloudSession, Replay, checkpoint_path, saved_step
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, Codec, codec_for
-from splitwire.errors import BundleMismatch, ConfigMismatch, ProtocolError, ServerBusy, SplitftError, StepOrderError
+from splitwire.errors import (
+    BundleMismatch, ConfigMismatch, IdleTimeout, ProtocolError, ServerBusy, SplitftError, StepOrderError,
+    TooManyInFlight,
+)
 from splitwire.protocol import (
     DEFAULT_MAX_BATCH, REPLAYED, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Train,
     Welcome, WireLimits, decode, encode, session_tag,
 )
 
 log = logging.getLogger("splitft.cloud")
-HELLO_TIMEOUT_S = 30.0
+HELLO_TIMEOUT_S = 10.0
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+RECEIVE_QUEUE_FRAMES = 2  # frames the websocket layer buffers per connection before TCP pushes back
 CLOSE_POLICY = 1008  # websocket close code "policy violation": sent after an error frame
 
 T = TypeVar("T")
@@ -50,6 +66,19 @@ T = TypeVar("T")
 def log_event(event: str, **fields: Any) -> None:
     """One structured log line: a JSON object with the time, the event and its fields."""
     log.info(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}, default=str))
+
+
+@dataclass
+class ServerStats:
+    """What the server did, for logs, tests and the load benchmark."""
+
+    connections: int = 0  # websocket connections accepted
+    open_connections: int = 0
+    welcomed: int = 0
+    refused: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by error code
+    tensor_frames: int = 0  # TRAIN and PREDICT frames whose tensors were read
+    steps: int = 0  # training steps applied
+    replays: int = 0  # resent steps answered from a replay cache
 
 
 @dataclass
@@ -73,13 +102,18 @@ class CloudServer:
     """Holds the sessions and answers one connection at a time per session."""
 
     def __init__(self, bundle: Bundle, *, device: torch.device, state_dir: Path | None, max_sessions: int,
-                 max_batch: int) -> None:
+                 max_batch: int, tokens: TokenStore | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+                 max_connections: int | None = None) -> None:
         self.bundle = bundle
         self.device = device
         self.state_dir = state_dir
         self.max_sessions = max_sessions
+        self.max_connections = max_connections or 2 * max_sessions
+        self.tokens = tokens
+        self.idle_timeout = idle_timeout
         self.limits = WireLimits.from_bundle(bundle, max_batch=max_batch)
         self.sessions: dict[str, LiveSession] = {}
+        self.stats = ServerStats()
         self.url = ""
         self._opening = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-cloud-compute")
@@ -91,43 +125,78 @@ class CloudServer:
 
     async def handle(self, ws: ServerConnection) -> None:
         """One connection: hello, then requests until bye, a drop, or an error."""
-        peer, tag, step = str(ws.remote_address), 0, 0
+        peer, where = str(ws.remote_address), {"session": 0, "step": 0}
         live: LiveSession | None = None
+        self.stats.connections += 1
+        self.stats.open_connections += 1
         try:
-            hello = Hello.from_frame(decode(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)))
-            tag = session_tag(hello.session_id)
+            if self.stats.open_connections > self.max_connections:
+                raise ServerBusy(f"the cloud holds its limit of {self.max_connections} connections; try again later")
+            hello = Hello.from_frame(decode(await self._receive(ws, HELLO_TIMEOUT_S, "no hello")))
+            where["session"] = session_tag(hello.session_id)
             live = await self._welcome(ws, hello, peer)
-            async for data in ws:
-                frame = decode(data)
-                step = frame.step
-                if frame.session != tag:
-                    raise ProtocolError("frame for another session on this connection")
-                if frame.kind == Kind.BYE:
-                    log_event("bye", session=hello.session_id, peer=peer)
-                    break
-                await ws.send(await self._answer(live, frame, data))
+            await self._requests(ws, live, hello, where)
+            log_event("bye", session=hello.session_id, peer=peer)
         except SplitftError as exc:
-            await self._refuse(ws, exc, peer=peer, session=tag, step=step)
-        except TimeoutError:
-            await self._refuse(ws, ProtocolError(f"no hello within {HELLO_TIMEOUT_S:.0f} s"), peer=peer,
-                               session=tag, step=step)
+            await self._refuse(ws, exc, peer=peer, **where)
         except ConnectionClosed as exc:
             log_event("disconnected", peer=peer, code=exc.rcvd.code if exc.rcvd else None)
         except Exception as exc:  # a bug or a device failure: tell the edge, keep serving the others
             log.exception("internal error")
-            await self._refuse(ws, SplitftError(f"internal error on the cloud: {exc!r}"[:500]), peer=peer,
-                               session=tag, step=step)
+            await self._refuse(ws, SplitftError(f"internal error on the cloud: {exc!r}"[:500]), peer=peer, **where)
         finally:
+            self.stats.open_connections -= 1
             if live is not None and live.connection is ws:
                 live.connection = None
 
+    @staticmethod
+    async def _receive(ws: ServerConnection, timeout: float, what: str,
+                       receiving: asyncio.Future | None = None) -> bytes | str:
+        """The next message (``receiving``, when a receive is already under way), within ``timeout``."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(receiving) if receiving else ws.recv(), timeout)
+        except TimeoutError:
+            raise IdleTimeout(f"{what} within {timeout:g} s: closing this connection") from None
+
+    async def _requests(self, ws: ServerConnection, live: LiveSession, hello: Hello, where: dict[str, int]) -> None:
+        """Answer requests one at a time until bye.
+
+        The next message is received while a request is being answered, so a client that
+        does not wait for an answer before sending again is refused (``TooManyInFlight``);
+        the request under way still completes, and a training step's reply is cached.
+        """
+        receiving = asyncio.ensure_future(ws.recv())
+        try:
+            while True:
+                data = await self._receive(ws, self.idle_timeout, "no request", receiving)
+                frame = decode(data)
+                where["step"] = frame.step
+                if frame.session != where["session"]:
+                    raise ProtocolError("frame for another session on this connection")
+                if frame.kind == Kind.BYE:
+                    return
+                answering = asyncio.ensure_future(self._answer(live, frame, data))
+                receiving = asyncio.ensure_future(ws.recv())
+                await asyncio.wait({answering, receiving}, return_when=asyncio.FIRST_COMPLETED)
+                reply = await answering
+                if receiving.done():
+                    receiving.result()  # a dropped connection raises ConnectionClosed here
+                    raise TooManyInFlight(f"session {hello.session_id!r} sent a request before the answer to "
+                                          f"step {frame.step}: send one request at a time")
+                await ws.send(reply)
+        finally:
+            receiving.cancel()
+
     async def _refuse(self, ws: ServerConnection, exc: SplitftError, **where: Any) -> None:
+        self.stats.refused[exc.code] += 1
         log_event("refused", code=exc.code, message=str(exc), **where)
         with contextlib.suppress(ConnectionClosed):
             await ws.send(encode(Error.of(exc).to_frame(session=where["session"], step=where["step"])))
             await ws.close(CLOSE_POLICY, exc.code)
 
     async def _welcome(self, ws: ServerConnection, hello: Hello, peer: str) -> LiveSession:
+        if self.tokens is not None:
+            self.tokens.check(hello.session_id, hello.token)
         if hello.bundle_hash != self.bundle.hash:
             raise BundleMismatch(
                 f"the edge loaded bundle {hello.bundle_hash[:12]}…, this cloud serves {self.bundle.hash[:12]}… "
@@ -150,6 +219,7 @@ class CloudServer:
         tag = session_tag(hello.session_id)
         await ws.send(encode(Welcome(self.bundle.hash, live.session.config, resume, self.limits.max_batch)
                              .to_frame(session=tag)))
+        self.stats.welcomed += 1
         log_event("welcome", session=hello.session_id, peer=peer, resume_step=resume,
                   resume_from=hello.resume_from)
         return live
@@ -167,6 +237,7 @@ class CloudServer:
             if saved:
                 session = await self._compute(CloudSession.restore, saved[max(saved)], bundle=self.bundle,
                                               device=self.device)
+                self._forget_latest(hello.session_id)
                 log_event("restored", session=hello.session_id, step=session.step)
             else:
                 session = await self._compute(CloudSession, session_id=hello.session_id, bundle=self.bundle,
@@ -215,6 +286,18 @@ class CloudServer:
     def _snapshot(self, session_id: str, snapshot: str) -> Path | None:
         return None if self.state_dir is None else checkpoint_path(self.state_dir, session_id, snapshot)
 
+    def _forget_latest(self, session_id: str) -> None:
+        """Drop the ``latest`` snapshot once the session is back in memory.
+
+        From then on the live session is the truth and may be rewound onto another path; a
+        ``latest`` file left behind would, after a crash, restore a state the edge never
+        reaches again. After a crash the session restarts from its ``requested`` snapshot,
+        which the edge's own checkpoint of the same step matches.
+        """
+        path = self._snapshot(session_id, "latest")
+        if path is not None:
+            path.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ requests
 
     async def _answer(self, live: LiveSession, frame: Frame, data: bytes) -> bytes:
@@ -236,19 +319,28 @@ class CloudServer:
         session = live.session
         cached = session.replay
         if cached is not None and frame.step == cached.step == session.step:
+            self.stats.replays += 1
             log_event("replay", session=session.session_id, step=frame.step, same_request=digest == cached.digest)
             return encode(dataclasses.replace(decode(cached.reply), flags=REPLAYED))
         if frame.step != session.step + 1:
             raise StepOrderError(f"session {session.session_id!r} is at step {session.step}; "
                                  f"expected step {session.step + 1}, got {frame.step}")
+        self.stats.tensor_frames += 1
         request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
-        result = await self._compute(session.train, request)
-        reply = encode(Gradient(frame.step, result.dz, result.loss, result.metrics)
-                       .to_frame(session=frame.session, codec=live.gradient, lengths=request.lengths))
-        session.replay = Replay(frame.step, digest, reply)
+
+        def step() -> bytes:  # the step and its cached reply, together: a resend never finds one without the other
+            result = session.train(request)
+            reply = encode(Gradient(frame.step, result.dz, result.loss, result.metrics)
+                           .to_frame(session=frame.session, codec=live.gradient, lengths=request.lengths))
+            session.replay = Replay(frame.step, digest, reply)
+            return reply
+
+        reply = await self._compute(step)
+        self.stats.steps += 1
         return reply
 
     async def _predict(self, live: LiveSession, frame: Frame) -> bytes:
+        self.stats.tensor_frames += 1
         request = Predict.from_frame(frame, limits=self.limits, codec=live.activation)
         logits = await self._compute(live.session.predict, request)
         return encode(Prediction(frame.step, logits).to_frame(session=frame.session))
@@ -285,23 +377,30 @@ async def serve_cloud(
     max_sessions: int = 64,
     max_batch: int = DEFAULT_MAX_BATCH,
     ssl: ssl_module.SSLContext | None = None,
+    tokens: TokenStore | None = None,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+    max_connections: int | None = None,
 ) -> AsyncIterator[CloudServer]:
     """Serve ``bundle``'s cloud half until the block exits; ``port=0`` picks a free port (see ``.url``).
 
-    On exit the connections are closed (1001, going away), in-flight steps finish, and every
-    session is checkpointed into ``state_dir``.
+    ``tokens``: each session's token (``None``: any session id is accepted, for a cloud that
+    only loopback reaches). ``ssl``: serve ``wss://``. ``max_connections`` defaults to twice
+    ``max_sessions``. On exit the connections are closed (1001, going away), in-flight steps
+    finish, and every session is checkpointed into ``state_dir``.
     """
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
     server = CloudServer(bundle, device=pick_device(device), state_dir=state_dir, max_sessions=max_sessions,
-                         max_batch=max_batch)
+                         max_batch=max_batch, tokens=tokens, idle_timeout=idle_timeout,
+                         max_connections=max_connections)
     try:
-        async with serve(server.handle, host, port, compression=None, ssl=ssl,
+        async with serve(server.handle, host, port, compression=None, ssl=ssl, max_queue=RECEIVE_QUEUE_FRAMES,
                          max_size=server.limits.max_frame_bytes()) as ws_server:
             bound_port = ws_server.sockets[0].getsockname()[1]
             server.url = f"{'wss' if ssl else 'ws'}://{host}:{bound_port}"
             log_event("listening", url=server.url, bundle=bundle.hash, device=str(server.device),
-                      max_frame_bytes=server.limits.max_frame_bytes(), state_dir=state_dir)
+                      max_frame_bytes=server.limits.max_frame_bytes(), state_dir=state_dir,
+                      tokens=None if tokens is None else len(tokens.digests), idle_timeout_s=idle_timeout)
             yield server
     finally:
         await server.close()

@@ -37,6 +37,12 @@ class StepOrderError(ProtocolError):
     code = "step_order"
 
 
+class TooManyInFlight(ProtocolError):
+    """A request arrived before the answer to the previous one was sent (one request in flight)."""
+
+    code = "in_flight"
+
+
 class BundleMismatch(SplitftError):
     """Edge and cloud loaded different bundles (their manifest hashes differ)."""
 
@@ -50,9 +56,21 @@ class ConfigMismatch(SplitftError):
 
 
 class AuthError(SplitftError):
-    """The session's token is missing or wrong."""
+    """The session's token is missing or wrong, or the token is not this session's."""
 
     code = "auth"
+
+
+class SessionRewound(SplitftError):
+    """After a reconnect the cloud's session is at ``step``, behind the edge (the cloud restarted
+    from an older checkpoint): the edge must go back to its own checkpoint of that step.
+    Raised on the edge only; never sent."""
+
+    code = "session_rewound"
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class RetryableError(SplitftError):
@@ -69,15 +87,21 @@ class ConnectionLost(RetryableError):
 
 
 class ServerBusy(RetryableError):
-    """The cloud cannot take this session now (session limit reached, shutting down)."""
+    """The cloud cannot take this session now (session or connection limit reached)."""
 
     code = "busy"
 
 
+class IdleTimeout(RetryableError):
+    """The connection sent nothing for longer than the cloud's idle timeout; reconnect to go on."""
+
+    code = "idle_timeout"
+
+
 ERRORS: dict[str, type[SplitftError]] = {
     cls.code: cls
-    for cls in (SplitftError, ProtocolError, VersionMismatch, StepOrderError, BundleMismatch, ConfigMismatch,
-                AuthError, RetryableError, ConnectionLost, ServerBusy)
+    for cls in (SplitftError, ProtocolError, VersionMismatch, StepOrderError, TooManyInFlight, BundleMismatch,
+                ConfigMismatch, AuthError, RetryableError, ConnectionLost, ServerBusy, IdleTimeout)
 }
 
 

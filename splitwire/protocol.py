@@ -347,6 +347,7 @@ class Hello:
     @classmethod
     def from_frame(cls, frame: Frame) -> "Hello":
         meta = expect(frame, Kind.HELLO).meta
+        only(frame, set())
         session_id = field_of(meta, "session_id", str)
         if not 0 < len(session_id) <= 128 or not session_id.isprintable():
             raise ProtocolError("session_id must be 1 to 128 printable characters")
