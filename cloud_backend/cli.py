@@ -5,18 +5,26 @@ files, starts ``serve_cloud``, prints the URL it listens on (one line on stdout,
 scripts and tests can read it, also with ``--port 0``), logs one JSON line per event on
 stderr, and on SIGINT/SIGTERM stops accepting, lets in-flight steps finish, checkpoints
 every session into ``--state-dir`` and exits 0.
+
+Safe by default: it listens on loopback only. Listening on any other interface needs
+per-session tokens (``--tokens FILE`` or ``$SFT_CLOUD_TOKENS``) and TLS (``--tls-cert`` and
+``--tls-key``, so tokens and activations are not sent in clear), unless ``--insecure`` says
+the network is trusted. Tokens are never taken from the command line. See docs/SECURITY.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
+import ssl
 import sys
 from pathlib import Path
 
-from cloud_backend.server import serve_cloud
+from cloud_backend.auth import TOKENS_ENV, TokenStore
+from cloud_backend.server import DEFAULT_IDLE_TIMEOUT_S, serve_cloud
 from splitwire.bundle import BundleError, load_bundle
 from splitwire.protocol import DEFAULT_MAX_BATCH
 
@@ -40,22 +48,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=64, help="sessions held at once (default: 64)")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help=f"largest batch a device may send (default: {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="open connections at once (default: twice --max-sessions)")
+    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                        help=f"close a connection that sends nothing for this many seconds; the edge reconnects "
+                             f"(default: {DEFAULT_IDLE_TIMEOUT_S:g})")
+    parser.add_argument("--tokens", type=Path, default=None,
+                        help=f"file of per-session tokens, one 'session_id token' or 'session_id sha256:HEX' a "
+                             f"line (default: ${TOKENS_ENV}, same lines); a session opens only with its own token")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss:// (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without tokens or without TLS (trusted networks only)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} is outside 0..65535")
-    if args.max_sessions < 1 or args.max_batch < 1:
-        parser.error("--max-sessions and --max-batch must be at least 1")
+    if args.max_sessions < 1 or args.max_batch < 1 or (args.max_connections is not None and args.max_connections < 1):
+        parser.error("--max-sessions, --max-batch and --max-connections must be at least 1")
+    if not args.idle_timeout > 0:
+        parser.error("--idle-timeout must be positive")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     return args
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(args: argparse.Namespace, tokens: TokenStore | None) -> None:
+    """Refuse to listen beyond loopback without tokens and TLS, unless ``--insecure``."""
+    if is_loopback(args.host) or args.insecure:
+        return
+    missing = [what for what, given in (("per-session tokens (--tokens FILE or $" + TOKENS_ENV + ")", tokens),
+                                        ("TLS (--tls-cert and --tls-key)", args.tls_cert)) if given is None]
+    if missing:
+        raise ValueError(f"--host {args.host} is reachable from the network, but {' and '.join(missing)} "
+                         "are not set; give them, or pass --insecure on a trusted network")
+
+
+def tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if cert is None or key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
 async def _serve(args: argparse.Namespace) -> None:
+    tokens = TokenStore.load(args.tokens)
+    check_exposure(args, tokens)
+    tls = tls_context(args.tls_cert, args.tls_key)
     bundle = load_bundle(args.bundle, parts=["cloud"])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with serve_cloud(bundle, host=args.host, port=args.port, device=args.device, state_dir=args.state_dir,
-                           max_sessions=args.max_sessions, max_batch=args.max_batch) as server:
+                           max_sessions=args.max_sessions, max_batch=args.max_batch, ssl=tls, tokens=tokens,
+                           idle_timeout=args.idle_timeout, max_connections=args.max_connections) as server:
         print(f"sft-cloud listening on {server.url}", flush=True)
         await stop.wait()
     print("sft-cloud stopped", flush=True)
@@ -67,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         asyncio.run(_serve(args))
-    except (BundleError, ValueError, OSError) as exc:
+    except (BundleError, ValueError, OSError) as exc:  # TokenFileError is a ValueError, SSLError an OSError
         print(f"sft-cloud: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -16,9 +16,9 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterable, Sequence
 
-from edge_runtime.client import CloudClient
+from edge_runtime.client import Backoff, CloudClient, client_tls
 from edge_runtime.data import (
     Columns,
     DataError,
@@ -40,12 +40,15 @@ from edge_runtime.trainer import (
     ResumeError,
     RunConfig,
     TrainResult,
+    TrainBatch,
     evaluate,
     planned_steps,
     predict_logits,
     prediction_rows,
     resume_point,
+    restore_checkpoint,
     train,
+    rewind_to_checkpoint,
     training_batches,
 )
 from splitwire.bundle import Bundle, BundleError, load_bundle, sha256_file
@@ -89,6 +92,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session", help="this training run's name on the cloud (default: 'default', or the run's)")
     parser.add_argument("--token-file", type=Path, help="file holding the session token (default: $SFT_TOKEN)")
     parser.add_argument("--checkpoint-dir", type=Path, help="where checkpoints live (default: runs/<session>)")
+    parser.add_argument("--ca-file", type=Path,
+                        help="PEM CA certificate that signed a wss:// cloud's certificate (default: the system's)")
+    parser.add_argument("--reconnect-for", type=float, default=300.0, metavar="SECONDS",
+                        help="after a lost connection, keep reconnecting (exponential backoff with jitter) and "
+                             "resume for this long; 0 gives up at once (default 300)")
     parser.add_argument("--batch-size", type=_positive,
                         help=f"rows per step (default {DEFAULTS['batch_size']}, or the run's)")
     parser.add_argument("--threads", type=_positive, help="CPU threads for the edge engine (default: onnxruntime's)")
@@ -239,7 +247,9 @@ async def _connected(args: argparse.Namespace, bundle: Bundle, config: RunConfig
     """The session, the cloud asked to rewind to the latest edge checkpoint if it is ahead of it."""
     client = await CloudClient.connect(args.cloud, bundle=bundle, session_id=config.session, token=_token(args),
                                        schedule=Schedule.from_dict(config.schedule), seed=config.seed,
-                                       codec=config.codec,
+                                       codec=config.codec, ssl=client_tls(args.cloud, args.ca_file),
+                                       retry=Backoff(give_up_after_s=args.reconnect_for) if args.reconnect_for > 0
+                                       else None,
                                        resume_from=saved[-1].step if saved else None)
     try:
         yield client
@@ -267,16 +277,17 @@ async def train_command(args: argparse.Namespace) -> dict[str, Any]:
     schedule = Schedule.from_dict(config.schedule)
     tokenizer = EdgeTokenizer.from_bundle(bundle)
     engine = open_engine(bundle, threads=args.threads)
+    def batches_after(step: int) -> Iterable[TrainBatch]:
+        return training_batches(train_data, tokenizer, batch_size=config.batch_size, epochs=config.epochs,
+                                seed=config.seed, max_steps=config.max_steps, after_step=step,
+                                group_by_length=config.group_by_length)
+
     async with _connected(args, bundle, config, saved) as client:
-        start = resume_point(client.resume_step, saved)
-        start_step = _restore(engine, start)
-        batches = training_batches(train_data, tokenizer, batch_size=config.batch_size, epochs=config.epochs,
-                                   seed=config.seed, max_steps=config.max_steps, after_step=start_step,
-                                   group_by_length=config.group_by_length)
-        result = await train(engine=engine, client=client, batches=batches, schedule=schedule,
+        start_step = restore_checkpoint(engine, resume_point(client.resume_step, saved))
+        result = await train(engine=engine, client=client, batches=batches_after(start_step), schedule=schedule,
                              total_steps=schedule.total_steps, start_step=start_step,
                              checkpointing=Checkpointing(directory, config, args.checkpoint_every),
-                             progress=args.progress)
+                             rewind=rewind_to_checkpoint(engine, directory, batches_after), progress=args.progress)
         summary = _train_summary(result, start_step=start_step, total=schedule.total_steps, client=client)
         for name, test in (("holdout", held_out), ("eval_file", _labelled(args.eval_file, args, columns, label_map))):
             if test is not None:
@@ -298,13 +309,6 @@ def _holdout(data: TextData, fraction: float | None, *, seed: int) -> tuple[Text
 
 def _labelled(path: Path | None, args: argparse.Namespace, columns: Columns, label_map: LabelMap) -> TextData | None:
     return None if path is None else table_texts(read_table(path, fmt=args.format), columns, label_map)
-
-
-def _restore(engine: EdgeEngine, checkpoint: Checkpoint | None) -> int:
-    if checkpoint is None:
-        return 0
-    engine.restore(checkpoint.engine_dir)
-    return checkpoint.step
 
 
 def _train_summary(result: TrainResult, *, start_step: int, total: int, client: CloudClient) -> dict[str, Any]:

@@ -9,15 +9,27 @@ the bytes of every frame it sends and receives.
 
 Bytes are the lengths of the websocket messages actually sent and received (the frames),
 not values computed from shapes; websocket framing (2–14 bytes a message) and TCP/IP
-headers come on top.
+headers come on top; a request resent after a reconnect counts again.
+
+Faults: given a ``Backoff``, a lost connection (or a busy or idle-closed one) is reopened
+with exponential backoff and full jitter, the session resumed, and the request under way
+resent. That is exact: a step the cloud already applied is answered from its replay cache,
+never applied twice. When the cloud comes back *behind* the edge (it restarted from an
+older checkpoint), the client raises ``SessionRewound``: the trainer must take the edge
+back to its own checkpoint of that step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 import ssl as ssl_module
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import TracebackType
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -25,7 +37,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, codec_for
-from splitwire.errors import BundleMismatch, ConfigMismatch, ConnectionLost, ProtocolError, SplitftError
+from splitwire.errors import (
+    BundleMismatch, ConfigMismatch, ConnectionLost, ProtocolError, RetryableError, SessionRewound, SplitftError,
+)
 from splitwire.protocol import (
     DEFAULT_MAX_BATCH, REPLAYED, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Train,
     Welcome, WireLimits, decode, encode, session_tag,
@@ -33,6 +47,46 @@ from splitwire.protocol import (
 from splitwire.schedule import Schedule
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between reconnect attempts: attempt ``n`` sleeps uniformly in ``[0, min(max_s, first_s·factorⁿ)]``
+    (full jitter, so devices that lost the cloud together do not return together), until
+    ``give_up_after_s`` have passed since the connection was lost."""
+
+    first_s: float = 0.25
+    factor: float = 2.0
+    max_s: float = 10.0
+    give_up_after_s: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.max_s, self.first_s * self.factor ** attempt))
+
+
+@dataclass(frozen=True)
+class Dial:
+    """Everything needed to open (and reopen) the session's connection."""
+
+    url: str
+    bundle: Bundle
+    session_id: str
+    token: str | None
+    config: SessionConfig
+    limits: WireLimits
+    ssl: ssl_module.SSLContext | None
+    open_timeout: float
+
+
+def client_tls(url: str, ca_file: Path | None) -> ssl_module.SSLContext | None:
+    """The TLS context for ``url``: ``wss://`` verifies the cloud's certificate against ``ca_file``
+    (else the system's CAs) and its host name; ``ws://`` has none."""
+    if not url.startswith("wss://"):
+        if ca_file is not None:
+            raise ValueError(f"--ca-file is for wss:// URLs; {url} is not encrypted")
+        return None
+    return ssl_module.create_default_context(cafile=ca_file)
 
 
 @dataclass(frozen=True)
@@ -45,17 +99,23 @@ class StepReply:
 
 
 class CloudClient:
-    """One session with the cloud over one websocket connection; requests run one at a time."""
+    """One session with the cloud over a websocket connection (reopened after faults when
+    ``retry`` is given); requests run one at a time."""
 
-    def __init__(self, ws: ClientConnection, *, session_id: str, config: SessionConfig, limits: WireLimits) -> None:
-        self._ws = ws
-        self._tag = session_tag(session_id)
-        self._activation = codec_for(config.codec, Carries.ACTIVATION, seed=config.seed)
-        self._gradient = codec_for(config.codec, Carries.GRADIENT, seed=config.seed)
-        self._limits = limits
+    def __init__(self, dial: Dial, *, retry: Backoff | None, rng: random.Random | None = None) -> None:
+        self._dial = dial
+        self._retry = retry
+        self._rng = rng or random.Random()
+        self._ws: ClientConnection | None = None
+        self._tag = session_tag(dial.session_id)
+        self._activation = codec_for(dial.config.codec, Carries.ACTIVATION, seed=dial.config.seed)
+        self._gradient = codec_for(dial.config.codec, Carries.GRADIENT, seed=dial.config.seed)
+        self._limits = dial.limits
         self._request = 0
-        self.session_id = session_id
-        self.resume_step = 0
+        self.session_id = dial.session_id
+        self.resume_step = 0  # the last training step the cloud had applied when the connection opened
+        self.step = 0  # the last training step both sides have applied, as far as this client knows
+        self.reconnects = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_step_bytes = (0, 0)
@@ -76,38 +136,92 @@ class CloudClient:
         resume_from: int | None = None,
         codec: str = "fp32",
         max_batch: int = DEFAULT_MAX_BATCH,
+        retry: Backoff | None = None,
+        rng: random.Random | None = None,
     ) -> "CloudClient":
         """Open the session. ``resume_from`` is the last step this edge applied (after restoring
         its checkpoint), so the cloud can go back to its matching checkpoint; ``resume_step`` on
         the returned client says where the cloud is. Raises ``BundleMismatch`` / ``ConfigMismatch``
-        when the two sides disagree, ``ConnectionLost`` when the cloud cannot be reached."""
+        when the two sides disagree, ``AuthError`` for a wrong token, ``ConnectionLost`` when the
+        cloud cannot be reached (with ``retry``: within its ``give_up_after_s``)."""
         config = SessionConfig(schedule, seed, codec_for(codec, Carries.ACTIVATION).name)
-        limits = WireLimits.from_bundle(bundle, max_batch=max_batch)
-        try:
-            ws = await connect(url, compression=None, max_size=limits.max_frame_bytes(), ssl=ssl,
-                               open_timeout=open_timeout)
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise ConnectionLost(f"cannot reach the cloud at {url}: {exc}") from None
-        client = cls(ws, session_id=session_id, config=config, limits=limits)
-        try:
-            hello = Hello(session_id, bundle.hash, config, token, resume_from)
-            welcome = await client._exchange(encode(hello.to_frame()), 0, Welcome.from_frame)
-            if welcome.bundle_hash != bundle.hash:
-                raise BundleMismatch(
-                    f"the cloud serves bundle {welcome.bundle_hash[:12]}…, this edge loaded {bundle.hash[:12]}… "
-                    f"({bundle.root}): give both sides the same sft-export output"
-                )
-            if welcome.config != config:
-                raise ConfigMismatch(f"the cloud welcomed session {session_id!r} with {welcome.config.to_meta()}, "
-                                     f"this edge asked for {config.to_meta()}")
-        except BaseException:
-            await ws.close()
-            raise
-        client.resume_step = welcome.resume_step
-        client._limits = replace(limits, max_batch=min(max_batch, welcome.max_batch))
+        dial = Dial(url, bundle, session_id, token, config, WireLimits.from_bundle(bundle, max_batch=max_batch), ssl,
+                    open_timeout)
+        client = cls(dial, retry=retry, rng=rng)
+        await client._retrying(lambda: client._open(resume_from), what="connecting")
+        client.step = client.resume_step
         return client
 
-    async def _exchange(self, data: bytes, step: int, read: Callable[[Frame], T]) -> T:
+    async def _open(self, resume_from: int | None) -> None:
+        """Open a connection and say hello; on return ``resume_step`` is where the cloud's session is."""
+        dial = self._dial
+        try:
+            self._ws = await connect(dial.url, compression=None, max_size=dial.limits.max_frame_bytes(),
+                                     ssl=dial.ssl, open_timeout=dial.open_timeout)
+        except ssl_module.SSLCertVerificationError as exc:
+            raise SplitftError(f"cannot verify the certificate of {dial.url}: {exc.verify_message}; "
+                               "pass the CA that signed it (--ca-file)") from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise ConnectionLost(f"cannot reach the cloud at {dial.url}: {exc}") from None
+        hello = Hello(dial.session_id, dial.bundle.hash, dial.config, dial.token, resume_from)
+        welcome = await self._exchange_once(encode(hello.to_frame()), 0, Welcome.from_frame)
+        try:
+            if welcome.bundle_hash != dial.bundle.hash:
+                raise BundleMismatch(
+                    f"the cloud serves bundle {welcome.bundle_hash[:12]}…, this edge loaded {dial.bundle.hash[:12]}… "
+                    f"({dial.bundle.root}): give both sides the same sft-export output"
+                )
+            if welcome.config != dial.config:
+                raise ConfigMismatch(f"the cloud welcomed session {dial.session_id!r} with "
+                                     f"{welcome.config.to_meta()}, this edge asked for {dial.config.to_meta()}")
+        except SplitftError:
+            await self._ws.close()
+            raise
+        self.resume_step = welcome.resume_step
+        self._limits = replace(dial.limits, max_batch=min(dial.limits.max_batch, welcome.max_batch))
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], *, what: str) -> T:
+        """``attempt()``, repeated after ``Backoff`` delays while it fails with a retryable error."""
+        lost_at, tries = time.monotonic(), 0
+        while True:
+            try:
+                return await attempt()
+            except RetryableError as exc:
+                if self._retry is None:
+                    raise
+                delay = self._retry.delay(tries, self._rng)
+                if time.monotonic() - lost_at + delay > self._retry.give_up_after_s:
+                    raise ConnectionLost(f"gave up {what} after {tries + 1} attempts in "
+                                         f"{time.monotonic() - lost_at:.1f} s: {exc}") from None
+                tries += 1
+                log.warning("%s %s: %s; retrying in %.2f s", what, self._dial.url, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _exchange(self, data: bytes, step: int, read: Callable[[Frame], T], *, resume_from: int,
+                        accept: tuple[int, ...]) -> T:
+        """``_exchange_once``; after a retryable failure, reopen the session and resend ``data``.
+
+        ``resume_from`` is the step the edge is at for this request and ``accept`` the steps the
+        cloud may be at for the resend to be exact; anywhere else raises ``SessionRewound``.
+        """
+        async def reopen_and_resend() -> T:
+            await self._open(resume_from)
+            self.reconnects += 1
+            if self.resume_step not in accept:
+                self.step = self.resume_step
+                raise SessionRewound(f"the cloud came back at step {self.resume_step} of session "
+                                     f"{self.session_id!r}; the edge is at step {resume_from}", step=self.resume_step)
+            return await self._exchange_once(data, step, read)
+
+        try:
+            return await self._exchange_once(data, step, read)
+        except RetryableError as exc:
+            if self._retry is None:
+                raise
+            log.warning("lost the cloud during request %d: %s; reconnecting", step, exc)
+        return await self._retrying(reopen_and_resend, what="reconnecting to")
+
+    async def _exchange_once(self, data: bytes, step: int, read: Callable[[Frame], T]) -> T:
         """Send one frame and ``read`` the checked reply to it; an error frame raises its error.
 
         Any error in the reply is fatal to the connection: it is closed before the error is raised.
@@ -141,7 +255,9 @@ class CloudClient:
         data = encode(Train(step, z, lengths, labels).to_frame(session=self._tag, codec=self._activation))
         Train.from_frame(decode(data), limits=self._limits, codec=self._activation)
         gradient, flags = await self._exchange(data, step, lambda reply: (
-            Gradient.from_frame(reply, codec=self._gradient, shape=z.shape, lengths=lengths), reply.flags))
+            Gradient.from_frame(reply, codec=self._gradient, shape=z.shape, lengths=lengths), reply.flags),
+            resume_from=step - 1, accept=(step - 1, step))
+        self.step = step
         self.last_step_bytes = self._last
         return StepReply(step, np.array(gradient.dz), gradient.loss, gradient.metrics, bool(flags & REPLAYED))
 
@@ -151,12 +267,13 @@ class CloudClient:
         data = encode(Predict(self._request, z, lengths).to_frame(session=self._tag, codec=self._activation))
         Predict.from_frame(decode(data), limits=self._limits, codec=self._activation)
         prediction = await self._exchange(data, self._request, lambda reply: Prediction.from_frame(
-            reply, batch=z.shape[0], num_labels=self._limits.num_labels))
+            reply, batch=z.shape[0], num_labels=self._limits.num_labels), resume_from=self.step, accept=(self.step,))
         return np.array(prediction.logits)
 
     async def checkpoint(self, step: int) -> bool:
         """Ask the cloud to persist the session as it is after ``step``; False if it keeps no state dir."""
-        reply = await self._exchange(encode(Frame(Kind.CHECKPOINT, self._tag, step)), step, Checkpointed.from_frame)
+        reply = await self._exchange(encode(Frame(Kind.CHECKPOINT, self._tag, step)), step, Checkpointed.from_frame,
+                                     resume_from=step, accept=(step,))
         return reply.persisted
 
     async def close(self) -> None:

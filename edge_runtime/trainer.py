@@ -7,6 +7,12 @@ the cloud used. The batch order is a pure function of (seed, epoch), so an in-pr
 PyTorch reference and a resumed run see exactly the same batches. Checkpoints hold the
 engine's state plus the run's config as JSON, written atomically; a run resumes at the
 step the cloud says it has applied.
+
+Faults during a run: the client reconnects and resends by itself; when the cloud comes
+back behind the edge (``SessionRewound``: it restarted from its last checkpoint), ``train``
+restores the edge's checkpoint of the same step and replays the batches from there, so the
+run ends with the weights of an uninterrupted one. A fresh run checkpoints step 0 first,
+so that even a cloud lost before the first periodic checkpoint has a step to meet at.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -29,6 +35,7 @@ from edge_runtime import metrics
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import EdgeBatch, EdgeEngine
 from edge_runtime.tokenize import EdgeTokenizer
+from splitwire.errors import SessionRewound
 from splitwire.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -253,6 +260,27 @@ def resume_point(cloud_step: int, saved: list[Checkpoint]) -> Checkpoint | None:
     )
 
 
+def restore_checkpoint(engine: EdgeEngine, checkpoint: Checkpoint | None) -> int:
+    """Load ``checkpoint`` into ``engine`` (``None``: keep the bundle's initial weights); its step."""
+    if checkpoint is None:
+        return 0
+    engine.restore(checkpoint.engine_dir)
+    return checkpoint.step
+
+
+Rewind = Callable[[int], tuple[int, Iterable["TrainBatch"]]]
+
+
+def rewind_to_checkpoint(engine: EdgeEngine, directory: CheckpointDir,
+                         batches_after: Callable[[int], Iterable["TrainBatch"]]) -> Rewind:
+    """What ``train`` calls when the cloud came back at an older step: restore the edge's
+    checkpoint that meets it (``resume_point``) and continue with the batches after it."""
+    def rewind(cloud_step: int) -> tuple[int, Iterable[TrainBatch]]:
+        step = restore_checkpoint(engine, resume_point(cloud_step, directory.all()))
+        return step, batches_after(step)
+    return rewind
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -269,6 +297,12 @@ class TrainResult:
     @property
     def last_step(self) -> int | None:
         return self.steps[-1] if self.steps else None
+
+    def forget_after(self, step: int) -> None:
+        """Drop the steps after ``step``: they are trained again."""
+        keep = sum(s <= step for s in self.steps)
+        for values in (self.steps, self.losses, self.shapes, self.step_bytes):
+            del values[keep:]
 
 
 @dataclass
@@ -307,33 +341,60 @@ async def train(
     total_steps: int,
     start_step: int = 0,
     checkpointing: Checkpointing | None = None,
+    rewind: Rewind | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Run every batch as one split step; ``batches`` continue from ``start_step + 1``."""
+    """Run every batch as one split step; ``batches`` continue from ``start_step + 1``.
+
+    With ``rewind`` (see ``rewind_to_checkpoint``), a cloud that comes back behind the edge
+    is met at a checkpoint and the steps after it are trained again; without, that raises
+    ``SessionRewound``.
+    """
     result = TrainResult()
     started = time.perf_counter()
-    last: TrainBatch | None = None
     with tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in batches:
-            expected = (last.step if last else start_step) + 1
-            if batch.step != expected:
-                raise ValueError(f"steps must be consecutive from {start_step + 1}: "
-                                 f"expected {expected}, got {batch.step}")
-            reply = await split_step(engine=engine, client=client, batch=batch, schedule=schedule)
-            last = batch
-            result.steps.append(batch.step)
-            result.losses.append(float(reply.loss))
-            result.shapes.append(batch.inputs.shape)
-            result.step_bytes.append(tuple(client.last_step_bytes))
-            bar.update(1)
-            bar.set_postfix({"loss": f"{reply.loss:.4f}", "up": _size(client.bytes_sent),
-                             "down": _size(client.bytes_received)}, refresh=False)
-            if checkpointing and batch.step % checkpointing.every == 0:
-                await checkpointing.save(engine, client, step=batch.step, epoch=batch.epoch)
-    if checkpointing and last is not None and last.step % checkpointing.every:
-        await checkpointing.save(engine, client, step=last.step, epoch=last.epoch)
+        if checkpointing and start_step == 0:
+            await checkpointing.save(engine, client, step=0, epoch=0)
+        while True:
+            try:
+                await _train_batches(engine=engine, client=client, batches=batches, schedule=schedule,
+                                     start_step=start_step, checkpointing=checkpointing, result=result, bar=bar)
+                break
+            except SessionRewound as exc:
+                if rewind is None:
+                    raise
+                start_step, batches = rewind(exc.step)
+                log.warning("the cloud came back at step %d: the edge continues from its checkpoint of step %d",
+                            exc.step, start_step)
+                result.forget_after(start_step)
+                bar.n = start_step
+                bar.refresh()
     result.seconds = time.perf_counter() - started
     return result
+
+
+async def _train_batches(*, engine: EdgeEngine, client: "CloudClient", batches: Iterable[TrainBatch],
+                         schedule: Schedule, start_step: int, checkpointing: Checkpointing | None,
+                         result: TrainResult, bar: tqdm) -> None:
+    last: TrainBatch | None = None
+    for batch in batches:
+        expected = (last.step if last else start_step) + 1
+        if batch.step != expected:
+            raise ValueError(f"steps must be consecutive from {start_step + 1}: "
+                             f"expected {expected}, got {batch.step}")
+        reply = await split_step(engine=engine, client=client, batch=batch, schedule=schedule)
+        last = batch
+        result.steps.append(batch.step)
+        result.losses.append(float(reply.loss))
+        result.shapes.append(batch.inputs.shape)
+        result.step_bytes.append(tuple(client.last_step_bytes))
+        bar.update(1)
+        bar.set_postfix({"loss": f"{reply.loss:.4f}", "up": _size(client.bytes_sent),
+                         "down": _size(client.bytes_received)}, refresh=False)
+        if checkpointing and batch.step % checkpointing.every == 0:
+            await checkpointing.save(engine, client, step=batch.step, epoch=batch.epoch)
+    if checkpointing and last is not None and last.step % checkpointing.every:
+        await checkpointing.save(engine, client, step=last.step, epoch=last.epoch)
 
 
 def _size(n: int) -> str:
