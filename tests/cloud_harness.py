@@ -1,0 +1,266 @@
+"""Real parts for fault, load and security tests: an ``sft-cloud`` child process, a
+connection-cutting TCP proxy, and an in-process edge that trains one session end to end.
+
+Why it exists: the fault and load tests (and ``benchmarks/load.py``) need the same three
+things, and each must be the real component: the cloud is the ``sft-cloud`` command (so
+``kill -9`` kills a real process whose state dir is read back afterwards), faults are real
+TCP connections cut mid-frame, and the edge is the real engine driven by the trainer's own
+``train`` loop with checkpoints and rewinds, through a reconnecting ``CloudClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from edge_runtime.client import Backoff, CloudClient
+from edge_runtime.data import Columns, TextData, infer_label_map, read_table, table_texts
+from edge_runtime.engine import open_engine
+from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.trainer import (
+    CheckpointDir, Checkpointing, RunConfig, TrainBatch, TrainResult, restore_checkpoint, resume_point,
+    rewind_to_checkpoint, train, training_batches,
+)
+from splitwire.bundle import Bundle
+from splitwire.schedule import Schedule
+
+FAST_RETRY = Backoff(first_s=0.02, factor=2.0, max_s=0.5, give_up_after_s=60.0)
+
+
+def review_data(path: Path, rows: slice) -> TextData:
+    """Rows of the movie-review snippets (tab-separated id, sentiment, text); positive when sentiment > 0."""
+    table = read_table(path)
+    table = type(table)(table.path, table.columns, table.rows[rows])
+    labels = infer_label_map(table, column="sentiment", num_labels=2, threshold=0.0)
+    return table_texts(table, Columns(text="text", label="sentiment"), labels)
+
+
+# ---------------------------------------------------------------------------- the cloud process
+
+
+class CloudProcess:
+    """``sft-cloud`` as a child process; its JSON log goes to a file (a full pipe would block it)."""
+
+    def __init__(self, bundle_root: Path, state_dir: Path, *, log_path: Path, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.bundle_root, self.state_dir, self.log_path = bundle_root, state_dir, log_path
+        self.extra, self.env = extra, env or {}
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, *, wait: bool = True) -> "CloudProcess":
+        """Start on ``self.port`` (0 at first: a free one). ``wait``: until it listens."""
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
+        command = [sys.executable, "-m", "cloud_backend.cli", "--bundle", str(self.bundle_root), "--port",
+                   str(self.port), "--device", "cpu", "--state-dir", str(self.state_dir), *self.extra]
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        if wait:
+            self.wait_listening()
+        return self
+
+    def wait_listening(self) -> None:
+        line = self.proc.stdout.readline()
+        if not line.startswith("sft-cloud listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"sft-cloud did not start: {line!r}\n{self.log_path.read_text()[-3000:]}")
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def vm_hwm_kib(self) -> int:
+        """The process's peak resident memory (``VmHWM``)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM in /proc status")
+
+    def stop(self) -> None:
+        """SIGTERM: it checkpoints every session into the state dir and exits 0."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=120)
+        finally:
+            self.proc.kill()
+        if code != 0:
+            raise RuntimeError(f"sft-cloud exited {code}:\n{self.log_path.read_text()[-3000:]}")
+
+    def saved_weights(self, session_id: str) -> dict[str, np.ndarray]:
+        """The top part's weights of ``session_id`` as the stopped process saved them."""
+        from safetensors.numpy import load_file
+
+        from cloud_backend.session import checkpoint_path
+
+        tensors = load_file(str(checkpoint_path(self.state_dir, session_id, "latest")))
+        return {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
+
+    def events(self) -> list[str]:
+        """The ``event`` of every JSON log line so far."""
+        return [json.loads(line)["event"] for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+# ---------------------------------------------------------------------------- faults on the wire
+
+
+class CuttingProxy:
+    """A TCP proxy on localhost that aborts each connection after a random number of bytes.
+
+    Bytes are counted in both directions; the cut falls anywhere: in the websocket handshake,
+    the hello, the middle of a frame going up or of a reply coming down. After ``max_cuts``
+    cuts it forwards faithfully, so a run can finish.
+    """
+
+    def __init__(self, upstream_port: int, *, seed: int, cut_between: tuple[int, int], max_cuts: int) -> None:
+        self.upstream_port = upstream_port
+        self.rng = random.Random(seed)
+        self.cut_between = cut_between
+        self.max_cuts = max_cuts
+        self.cuts = 0
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> "CuttingProxy":
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        budget = [self.rng.randint(*self.cut_between) if self.cuts < self.max_cuts else -1]
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        pumps = [asyncio.create_task(self._pump(reader, up_writer, budget)),
+                 asyncio.create_task(self._pump(up_reader, writer, budget))]
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+        if budget[0] == 0:
+            self.cuts += 1
+        for w in (writer, up_writer):
+            w.transport.abort()
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, budget: list[int]) -> None:
+        """Forward until EOF, or until the shared byte budget (``-1``: none) runs out."""
+        while data := await reader.read(4096):
+            if budget[0] >= 0:
+                data = data[:budget[0]]
+                budget[0] -= len(data)
+            writer.write(data)
+            await writer.drain()
+            if budget[0] == 0:
+                return
+
+
+# ---------------------------------------------------------------------------- one edge session
+
+
+@dataclass(frozen=True)
+class EdgeSession:
+    """What one edge session trains on, and how."""
+
+    bundle: Bundle
+    session: str
+    data: TextData
+    seed: int
+    steps: int
+    batch_size: int = 8
+    checkpoint_every: int = 3
+    lr: float = 1e-3
+
+
+@dataclass
+class EdgeOutcome:
+    result: TrainResult
+    parameters: dict[str, np.ndarray]
+    reconnects: int
+    bytes_sent: int
+    bytes_received: int
+
+
+def schedule_of(run: EdgeSession) -> Schedule:
+    return Schedule(lr=run.lr, kind="linear", warmup_steps=1, total_steps=run.steps)
+
+
+async def train_edge(run: EdgeSession, url: str, checkpoint_dir: Path, *, token: str | None = None,
+                     retry: Backoff | None = FAST_RETRY, before_step: Callable[[int], None] | None = None,
+                     ssl=None) -> EdgeOutcome:
+    """Train ``run`` against the cloud at ``url`` with the real engine and ``train`` loop,
+    resuming from ``checkpoint_dir`` like ``sft-edge train`` does. ``before_step(n)`` runs
+    before step ``n`` is computed (every time it is: also when a rewind replays it)."""
+    engine = open_engine(run.bundle, threads=1)
+    tokenizer = EdgeTokenizer.from_bundle(run.bundle)
+    schedule = schedule_of(run)
+    directory = CheckpointDir(checkpoint_dir)
+    saved = directory.all()
+
+    def batches_after(step: int) -> Iterator[TrainBatch]:
+        for batch in training_batches(run.data, tokenizer, batch_size=run.batch_size, epochs=100, seed=run.seed,
+                                      max_steps=run.steps, after_step=step):
+            if before_step is not None:
+                before_step(batch.step)
+            yield batch
+
+    config = RunConfig(session=run.session, bundle_hash=run.bundle.hash, data_sha256="-", columns={},
+                       label_map={}, seed=run.seed, batch_size=run.batch_size, epochs=100, max_steps=run.steps,
+                       holdout=None, schedule=schedule.to_dict())
+    client = await CloudClient.connect(url, bundle=run.bundle, session_id=run.session, token=token,
+                                       schedule=schedule, seed=run.seed, retry=retry, ssl=ssl,
+                                       resume_from=saved[-1].step if saved else None)
+    async with client:
+        start = restore_checkpoint(engine, resume_point(client.resume_step, saved))
+        result = await train(engine=engine, client=client, batches=batches_after(start), schedule=schedule,
+                             total_steps=run.steps, start_step=start,
+                             checkpointing=Checkpointing(directory, config, run.checkpoint_every),
+                             rewind=rewind_to_checkpoint(engine, directory, batches_after), progress=False)
+    return EdgeOutcome(result, engine.parameters(), client.reconnects, client.bytes_sent, client.bytes_received)
+
+
+# ---------------------------------------------------------------------------- the shared bundle
+
+_TINY_DROPOUT: dict[str, Path] = {}
+
+
+def tiny_dropout_bundle(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    """The tiny BERT with dropout 0.1 (so the cloud's restored RNG matters), split 2, rank 4,
+    ``ort-training``, max length 48: exported once per test session for these tests."""
+    from bundles import export_cached
+
+    if "root" not in _TINY_DROPOUT:
+        model_dir = tmp_path_factory.mktemp("tiny-dropout-faults") / "model"
+        shutil.copytree(tiny_model_dir, model_dir)
+        config = json.loads((model_dir / "config.json").read_text())
+        config |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+        (model_dir / "config.json").write_text(json.dumps(config))
+        _TINY_DROPOUT["root"] = export_cached(tmp_path_factory, model_dir, split=2, rank=4, init="random",
+                                              max_length=48, lr=1e-3, engine="ort-training")
+    return _TINY_DROPOUT["root"]
