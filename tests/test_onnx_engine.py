@@ -105,7 +105,7 @@ def test_one_export_serves_single_rows_single_tokens_and_the_longest_batches(tin
 def test_graph_files_hold_no_weights(tiny_onnx_bundle):
     bundle = load_bundle(tiny_onnx_bundle, parts=["edge"])
     weights = set(bundle.manifest["edge"]["trainable"]) | set(bundle.manifest["edge"]["frozen"])
-    for role in ("forward", "backward"):
+    for role in ("forward", "backward", "infer"):
         model = onnx.load(bundle.edge_file(role))
         assert sum(t.ByteSize() for t in model.graph.initializer) < 4096, role  # a few constants only
         assert model.ir_version <= 10  # onnxruntime 1.19 reads IR ≤ 10
