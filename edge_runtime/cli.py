@@ -27,6 +27,7 @@ from edge_runtime.data import (
     TextData,
     holdout_split,
     infer_label_map,
+    output_format,
     read_table,
     table_texts,
     write_rows,
@@ -39,16 +40,16 @@ from edge_runtime.trainer import (
     Checkpointing,
     ResumeError,
     RunConfig,
-    TrainResult,
     TrainBatch,
+    TrainResult,
     evaluate,
     planned_steps,
     predict_logits,
     prediction_rows,
-    resume_point,
     restore_checkpoint,
-    train,
+    resume_point,
     rewind_to_checkpoint,
+    train,
     training_batches,
 )
 from splitwire.bundle import Bundle, BundleError, load_bundle, sha256_file
@@ -91,12 +92,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="the sft-cloud server, ws://host:port or wss://…")
     parser.add_argument("--session", help="this training run's name on the cloud (default: 'default', or the run's)")
     parser.add_argument("--token-file", type=Path, help="file holding the session token (default: $SFT_TOKEN)")
-    parser.add_argument("--checkpoint-dir", type=Path, help="where checkpoints live (default: runs/<session>)")
     parser.add_argument("--ca-file", type=Path,
                         help="PEM CA certificate that signed a wss:// cloud's certificate (default: the system's)")
     parser.add_argument("--reconnect-for", type=float, default=300.0, metavar="SECONDS",
                         help="after a lost connection, keep reconnecting (exponential backoff with jitter) and "
                              "resume for this long; 0 gives up at once (default 300)")
+    parser.add_argument("--checkpoint-dir", type=Path, help="where checkpoints live (default: runs/<session>)")
     parser.add_argument("--batch-size", type=_positive,
                         help=f"rows per step (default {DEFAULTS['batch_size']}, or the run's)")
     parser.add_argument("--threads", type=_positive, help="CPU threads for the edge engine (default: onnxruntime's)")
@@ -106,7 +107,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _columns(parser: argparse.ArgumentParser, *, labels: bool) -> None:
     parser.add_argument("--format", choices=("csv", "tsv", "jsonl"),
                         help="file format (default: from the suffix, else sniffed)")
-    parser.add_argument("--text-column", help="column with the text (default 'text', or the run's)")
+    parser.add_argument("--text-column", help="column with the text (default 'text', or the run's); texts longer "
+                        "than the bundle's max_length tokens are truncated to it (pairs: the longer text first)")
     parser.add_argument("--text-pair-column", help="column with the second text of a sentence pair")
     if labels:
         parser.add_argument("--label-column", help="column with the label (default 'label', or the run's)")
@@ -274,9 +276,11 @@ async def train_command(args: argparse.Namespace) -> dict[str, Any]:
     if previous:
         check_same_run(config, previous, directory.root)
     train_data, held_out = _holdout(data, config.holdout, seed=config.seed)
+    eval_data = _labelled(args.eval_file, args, columns, label_map)  # every input checked before any state is made
     schedule = Schedule.from_dict(config.schedule)
     tokenizer = EdgeTokenizer.from_bundle(bundle)
     engine = open_engine(bundle, threads=args.threads)
+
     def batches_after(step: int) -> Iterable[TrainBatch]:
         return training_batches(train_data, tokenizer, batch_size=config.batch_size, epochs=config.epochs,
                                 seed=config.seed, max_steps=config.max_steps, after_step=step,
@@ -289,7 +293,7 @@ async def train_command(args: argparse.Namespace) -> dict[str, Any]:
                              checkpointing=Checkpointing(directory, config, args.checkpoint_every),
                              rewind=rewind_to_checkpoint(engine, directory, batches_after), progress=args.progress)
         summary = _train_summary(result, start_step=start_step, total=schedule.total_steps, client=client)
-        for name, test in (("holdout", held_out), ("eval_file", _labelled(args.eval_file, args, columns, label_map))):
+        for name, test in (("holdout", held_out), ("eval_file", eval_data)):
             if test is not None:
                 summary[f"{name}_metrics"] = await evaluate(engine=engine, client=client, data=test,
                                                             tokenizer=tokenizer, batch_size=config.batch_size,
@@ -357,9 +361,8 @@ def _format_metrics(values: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4f}" for name, value in values.items())
 
 
-@asynccontextmanager
-async def _trained_run(args: argparse.Namespace) -> AsyncIterator[tuple[Bundle, RunConfig, EdgeEngine, CloudClient]]:
-    """The latest run in the checkpoint dir, its edge restored at the step the cloud's session is at."""
+def _saved_run(args: argparse.Namespace) -> tuple[Bundle, RunConfig]:
+    """The bundle and the config of the latest run in the checkpoint dir, checked against the arguments."""
     bundle = load_bundle(args.bundle, parts=("edge",))
     directory = _checkpoint_dir(args)
     saved = directory.all()
@@ -371,7 +374,15 @@ async def _trained_run(args: argparse.Namespace) -> AsyncIterator[tuple[Bundle, 
         raise ResumeError(f"{directory.root} holds session {config.session!r}, not {args.session!r}")
     if config.bundle_hash != bundle.hash:
         raise BundleError(f"{directory.root} was trained with another bundle than {args.bundle}")
-    config = replace(config, batch_size=_pick(args.batch_size, config.batch_size))
+    return bundle, replace(config, batch_size=_pick(args.batch_size, config.batch_size))
+
+
+@asynccontextmanager
+async def _trained_run(args: argparse.Namespace, bundle: Bundle, config: RunConfig) -> AsyncIterator[
+        tuple[EdgeEngine, CloudClient]]:
+    """The run's edge, restored at the step the cloud's session is at, and its connection."""
+    directory = _checkpoint_dir(args)
+    saved = directory.all()
     engine = open_engine(bundle, threads=args.threads)
     async with _connected(args, bundle, config, saved) as client:
         match = [c for c in saved if c.step == client.resume_step]
@@ -379,7 +390,7 @@ async def _trained_run(args: argparse.Namespace) -> AsyncIterator[tuple[Bundle, 
             raise ResumeError(f"the cloud's session is at step {client.resume_step}, the checkpoints in "
                               f"{directory.root} at {', '.join(str(c.step) for c in saved)}: resume training first")
         engine.restore(match[-1].engine_dir)
-        yield bundle, config, engine, client
+        yield engine, client
 
 
 def _run_columns(args: argparse.Namespace, config: RunConfig, *, labels: bool) -> Columns:
@@ -391,10 +402,10 @@ def _run_columns(args: argparse.Namespace, config: RunConfig, *, labels: bool) -
 
 
 async def eval_command(args: argparse.Namespace) -> dict[str, float]:
-    async with _trained_run(args) as (bundle, config, engine, client):
-        label_map = LabelMap.from_dict(config.label_map)
-        data = table_texts(read_table(args.eval_file, fmt=args.format), _run_columns(args, config, labels=True),
-                           label_map)
+    bundle, config = _saved_run(args)
+    data = table_texts(read_table(args.eval_file, fmt=args.format), _run_columns(args, config, labels=True),
+                       LabelMap.from_dict(config.label_map))
+    async with _trained_run(args, bundle, config) as (engine, client):
         values = await evaluate(engine=engine, client=client, data=data, tokenizer=EdgeTokenizer.from_bundle(bundle),
                                 batch_size=config.batch_size, progress=args.progress)
     print(f"{args.eval_file} ({len(data)} rows): {_format_metrics(values)}")
@@ -402,8 +413,10 @@ async def eval_command(args: argparse.Namespace) -> dict[str, float]:
 
 
 async def predict_command(args: argparse.Namespace) -> None:
-    async with _trained_run(args) as (bundle, config, engine, client):
-        data = table_texts(read_table(args.input, fmt=args.format), _run_columns(args, config, labels=False))
+    bundle, config = _saved_run(args)
+    data = table_texts(read_table(args.input, fmt=args.format), _run_columns(args, config, labels=False))
+    output_format(args.out)
+    async with _trained_run(args, bundle, config) as (engine, client):
         logits = await predict_logits(engine=engine, client=client, data=data,
                                       tokenizer=EdgeTokenizer.from_bundle(bundle), batch_size=config.batch_size,
                                       progress=args.progress)

@@ -333,12 +333,21 @@ def holdout_split(n: int, *, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def write_rows(path: str | Path, rows: Iterable[dict[str, Any]], *, columns: Sequence[str]) -> None:
-    """Write rows as JSONL (``.jsonl``/``.ndjson``) or CSV (``.csv``)."""
+def output_format(path: str | Path) -> str:
+    """``csv`` or ``jsonl`` from the suffix of an output file (checked before any work is done)."""
     path = Path(path)
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt not in ("csv", "jsonl"):
         raise DataError(f"{path}: write predictions to a .csv or .jsonl file")
+    if not path.parent.is_dir():
+        raise DataError(f"{path}: the directory {path.parent} does not exist")
+    return fmt
+
+
+def write_rows(path: str | Path, rows: Iterable[dict[str, Any]], *, columns: Sequence[str]) -> None:
+    """Write rows as JSONL (``.jsonl``/``.ndjson``) or CSV (``.csv``)."""
+    path = Path(path)
+    fmt = output_format(path)
     with open(path, "w", encoding="utf-8", newline="") as f:
         if fmt == "jsonl":
             for row in rows:

@@ -11,10 +11,7 @@ counts, so the weights must be bit-equal.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +96,91 @@ def test_kill_9_of_the_cloud_mid_training_loses_no_training(bundle, reviews, tmp
     assert crashed.result.losses == whole.result.losses
     assert_same(crashed.parameters, whole.parameters)
     assert_same(cloud.saved_weights("crash"), cloud.saved_weights("whole"))
+
+
+# ---------------------------------------------------------------------------- the edge's own input
+
+
+def _reviews_tsv(path: Path, rows: int) -> Path:
+    lines = movie_reviews_path().read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(lines[:rows + 1]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cloud_process(bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cloud-process")
+    cloud = CloudProcess(bundle.root, root / "state", log_path=root / "cloud.log").start()
+    yield cloud
+    cloud.stop()
+
+
+THRESHOLD = ("--label-threshold", "0")
+REVIEWS = None  # the first rows of the real movie-review snippets
+
+BAD_INPUTS = {  # case: (file name, content, options, what the error says)
+    "missing text column": ("train.tsv", "id\tsentiment\tbody\n1\t0.5\tgood\n", THRESHOLD, "no column 'text'"),
+    "missing label column": ("train.tsv", "id\tscore\ttext\n1\t0.5\tgood\n", THRESHOLD, "no column 'sentiment'"),
+    "empty file": ("train.tsv", "", THRESHOLD, "the file is empty"),
+    "header only": ("train.tsv", "id\tsentiment\ttext\n", THRESHOLD, "no data rows"),
+    "ragged row": ("train.tsv", "id\tsentiment\ttext\n1\t0.5\n", THRESHOLD, "train.tsv:2: 2 fields, but the header has 3"),
+    "malformed JSONL": ("train.jsonl", '{"text": "good", "sentiment": 1}\n{"text": "bad", \n', THRESHOLD,
+                        "train.jsonl:2: malformed JSON"),
+    "not UTF-8": ("train.tsv", b"id\tsentiment\ttext\n1\t0.5\t\xff\xfe\n", THRESHOLD, "not UTF-8"),
+    "not a number": ("train.tsv", "id\tsentiment\ttext\n1\tgreat\tgood\n", THRESHOLD,
+                     "train.tsv:2: column 'sentiment': expected a finite number"),
+    "bundle for another task": ("train.tsv", "id\tsentiment\ttext\n1\tpos\ta\n2\tneg\tb\n3\tneutral\tc\n", (),
+                                r"3 distinct labels \(neg, neutral, pos\), but the bundle's head has 2 outputs"),
+    "unknown label in the eval file": ("train.tsv", "id\tsentiment\ttext\n1\tpos\ta\n2\tneg\tb\n", ("--eval-file", "EVAL"),
+                                       "eval.tsv:3: column 'sentiment': unknown label 'neutral'; this run's labels "
+                                       "are neg, pos"),
+    "empty train set": ("train.tsv", REVIEWS, (*THRESHOLD, "--holdout", "0.99"), "leaves an empty train or test set"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_clearly_before_any_state_is_made(case, cloud_process, bundle, tmp_path, capsys):
+    """Exit 1 with a message naming the file (and line and column), no checkpoint dir, no cloud session."""
+    from edge_runtime.cli import main
+
+    name, content, options, message = BAD_INPUTS[case]
+    data = tmp_path / name
+    if content is REVIEWS:
+        _reviews_tsv(data, 8)
+    elif isinstance(content, bytes):
+        data.write_bytes(content)
+    else:
+        data.write_text(content, encoding="utf-8")
+    (tmp_path / "eval.tsv").write_text("id\tsentiment\ttext\n1\tpos\tfine\n2\tneutral\tunsure\n")
+    options = [str(tmp_path / "eval.tsv") if option == "EVAL" else option for option in options]
+    events_before = cloud_process.events()
+    checkpoints = tmp_path / "runs"
+    code = main(["train", "--bundle", str(bundle.root), "--cloud", cloud_process.url, "--session", "bad",
+                 "--checkpoint-dir", str(checkpoints), "--data", str(data), "--label-column", "sentiment",
+                 "--max-steps", "1", "--no-progress", *options])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert re.search(message, err), err
+    assert err.startswith("sft-edge train: error: ") and "Traceback" not in err
+    assert not checkpoints.exists()  # no partial state on the edge …
+    assert cloud_process.events() == events_before  # … and the cloud never heard of it
+
+
+def test_good_input_with_an_over_long_text_trains_and_makes_state(cloud_process, bundle, tmp_path, capsys):
+    """The control for the test above: the same command on good data reaches the cloud and checkpoints;
+    a text far longer than the bundle's max_length is truncated to it, as the help says."""
+    from edge_runtime.cli import build_parser, main
+    from edge_runtime.tokenize import EdgeTokenizer
+
+    data = _reviews_tsv(tmp_path / "train.tsv", 8)
+    long_text = " ".join(["unforgettable"] * 5000)
+    data.write_text(data.read_text() + f"9\t1.5\t{long_text}\n")
+    batch, lengths = EdgeTokenizer.from_bundle(bundle).encode([long_text, "short"])
+    assert batch.shape == (2, bundle.max_length) and lengths.tolist()[0] == bundle.max_length
+    assert "truncated" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    code = main(["train", "--bundle", str(bundle.root), "--cloud", cloud_process.url, "--session", "good",
+                 "--checkpoint-dir", str(tmp_path / "runs"), "--data", str(data), "--label-column", "sentiment",
+                 "--label-threshold", "0", "--batch-size", "9", "--max-steps", "1", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert [c.step for c in CheckpointDir(tmp_path / "runs").all()] == [0, 1]
+    assert {"new_session", "welcome", "train"} <= set(cloud_process.events())
