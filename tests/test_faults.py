@@ -11,7 +11,13 @@ counts, so the weights must be bit-equal.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +190,49 @@ def test_good_input_with_an_over_long_text_trains_and_makes_state(cloud_process,
     assert code == 0, capsys.readouterr().err
     assert [c.step for c in CheckpointDir(tmp_path / "runs").all()] == [0, 1]
     assert {"new_session", "welcome", "train"} <= set(cloud_process.events())
+
+
+def _final_edge(bundle, directory: Path) -> dict[str, np.ndarray]:
+    from edge_runtime.engine import open_engine
+
+    engine = open_engine(bundle, threads=1)
+    engine.restore(CheckpointDir(directory).latest().engine_dir)
+    return engine.parameters()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_edge_resumes_from_its_checkpoint_exactly(cloud_process, bundle, tmp_path):
+    """``sft-edge train`` is killed (SIGKILL: no cleanup) after its step-6 checkpoint; the same command
+    run again resumes (the cloud rewinds to its matching checkpoint) and ends where an unbroken run ends."""
+    data = _reviews_tsv(tmp_path / "train.tsv", 96)
+
+    def command(session: str) -> list[str]:
+        return [sys.executable, "-m", "edge_runtime.cli", "train", "--bundle", str(bundle.root), "--cloud",
+                cloud_process.url, "--session", session, "--checkpoint-dir", str(tmp_path / session), "--data",
+                str(data), "--label-column", "sentiment", "--label-threshold", "0", "--batch-size", "8",
+                "--max-steps", "12", "--checkpoint-every", "3", "--lr", "1e-3", "--seed", "4", "--threads", "1",
+                "--no-progress", "--report", str(tmp_path / f"{session}.json")]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(command("whole"), env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    killed = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (tmp_path / "killed" / "step-00000006").exists() and killed.poll() is None:
+        time.sleep(0.002)
+    time.sleep(0.05)  # a step or so further, wherever that falls
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+    resumed = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    whole_report = json.loads((tmp_path / "whole.json").read_text())
+    resumed_report = json.loads((tmp_path / "killed.json").read_text())
+    first = resumed_report["first_step"]
+    assert 7 <= first <= 10 and resumed_report["last_step"] == 12  # after checkpoint 6 or 9
+    assert resumed_report["losses"] == whole_report["losses"][first - 1:]
+    assert_same(_final_edge(bundle, tmp_path / "killed"), _final_edge(bundle, tmp_path / "whole"))
+    cloud_process.stop()  # saves both sessions; the module's next user restarts it
+    try:
+        assert_same(cloud_process.saved_weights("killed"), cloud_process.saved_weights("whole"))
+    finally:
+        cloud_process.start()
