@@ -57,11 +57,8 @@ class CloudProcess:
         self.bundle_root, self.state_dir, self.log_path = bundle_root, state_dir, log_path
         self.extra, self.env = extra, env or {}
         self.port = 0
+        self.url = ""
         self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
 
     def start(self, *, wait: bool = True) -> "CloudProcess":
         """Start on ``self.port`` (0 at first: a free one). ``wait``: until it listens."""
@@ -79,7 +76,8 @@ class CloudProcess:
         if not line.startswith("sft-cloud listening on "):
             self.proc.kill()
             raise RuntimeError(f"sft-cloud did not start: {line!r}\n{self.log_path.read_text()[-3000:]}")
-        self.port = int(line.rsplit(":", 1)[1])
+        self.url = line.split()[-1]
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
