@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# The suite never reaches a model hub: fail fast instead of retrying a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_CONFIG = {
     "architectures": ["BertModel"],
