@@ -32,6 +32,7 @@ from edge_runtime.data import (
     table_texts,
     write_rows,
 )
+from edge_runtime.doctor import NotReady, add_arguments as add_doctor_arguments, doctor_command
 from edge_runtime.engine import EdgeEngine, open_engine
 from edge_runtime.tokenize import EdgeTokenizer
 from edge_runtime.trainer import (
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,doctor}")
 
     train_cmd = commands.add_parser("train", help="fine-tune on a labelled local file (resumes if interrupted)",
                                     epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("--input", required=True, type=Path, help="file with the texts to label")
     predict_cmd.add_argument("--out", required=True, type=Path, help="predictions: .csv or .jsonl")
     _columns(predict_cmd, labels=False)
+
+    doctor_cmd = commands.add_parser("doctor", help="check this device before a long run: runtime, cores, memory "
+                                     "for the batch, disk, and (with --cloud) the cloud's bundle; exit 1 if not ready")
+    add_doctor_arguments(doctor_cmd)
     return parser
 
 
@@ -426,14 +431,14 @@ async def predict_command(args: argparse.Namespace) -> None:
     print(f"wrote {len(rows)} predictions to {args.out}")
 
 
-COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_command}
+COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_command, "doctor": doctor_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         asyncio.run(COMMANDS[args.command](args))
-    except (DataError, BundleError, ResumeError, SplitftError, OSError, ValueError) as exc:
+    except (DataError, BundleError, ResumeError, SplitftError, OSError, ValueError, NotReady) as exc:
         print(f"sft-edge {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,339 @@
+"""``sft-edge doctor``: will this bundle train on this device? Checked before a long run.
+
+Why it exists: a small board (4 cores, 1–8 GB RAM) fails late and badly when the edge half
+does not fit: the kernel kills the process mid-epoch. The doctor answers from the bundle's
+manifest and weight shapes alone, without loading the engine:
+
+- the engine's runtime imports (onnxruntime's training API for ``ort-training``, plain
+  onnxruntime for ``onnx``);
+- usable CPU cores;
+- RAM: the estimated peak of a training step at the chosen batch × length against what
+  this machine (or its cgroup, or ``--memory-limit``) allows;
+- free disk for checkpoints (two kept, one being written);
+- with ``--cloud``: the cloud is reachable and serves the same bundle (its hello carries
+  the bundle hash; a mismatch is refused);
+
+then prints one line per check, the fixes for what failed, and a verdict (exit status 0:
+ready, 1: not ready).
+
+The memory estimate, in bytes, for ``B`` rows of ``L`` tokens, ``H`` hidden units and ``k``
+edge layers (``split``; the last one is its attention block only)::
+
+    peak ≈ runtime + 4·(P + 3·T) + e·4·W + c·B·L·H·k
+
+``P`` edge parameters (float32), ``T`` of them trained (gradient + two AdamW moments each),
+``W`` elements of the word-embedding table when it is trained (backward scratch for its
+dense gradient, which only the ``onnx`` engine materialises), ``runtime`` the interpreter,
+onnxruntime and the sessions, ``c`` activation bytes saved and worked on per ``B·L·H`` per
+layer. ``runtime``, ``e`` and ``c`` are calibrated per engine by ``benchmarks/edge_budget.py``
+on measured peak RSS (bert-base splits 2/4/6, with and without frozen embeddings, and MiniLM
+split 3, batch 8 × length 128, 1 and 2 threads, glibc's default allocator): least squares,
+then ``runtime`` raised until no measured peak exceeds its estimate. The ``B·L·H`` term is
+linear in the length; attention's ``L²`` part is folded in at ``L`` = 128, so longer
+sequences are underestimated somewhat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from safetensors import safe_open
+
+from edge_runtime.client import CloudClient, client_tls
+from splitwire.bundle import Bundle, load_bundle
+from splitwire.errors import AuthError, BundleMismatch, ConnectionLost, SplitftError
+from splitwire.schedule import Schedule
+
+MIB = 1 << 20
+# What `sft-export --freeze-embeddings` freezes (word table first).
+EMBEDDING_TABLES = ("embeddings.word.weight", "embeddings.position.weight", "embeddings.token_type.weight")
+DOCTOR_SESSION = "splitft-doctor"  # the one session id the doctor's hello opens on the cloud
+CHECKPOINTS_ON_DISK = 3  # the trainer keeps two and writes the next beside them
+DEFAULT_BATCH_SIZE = 32  # sft-edge train's default
+CLOUD_TIMEOUT_S = 10.0
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One engine's constants of the peak-memory estimate (see the module docstring)."""
+
+    runtime_bytes: int
+    activation: float  # c: bytes per B·L·H per edge layer
+    embedding_scratch: float  # e: float32 copies of the trained word-embedding table in backward
+
+
+# Fitted by `python -m benchmarks.edge_budget` (docs/bench/edge_budget.md); update from its output.
+CALIBRATION = {
+    "ort-training": Calibration(runtime_bytes=112 * MIB, activation=122.0, embedding_scratch=0.0),
+    "onnx": Calibration(runtime_bytes=126 * MIB, activation=136.0, embedding_scratch=1.8),
+}
+
+
+@dataclass(frozen=True)
+class EdgeSize:
+    """What the edge half holds in memory: its parameters and the shape of its activations."""
+
+    engine: str
+    parameters: int
+    trained: int
+    embeddings_trained: int  # elements of the EMBEDDING_TABLES that are trained
+    word_embeddings_trained: int
+    hidden: int
+    layers: int
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> "EdgeSize":
+        """From the manifest and the edge weights file's header (no tensor is read)."""
+        with safe_open(str(bundle.edge_file("weights")), framework="np") as f:
+            sizes = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}
+        trained = {name: n for name, n in sizes.items() if name not in set(bundle.manifest["edge"]["frozen"])}
+        return cls(
+            engine=bundle.manifest["engine"],
+            parameters=sum(sizes.values()),
+            trained=sum(trained.values()),
+            embeddings_trained=sum(trained.get(name, 0) for name in EMBEDDING_TABLES),
+            word_embeddings_trained=trained.get(EMBEDDING_TABLES[0], 0),
+            hidden=int(bundle.encoder["hidden_size"]),
+            layers=int(bundle.split["split"]),
+        )
+
+    def with_frozen_embeddings(self) -> "EdgeSize":
+        """The same edge exported with ``--freeze-embeddings``."""
+        return replace(self, trained=self.trained - self.embeddings_trained, embeddings_trained=0,
+                       word_embeddings_trained=0)
+
+    def peak_bytes(self, *, batch: int, length: int) -> int:
+        """Estimated peak resident memory of one training step at ``batch × length``."""
+        c = CALIBRATION[self.engine]
+        weights = 4 * (self.parameters + 3 * self.trained)
+        scratch = c.embedding_scratch * 4 * self.word_embeddings_trained
+        activations = c.activation * batch * length * self.hidden * self.layers
+        return int(c.runtime_bytes + weights + scratch + activations)
+
+    def checkpoint_bytes(self) -> int:
+        """One edge checkpoint: ``onnx`` saves trained parameters and moments, ``ort-training`` all parameters too."""
+        kept = 3 * self.trained if self.engine == "onnx" else self.parameters + 2 * self.trained
+        return 4 * kept
+
+
+def parse_size(text: str) -> int:
+    """``1GiB``, ``512MiB``, ``2G`` (binary), ``800MB`` (decimal), or plain bytes."""
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (try 1GiB, 768MiB, 2G)")
+    value, unit, binary, suffix = match.groups()
+    power = "KMGT".index(unit.upper()) + 1 if unit else 0
+    base = 1000 if suffix and not binary else 1024
+    return int(float(value) * base**power)
+
+
+# --- the checks ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fixes: tuple[str, ...] = ()
+
+
+def check_runtime(engine: str) -> Check:
+    """The engine's onnxruntime imports (without torch), with the training API for ``ort-training``."""
+    from edge_runtime.ort_import import onnxruntime, training_api
+
+    try:
+        ort = onnxruntime()
+        if engine == "ort-training":
+            training_api()
+            return Check("runtime", True, f"onnxruntime {ort.__version__} with the training API")
+        if not hasattr(ort, "InferenceSession"):
+            raise ImportError(f"{ort.__file__} has no InferenceSession")
+        return Check("runtime", True, f"onnxruntime {ort.__version__}")
+    except ImportError as exc:
+        fixes = ("pip install 'splitft[edge]' (plain onnxruntime: the onnx engine)",)
+        if engine == "ort-training":
+            fixes = ("pip install 'splitft[edge-training]' (x86_64, Python <= 3.11)",
+                     "on ARM: build it with scripts/build-ort-training-aarch64.sh (docs/edge-on-arm.md)",
+                     "or re-export the bundle with sft-export --engine onnx (plain onnxruntime is enough)")
+        return Check("runtime", False, f"the {engine} engine cannot import its runtime: {exc}", fixes)
+
+
+def check_cpus() -> Check:
+    cores = len(os.sched_getaffinity(0))
+    return Check("cpu", True, f"{cores} usable core{'s' * (cores != 1)} (sft-edge --threads {cores} uses them all)")
+
+
+def memory_available() -> tuple[int, str]:
+    """Bytes this process may still use: ``MemAvailable``, or its cgroup's limit when lower."""
+    available, source = _meminfo_available(), "MemAvailable in /proc/meminfo"
+    limit = _cgroup_limit()
+    if limit is not None and limit < available:
+        return limit, "this cgroup's memory limit"
+    return available, source
+
+
+def _meminfo_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable line")
+
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" or a huge number: unlimited
+            return int(text)
+    return None
+
+
+def check_memory(size: EdgeSize, *, batch: int, length: int, limit: int, source: str) -> Check:
+    peak = size.peak_bytes(batch=batch, length=length)
+    detail = (f"estimated peak {peak / MIB:,.0f} MiB for a step of batch {batch} × length {length} "
+              f"({size.parameters / 1e6:.1f} M edge parameters, {size.trained / 1e6:.1f} M trained); "
+              f"{limit / MIB:,.0f} MiB allowed ({source})")
+    if peak <= limit:
+        return Check("memory", True, detail)
+    return Check("memory", False, detail, memory_fixes(size, batch=batch, length=length, limit=limit))
+
+
+def memory_fixes(size: EdgeSize, *, batch: int, length: int, limit: int) -> tuple[str, ...]:
+    """What would make a step fit ``limit``: frozen embeddings, a smaller batch, or both."""
+    def fits(s: EdgeSize, b: int) -> bool:
+        return s.peak_bytes(batch=b, length=length) <= limit
+
+    def estimate(s: EdgeSize, b: int) -> str:
+        return f"(estimated {s.peak_bytes(batch=b, length=length) / MIB:,.0f} MiB)"
+
+    fixes = []
+    frozen = size.with_frozen_embeddings() if size.embeddings_trained else None
+    if frozen is not None and fits(frozen, batch):
+        fixes.append(f"re-export with sft-export ... --freeze-embeddings {estimate(frozen, batch)}")
+    smaller = _largest_batch(lambda b: fits(size, b), below=batch)
+    if smaller:
+        fixes.append(f"lower --batch-size to {smaller} {estimate(size, smaller)}")
+    both = _largest_batch(lambda b: fits(frozen, b), below=batch) if frozen is not None and not fixes else None
+    if both:
+        fixes.append(f"re-export with --freeze-embeddings and lower --batch-size to {both} {estimate(frozen, both)}")
+    if not fixes:
+        fixes.append("even batch 1 does not fit: re-export with a smaller --split (fewer layers on the edge) or "
+                     f"a shorter --max-length than {length}, or use a device with more memory")
+    return tuple(fixes)
+
+
+def _largest_batch(fits: Callable[[int], bool], *, below: int) -> int | None:
+    return next((b for b in range(below - 1, 0, -1) if fits(b)), None)
+
+
+def check_disk(size: EdgeSize, directory: Path) -> Check:
+    needed = CHECKPOINTS_ON_DISK * size.checkpoint_bytes()
+    existing = next(p for p in (directory, *directory.resolve().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    detail = f"{free / MIB:,.0f} MiB free at {existing}, checkpoints need {needed / MIB:,.0f} MiB"
+    if free >= needed:
+        return Check("disk", True, detail)
+    return Check("disk", False, detail, ("free space there, or pass --checkpoint-dir on a larger disk",))
+
+
+async def check_cloud(url: str, bundle: Bundle, *, token: str | None, ca_file: Path | None = None) -> Check:
+    """Say hello as session ``splitft-doctor`` with this bundle's hash; a mismatch is refused by either side.
+
+    The cloud keeps that one small session (the same id on every run of the doctor)."""
+    schedule = Schedule(lr=float(bundle.manifest["optimizer"]["lr"]))
+    try:
+        client = await CloudClient.connect(url, bundle=bundle, session_id=DOCTOR_SESSION, token=token,
+                                           schedule=schedule, ssl=client_tls(url, ca_file),
+                                           open_timeout=CLOUD_TIMEOUT_S)
+    except BundleMismatch as exc:
+        return Check("cloud", False, f"{url} serves another bundle: {exc}",
+                     ("copy the same sft-export output to the device and the cloud",))
+    except AuthError as exc:
+        return Check("cloud", False, f"{url} refused the token: {exc}",
+                     ("pass the session token with --token-file or $SFT_TOKEN",))
+    except ConnectionLost as exc:
+        return Check("cloud", False, str(exc), (f"start sft-cloud --bundle ... there, or check the URL {url} and "
+                                                "the network/firewall between them",))
+    except (SplitftError, OSError, TimeoutError, ValueError) as exc:
+        return Check("cloud", False, f"{url} refused the hello: {type(exc).__name__}: {exc}")
+    await client.close()
+    return Check("cloud", True, f"{url} serves this bundle ({bundle.hash[:12]}…)")
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+class NotReady(Exception):
+    """The doctor found problems; they were printed with their fixes."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", required=True, type=Path, help="the bundle directory sft-export wrote")
+    parser.add_argument("--cloud", metavar="URL", help="also check that this sft-cloud serves the same bundle")
+    parser.add_argument("--token-file", type=Path, help="file holding the session token (default: $SFT_TOKEN)")
+    parser.add_argument("--ca-file", type=Path, help="PEM CA certificate of a wss:// cloud (default: the system's)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"rows per step to check for (default {DEFAULT_BATCH_SIZE}, sft-edge train's)")
+    parser.add_argument("--max-length", type=int, help="tokens per row to check for (default: the bundle's)")
+    parser.add_argument("--memory-limit", type=parse_size,
+                        help="memory the run may use, e.g. 1GiB (default: what this machine/cgroup has available)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("runs"),
+                        help="where checkpoints will go (default runs/)")
+
+
+def device_checks(bundle: Bundle, args: argparse.Namespace) -> list[Check]:
+    """The checks of this device alone: runtime, cores, memory, disk."""
+    length = args.max_length or bundle.max_length
+    if args.batch_size < 1 or not 1 <= length <= bundle.max_length:
+        raise ValueError(f"--batch-size must be >= 1 and --max-length within 1..{bundle.max_length}")
+    limit, source = (args.memory_limit, "--memory-limit") if args.memory_limit else memory_available()
+    size = EdgeSize.of(bundle)
+    return [check_runtime(bundle.manifest["engine"]), check_cpus(),
+            check_memory(size, batch=args.batch_size, length=length, limit=limit, source=source),
+            check_disk(size, args.checkpoint_dir)]
+
+
+def report(checks: list[Check]) -> str:
+    lines = []
+    for check in checks:
+        lines.append(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<8}{check.detail}")
+        lines += [f"      {'':<8}fix: {fix}" for fix in check.fixes]
+    failed = [c.name for c in checks if not c.ok]
+    lines.append(f"verdict: {'ready to train' if not failed else 'NOT READY: ' + ', '.join(failed)}")
+    return "\n".join(lines)
+
+
+async def doctor_command(args: argparse.Namespace) -> None:
+    """Print the checks; raise ``NotReady`` (exit status 1) when any failed."""
+    bundle = load_bundle(args.bundle, parts=("edge",))
+    checks = device_checks(bundle, args)
+    if args.cloud:
+        token = args.token_file.read_text().strip() if args.token_file else os.environ.get("SFT_TOKEN") or None
+        checks.append(await check_cloud(args.cloud, bundle, token=token, ca_file=args.ca_file))
+    print(report(checks))
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise NotReady(f"not ready: {', '.join(failed)} (see the fixes above)")

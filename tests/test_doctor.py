@@ -1,0 +1,103 @@
+"""``sft-edge doctor`` says what a capped device will do, and finds a cloud with another bundle.
+
+The verdict for a memory cap is checked against the real thing: the edge engine training
+in a child process inside a memory cgroup with that cap (``python -m benchmarks.edge_budget
+capped``), where the kernel kills what does not fit. The tiny BERT fits the cap; the MiniLM split 3 at batch
+8 × 128 does not, and the smaller batch the doctor proposes does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from bundles import copy_bundle, export_cached, minilm_bundle, tiny_options  # noqa: F401 (fixture)
+
+from cloud_backend.server import serve_cloud
+from edge_runtime.cli import main
+from edge_runtime.doctor import check_cloud, parse_size
+from splitwire.bundle import load_bundle
+
+CAP = "400MiB"
+BATCH = 8
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_model_dir) -> Path:
+    return export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("ort-training"))
+
+
+def _doctor(bundle: Path, *options: str, capsys) -> tuple[int, str]:
+    code = main(["doctor", "--bundle", str(bundle), "--batch-size", str(BATCH), "--memory-limit", CAP, *options])
+    return code, capsys.readouterr().out
+
+
+def _proposed_batch(output: str) -> int:
+    fix = next(line for line in output.splitlines() if "fix: lower --batch-size to" in line)
+    return int(fix.split("lower --batch-size to ")[1].split()[0])
+
+
+def test_the_verdict_for_a_bundle_that_fits_and_one_that_does_not(tiny, minilm_bundle, capsys):
+    code, output = _doctor(tiny, capsys=capsys)
+    assert code == 0, output
+    assert "ok    memory" in output and output.rstrip().endswith("verdict: ready to train")
+
+    code, output = _doctor(minilm_bundle, capsys=capsys)
+    assert code == 1, output
+    assert "FAIL  memory" in output and "400 MiB allowed (--memory-limit)" in output
+    assert output.rstrip().endswith("verdict: NOT READY: memory")
+    assert "--freeze-embeddings" in output and 1 <= _proposed_batch(output) < BATCH
+
+
+def _can_cap_memory() -> bool:
+    try:
+        line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in x)
+    except (OSError, StopIteration):
+        return False
+    return os.access(Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/"), os.W_OK)
+
+
+def _train_capped(bundle: Path, *, batch: int) -> dict:
+    """A few real training steps of ``bundle``'s edge on one core inside a memory cgroup capped at CAP."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.edge_budget", "capped", "--bundle", str(bundle),
+                           "--cap", CAP, "--batch", str(batch)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not _can_cap_memory(), reason="needs a writable memory cgroup (root) to enforce the cap")
+def test_the_verdict_is_what_the_engine_does_under_that_cap(tiny, minilm_bundle, capsys):
+    assert _train_capped(tiny, batch=BATCH)["fits"]
+    assert not _train_capped(minilm_bundle, batch=BATCH)["fits"]
+    _, output = _doctor(minilm_bundle, capsys=capsys)
+    assert _train_capped(minilm_bundle, batch=_proposed_batch(output))["fits"]
+
+
+def test_the_cloud_check_accepts_the_same_bundle_and_refuses_another(tiny, tmp_path):
+    other = copy_bundle(tiny, tmp_path / "other")
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest | {"created_by": "another export"}))
+
+    async def checks():
+        async with serve_cloud(load_bundle(tiny, parts=["cloud"]), port=0, device="cpu") as server:
+            same = await check_cloud(server.url, load_bundle(tiny, parts=["edge"]), token=None)
+            different = await check_cloud(server.url, load_bundle(other, parts=["edge"]), token=None)
+        unreachable = await check_cloud(server.url, load_bundle(tiny, parts=["edge"]), token=None)
+        return same, different, unreachable
+
+    same, different, unreachable = asyncio.run(checks())
+    assert same.ok and "serves this bundle" in same.detail
+    assert not different.ok and "serves another bundle" in different.detail
+    assert not unreachable.ok and "cannot reach" in unreachable.detail and unreachable.fixes
+
+
+@pytest.mark.parametrize("text, size", [("1GiB", 1 << 30), ("512MiB", 512 << 20), ("2G", 2 << 30),
+                                        ("800MB", 800_000_000), ("1.5GiB", 3 << 29), ("4096", 4096)])
+def test_memory_sizes(text, size):
+    assert parse_size(text) == size
