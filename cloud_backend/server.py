@@ -132,7 +132,10 @@ class CloudServer:
         try:
             if self.stats.open_connections > self.max_connections:
                 raise ServerBusy(f"the cloud holds its limit of {self.max_connections} connections; try again later")
-            hello = Hello.from_frame(decode(await self._receive(ws, HELLO_TIMEOUT_S, "no hello")))
+            first = decode(await self._receive(ws, HELLO_TIMEOUT_S, "no hello"))
+            if first.kind != Kind.HELLO:  # an ERROR frame's code is the peer's, never this server's refusal
+                raise ProtocolError(f"expected HELLO, got {first.kind.name}")
+            hello = Hello.from_frame(first)
             where["session"] = session_tag(hello.session_id)
             live = await self._welcome(ws, hello, peer)
             await self._requests(ws, live, hello, where)

@@ -193,7 +193,7 @@ def _tensor_table(table: Any) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or name in names:
             raise ProtocolError(f"bad or repeated tensor name {str(name)[:100]!r}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ProtocolError(f"tensor {name!r} has unknown dtype {str(dtype)[:32]!r}")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(type(d) is int and 0 <= d < 2**31 for d in shape)):

@@ -1,5 +1,6 @@
 """Real parts for fault, load and security tests: an ``sft-cloud`` child process, a
-connection-cutting TCP proxy, and an in-process edge that trains one session end to end.
+connection-cutting TCP proxy, an in-process edge that trains one session end to end, and
+synthetic training steps for tests that need no edge model.
 
 Why it exists: the fault and load tests (and ``benchmarks/load.py``) need the same three
 things, and each must be the real component: the cloud is the ``sft-cloud`` command (so
@@ -33,6 +34,8 @@ from edge_runtime.trainer import (
     rewind_to_checkpoint, train, training_batches,
 )
 from splitwire.bundle import Bundle
+from splitwire.codecs import Carries, Fp32Codec
+from splitwire.protocol import Hello, SessionConfig, Train, encode, session_tag
 from splitwire.schedule import Schedule
 
 FAST_RETRY = Backoff(first_s=0.02, factor=2.0, max_s=0.5, give_up_after_s=60.0)
@@ -241,6 +244,31 @@ async def train_edge(run: EdgeSession, url: str, checkpoint_dir: Path, *, token:
                              checkpointing=Checkpointing(directory, config, run.checkpoint_every),
                              rewind=rewind_to_checkpoint(engine, directory, batches_after), progress=False)
     return EdgeOutcome(result, engine.parameters(), client.reconnects, client.bytes_sent, client.bytes_received)
+
+
+# ---------------------------------------------------------------------------- synthetic steps
+
+SCHEDULE = Schedule(lr=1e-3, kind="constant", warmup_steps=0, total_steps=10)
+SEED = 3
+B, L = 4, 10
+
+
+def train_request(bundle: Bundle, step: int, seed: int = 0) -> Train:
+    """A valid training step with a random (finite) activation, as a device would send it."""
+    rng = np.random.default_rng([seed, step])
+    lengths = rng.integers(1, L + 1, B).astype(np.int32)
+    z = rng.standard_normal((B, L, bundle.wire_width)).astype(np.float32)
+    z *= (np.arange(L)[None, :] < lengths[:, None])[..., None]
+    return Train(step, z, lengths, rng.integers(0, bundle.num_labels, B))
+
+
+def train_frame(bundle: Bundle, session_id: str, step: int) -> bytes:
+    request = train_request(bundle, step)
+    return encode(request.to_frame(session=session_tag(session_id), codec=Fp32Codec(Carries.ACTIVATION)))
+
+
+def hello_frame(bundle: Bundle, session_id: str, token: str | None) -> bytes:
+    return encode(Hello(session_id, bundle.hash, SessionConfig(SCHEDULE, SEED, "fp32"), token).to_frame())
 
 
 # ---------------------------------------------------------------------------- the shared bundle

@@ -15,9 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from cloud_harness import CloudProcess, tiny_dropout_bundle
+from cloud_harness import SCHEDULE, SEED, CloudProcess, hello_frame, tiny_dropout_bundle, train_frame, train_request
 from conftest import movie_reviews_path
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -27,39 +26,16 @@ from cloud_backend.cli import check_exposure, parse_args
 from cloud_backend.server import serve_cloud
 from edge_runtime.client import Backoff, CloudClient, client_tls
 from splitwire.bundle import load_bundle
-from splitwire.codecs import Carries, Fp32Codec
 from splitwire.errors import AuthError, SplitftError
-from splitwire.protocol import Error, Hello, Kind, SessionConfig, Train, decode, encode, session_tag
-from splitwire.schedule import Schedule
+from splitwire.protocol import Error, Kind, decode
 
 ALICE, BOB = "alice-device-token-0123456789", "bob-device-token-9876543210"
 TOKENS = f"# session token\nalice {ALICE}\nbob sha256:{hashlib.sha256(BOB.encode()).hexdigest()}\n"
-SCHEDULE = Schedule(lr=1e-3, kind="constant", warmup_steps=0, total_steps=10)
-SEED = 3
-B, L = 4, 10
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_model_dir):
     return load_bundle(tiny_dropout_bundle(tmp_path_factory, tiny_model_dir))
-
-
-def train_request(bundle, step: int, seed: int = 0) -> Train:
-    """A valid training step with a random (finite) activation, as a device would send it."""
-    rng = np.random.default_rng([seed, step])
-    lengths = rng.integers(1, L + 1, B).astype(np.int32)
-    z = rng.standard_normal((B, L, bundle.wire_width)).astype(np.float32)
-    z *= (np.arange(L)[None, :] < lengths[:, None])[..., None]
-    return Train(step, z, lengths, rng.integers(0, bundle.num_labels, B))
-
-
-def train_frame(bundle, session_id: str, step: int) -> bytes:
-    request = train_request(bundle, step)
-    return encode(request.to_frame(session=session_tag(session_id), codec=Fp32Codec(Carries.ACTIVATION)))
-
-
-def hello_frame(bundle, session_id: str, token: str | None) -> bytes:
-    return encode(Hello(session_id, bundle.hash, SessionConfig(SCHEDULE, SEED, "fp32"), token).to_frame())
 
 
 async def refused_with(url: str, *frames: bytes) -> tuple[list[str], str, int]:
