@@ -72,13 +72,15 @@ class AdamW:
     def step(self, grads: np.ndarray) -> None:
         """One update of every parameter in place; ``grads`` is laid out like ``params.buffer``."""
         if grads.shape != self.params.buffer.shape or grads.dtype != np.float32:
-            raise ValueError(f"gradients must be float32 of shape {self.params.buffer.shape}, got {grads.dtype} {grads.shape}")
+            raise ValueError(f"gradients must be float32 of shape {self.params.buffer.shape}, "
+                             f"got {grads.dtype} {grads.shape}")
         self.step_count += 1
         f32 = np.float32
         decay = f32(1.0 - self.lr * self.weight_decay)
         step_size = f32(-(self.lr / (1.0 - self.beta1**self.step_count)))
         bias_correction2_sqrt = f32((1.0 - self.beta2**self.step_count) ** 0.5)
-        one_minus_beta1, one_minus_beta2, beta2, eps = f32(1.0 - self.beta1), f32(1.0 - self.beta2), f32(self.beta2), f32(self.eps)
+        one_minus_beta1, one_minus_beta2 = f32(1.0 - self.beta1), f32(1.0 - self.beta2)
+        beta2, eps = f32(self.beta2), f32(self.eps)
         scratch = np.empty(min(CHUNK, grads.size), np.float32), np.empty(min(CHUNK, grads.size), np.float32)
         for start in range(0, grads.size, CHUNK):
             chunk = slice(start, start + CHUNK)
@@ -99,10 +101,13 @@ class AdamW:
             b /= a
             p += b
 
+    def _flat_state(self) -> tuple[tuple[str, np.ndarray], ...]:
+        return (_PARAM, self.params.buffer), (_EXP_AVG, self.exp_avg), (_EXP_AVG_SQ, self.exp_avg_sq)
+
     def save(self, path: Path, *, metadata: dict[str, str]) -> None:
         """Parameters, moments, step count and learning rate, by parameter name, as safetensors."""
         tensors = {_STEP: np.array(self.step_count, np.int64), _LR: np.array(self.lr, np.float64)}
-        for prefix, flat in ((_PARAM, self.params.buffer), (_EXP_AVG, self.exp_avg), (_EXP_AVG_SQ, self.exp_avg_sq)):
+        for prefix, flat in self._flat_state():
             tensors |= {prefix + name: view for name, view in self.params.split(flat).items()}
         save_file(tensors, str(path), metadata=metadata)
 
@@ -113,8 +118,9 @@ class AdamW:
                 raise ValueError(f"{path} was saved for {f.metadata()}, not {metadata}")
             expected = {_STEP, _LR} | {p + n for p in (_PARAM, _EXP_AVG, _EXP_AVG_SQ) for n in self.params.shapes}
             if set(f.keys()) != expected:
-                raise ValueError(f"{path} holds other tensors than this optimizer's: {sorted(set(f.keys()) ^ expected)[:5]}")
-            for prefix, flat in ((_PARAM, self.params.buffer), (_EXP_AVG, self.exp_avg), (_EXP_AVG_SQ, self.exp_avg_sq)):
+                raise ValueError(f"{path} holds other tensors than this optimizer's: "
+                                 f"{sorted(set(f.keys()) ^ expected)[:5]}")
+            for prefix, flat in self._flat_state():
                 for name, view in self.params.split(flat).items():
                     _copy_checked(f.get_tensor(prefix + name), view, where=f"{path}: {prefix}{name}")
             self.step_count = int(f.get_tensor(_STEP))

@@ -335,7 +335,8 @@ def check_graphs(edge: EdgePart, out_dir: Path, *, length: int) -> float:
     got = {n: np.zeros_like(w) for n, w in want.items()}
     graphs.backward(params | batch, dz.numpy(), got)
     scale = max(float(np.abs(w).max()) for w in want.values())
-    errors = [_relative(zs, z.detach().numpy(), 0.0) for zs in (got_z, inferred_z)] + [_relative(got[n], w, scale) for n, w in want.items()]
+    errors = [_relative(zs, z.detach().numpy(), 0.0) for zs in (got_z, inferred_z)]
+    errors += [_relative(got[n], w, scale) for n, w in want.items()]
     if max(errors) > CHECK_TOLERANCE:
         raise RuntimeError(f"the exported onnx graphs disagree with torch at batch {CHECK_ROWS} × length {length} "
                            f"(relative error {max(errors):.1e}); the export is wrong for this model")

@@ -92,8 +92,10 @@ class AotGraphs:
             raise RuntimeError("backward() needs a forward() first")
         binding = self._backward.io_binding()
         for name in self.backward_inputs:
-            kept = name in self._kept
-            binding.bind_ortvalue_input(name, self._kept[name] if kept else self._value(dz if name == DZ else values[name]))
+            value = self._kept.get(name)
+            if value is None:  # not a saved activation: dz, a parameter or a batch input
+                value = self._value(dz if name == DZ else values[name])
+            binding.bind_ortvalue_input(name, value)
         for name in self.gradients:
             out = gradients[name]
             binding.bind_output(GRAD + name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
@@ -204,7 +206,8 @@ def _check_layout(graphs: AotGraphs, weights: dict[str, np.ndarray], frozen: set
     if parameters != set(weights) or set(graphs.gradients) != trainable or not frozen <= set(weights):
         raise BundleError(
             "the onnx graphs do not fit the bundle's weights: graph parameters "
-            f"{sorted(parameters ^ set(weights))[:5]} differ, gradients {sorted(set(graphs.gradients) ^ trainable)[:5]} "
+            f"{sorted(parameters ^ set(weights))[:5]} differ, gradients "
+            f"{sorted(set(graphs.gradients) ^ trainable)[:5]} "
             "differ from the trainable parameters"
         )
 
