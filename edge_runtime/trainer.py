@@ -187,7 +187,7 @@ class Checkpoint:
 
 
 class CheckpointDir:
-    """``root/step-NNNNNNNN/{edge/, run.json}``, each written to a temp dir and renamed into place."""
+    """``root/step-NNNNNNNN/{edge/, run.json}``, each written to a temp dir, fsynced and renamed into place."""
 
     def __init__(self, root: str | Path, *, keep: int = 2) -> None:
         self.root = Path(root)
@@ -221,10 +221,12 @@ class CheckpointDir:
             engine.save(staging / ENGINE_DIR)
             state = {"step": step, "epoch": epoch, "config": asdict(config)}
             (staging / RUN_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            _fsync_tree(staging)  # on disk before it is named: a crash leaves the old checkpoint or the new one
             final = self.root / f"{CHECKPOINT_PREFIX}{step:08d}"
             if final.exists():
                 shutil.rmtree(final)
             os.rename(staging, final)
+            _fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -234,6 +236,23 @@ class CheckpointDir:
     def _prune(self) -> None:
         for old in self.all()[:-self.keep]:
             shutil.rmtree(old.path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            with open(Path(directory) / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(directory))
+
+
+def _fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def resume_point(cloud_step: int, saved: list[Checkpoint]) -> Checkpoint | None:
