@@ -86,6 +86,55 @@ class EdgeEngine(ABC):
         """Load what ``save`` wrote; training then continues exactly."""
 
 
+def input_limits(bundle: Bundle) -> dict[str, int]:
+    """Each edge input's exclusive upper bound: the embedding tables' sizes (the mask is 0 or 1)."""
+    encoder = bundle.encoder
+    return {"input_ids": encoder["vocab_size"], "attention_mask": 2,
+            "token_type_ids": encoder["type_vocab_size"], "position_ids": encoder["max_positions"]}
+
+
+def checked_feeds(batch: EdgeBatch, limits: dict[str, int]) -> dict[str, np.ndarray]:
+    """The batch's four inputs by name, in graph order: 2-D int64 of one shape, each in ``0..limit-1``, contiguous.
+
+    An out-of-range index would make the embedding ``Gather`` fail or read the wrong row.
+    """
+    feeds = batch.feeds()
+    shape = batch.shape
+    for name, array in feeds.items():
+        if not isinstance(array, np.ndarray) or array.dtype != np.int64 or array.ndim != 2 or array.shape != shape:
+            raise ValueError(f"{name} must be a 2-D int64 array of shape {shape}, "
+                             f"got {getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', None)}")
+        if array.size and (array.min() < 0 or array.max() >= limits[name]):
+            raise ValueError(f"{name} must lie in 0..{limits[name] - 1}, got {array.min()}..{array.max()}")
+    return {name: np.ascontiguousarray(array) for name, array in feeds.items()}
+
+
+def checked_dz(dz: np.ndarray, *, shape: tuple[int, int], width: int) -> np.ndarray:
+    """``dL/dz`` for a ``shape`` (``B×L``) batch: finite float32 ``B×L×width``, contiguous."""
+    expected = (*shape, width)
+    if not isinstance(dz, np.ndarray) or dz.dtype != np.float32 or dz.shape != expected:
+        got_shape, dtype = getattr(dz, "shape", None), getattr(dz, "dtype", type(dz).__name__)
+        raise ValueError(f"dz must be float32 of shape {expected}, got {dtype} {got_shape}")
+    if not np.isfinite(dz).all():
+        raise ValueError("dz holds NaN or infinite values")
+    return np.ascontiguousarray(dz)
+
+
+def cpu_session_options(ort, threads: int | None):
+    """onnxruntime session options for the edge: ``threads`` intra-op threads, no spinning.
+
+    Spinning is off because the edge alternates compute with waiting for the cloud: idle
+    worker threads spinning after each graph would burn the cores the cloud (or a
+    co-located server, or the rest of a small board) needs, for no gain between steps.
+    """
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
 ENGINE_MODULES = {"ort-training": "edge_runtime.engines.ort_training", "onnx": "edge_runtime.engines.onnx_engine"}
 
 

@@ -32,8 +32,7 @@ import numpy as np
 from safetensors import safe_open
 
 from edge_runtime.adamw import AdamW, FlatParameters
-from edge_runtime.engine import EdgeBatch, EdgeEngine
-from edge_runtime.engines.ort_training import _checked_feeds
+from edge_runtime.engine import EdgeBatch, EdgeEngine, checked_dz, checked_feeds, cpu_session_options, input_limits
 from edge_runtime.ort_import import onnxruntime
 from splitwire.bundle import Bundle, BundleError
 
@@ -47,11 +46,8 @@ class AotGraphs:
 
     def __init__(self, forward: Path, backward: Path, infer: Path, *, threads: int | None) -> None:
         ort = onnxruntime()
-        options = ort.SessionOptions()
+        options = cpu_session_options(ort, threads)
         options.enable_cpu_mem_arena = False
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         self._ort = ort
         self._forward = ort.InferenceSession(str(forward), options, providers=providers)
@@ -112,9 +108,7 @@ class Engine(EdgeEngine):
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self._bundle = bundle
         self._width = bundle.wire_width
-        encoder = bundle.encoder
-        self._limits = {"input_ids": encoder["vocab_size"], "attention_mask": 2,
-                        "token_type_ids": encoder["type_vocab_size"], "position_ids": encoder["max_positions"]}
+        self._limits = input_limits(bundle)
         self._graphs = AotGraphs(*(bundle.edge_file(r) for r in (FORWARD_ROLE, BACKWARD_ROLE, INFER_ROLE)),
                                  threads=threads)
         weights = _read_weights(bundle.edge_file(WEIGHTS_ROLE))
@@ -133,24 +127,19 @@ class Engine(EdgeEngine):
         self._has_gradients = False
 
     def forward(self, batch: EdgeBatch) -> np.ndarray:
-        feeds = self._feeds(batch)
+        feeds = checked_feeds(batch, self._limits)
         z = self._graphs.forward(self._values(feeds), keep=True)
         self._batch = feeds
         return z
 
     def infer(self, batch: EdgeBatch) -> np.ndarray:
-        return self._graphs.forward(self._values(self._feeds(batch)), keep=False)
+        return self._graphs.forward(self._values(checked_feeds(batch, self._limits)), keep=False)
 
     def backward(self, dz: np.ndarray) -> None:
         if self._batch is None:
             raise RuntimeError("backward() needs a forward() first")
-        expected = (*self._batch["input_ids"].shape, self._width)
-        if not isinstance(dz, np.ndarray) or dz.dtype != np.float32 or dz.shape != expected:
-            shape, dtype = getattr(dz, "shape", None), getattr(dz, "dtype", type(dz).__name__)
-            raise ValueError(f"dz must be float32 of shape {expected}, got {dtype} {shape}")
-        if not np.isfinite(dz).all():
-            raise ValueError("dz holds NaN or infinite values")
-        self._graphs.backward(self._values(self._batch), np.ascontiguousarray(dz), self._grads)
+        dz = checked_dz(dz, shape=self._batch["input_ids"].shape, width=self._width)
+        self._graphs.backward(self._values(self._batch), dz, self._grads)
         self._has_gradients = True
 
     def optimizer_step(self) -> None:
@@ -178,10 +167,6 @@ class Engine(EdgeEngine):
             raise ValueError(f"{directory} holds no {self.name} engine checkpoint ({STATE} is missing)")
         self._adamw.restore(path, metadata=self._stamp())
         self._batch, self._has_gradients = None, False
-
-    def _feeds(self, batch: EdgeBatch) -> dict[str, np.ndarray]:
-        """The batch's four inputs by name: 2-D int64 of one shape, in range, contiguous."""
-        return dict(zip(batch.feeds(), _checked_feeds(batch, self._limits)))
 
     def _stamp(self) -> dict[str, str]:
         return {"engine": self.name, "bundle": self._bundle.hash}

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edge_runtime.engine import EdgeBatch, EdgeEngine
+from edge_runtime.engine import EdgeBatch, EdgeEngine, checked_dz, checked_feeds, cpu_session_options, input_limits
 from edge_runtime.ort_import import onnxruntime, training_api
 from splitwire.bundle import Bundle, BundleError
 
@@ -32,13 +32,8 @@ class Engine(EdgeEngine):
         self._bundle = bundle
         self._width = bundle.wire_width
         self._trainable = list(bundle.manifest["edge"]["trainable"])
-        encoder = bundle.encoder
-        self._limits = {"input_ids": encoder["vocab_size"], "attention_mask": 2,
-                        "token_type_ids": encoder["type_vocab_size"], "position_ids": encoder["max_positions"]}
-        self._options = onnxruntime().SessionOptions()
-        if threads is not None:
-            self._options.intra_op_num_threads = threads
-            self._options.inter_op_num_threads = 1
+        self._limits = input_limits(bundle)
+        self._options = cpu_session_options(onnxruntime(), threads)
         self._batch: EdgeBatch | None = None
         self._has_gradients = False
         self._load(bundle.edge_file("checkpoint"))
@@ -64,21 +59,16 @@ class Engine(EdgeEngine):
         return z
 
     def infer(self, batch: EdgeBatch) -> np.ndarray:
-        z = self._module.eval()(*_checked_feeds(batch, self._limits))
+        z = self._module.eval()(*checked_feeds(batch, self._limits).values())
         return np.asarray(z, dtype=np.float32)
 
     def backward(self, dz: np.ndarray) -> None:
         if self._batch is None:
             raise RuntimeError("backward() needs a forward() first")
-        expected = (*self._batch.shape, self._width)
-        if not isinstance(dz, np.ndarray) or dz.dtype != np.float32 or dz.shape != expected:
-            shape, dtype = getattr(dz, "shape", None), getattr(dz, "dtype", type(dz).__name__)
-            raise ValueError(f"dz must be float32 of shape {expected}, got {dtype} {shape}")
-        if not np.isfinite(dz).all():
-            raise ValueError("dz holds NaN or infinite values")
+        dz = checked_dz(dz, shape=self._batch.shape, width=self._width)
         self._module.train()
         self._module.lazy_reset_grad()  # gradients replace, never accumulate
-        self._module(*_checked_feeds(self._batch, self._limits), np.ascontiguousarray(dz))
+        self._module(*checked_feeds(self._batch, self._limits).values(), dz)
         self._has_gradients = True
 
     def optimizer_step(self) -> None:
@@ -113,15 +103,3 @@ class Engine(EdgeEngine):
         self._load(directory / CHECKPOINT)  # with the optimizer state: moments, step and learning rate
         self._batch, self._has_gradients = None, False
 
-
-def _checked_feeds(batch: EdgeBatch, limits: dict[str, int]) -> list[np.ndarray]:
-    """The four ``B×L`` int64 inputs, in graph order, contiguous, each within ``0..limit-1``."""
-    feeds = batch.feeds()
-    shape = batch.shape
-    for name, array in feeds.items():
-        if not isinstance(array, np.ndarray) or array.dtype != np.int64 or array.ndim != 2 or array.shape != shape:
-            raise ValueError(f"{name} must be a 2-D int64 array of shape {shape}, "
-                             f"got {getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', None)}")
-        if array.size and (array.min() < 0 or array.max() >= limits[name]):
-            raise ValueError(f"{name} must lie in 0..{limits[name] - 1}, got {array.min()}..{array.max()}")
-    return [np.ascontiguousarray(a) for a in feeds.values()]
