@@ -189,6 +189,8 @@ class CloudServer:
                 await ws.send(reply)
         finally:
             receiving.cancel()
+            if receiving.done() and not receiving.cancelled():
+                receiving.exception()  # retrieved: a drop noticed while failing otherwise is not logged as lost
 
     async def _refuse(self, ws: ServerConnection, exc: SplitftError, **where: Any) -> None:
         self.stats.refused[exc.code] += 1
