@@ -416,7 +416,8 @@ def _write(args, rows: list[dict], bert: list[dict], packets: int) -> None:
         f"{vanilla['transfer_s'] / sft['transfer_s']:.0f}× "
         f"shorter ({vanilla['transfer_s']:.2f} s against {sft['transfer_s']:.3f} s), but an SFT step is almost all "
         f"compute: {sft['edge_s']:.2f} s on the edge and {sft['cloud_s']:.2f} s on the cloud, each on one thread "
-        "of two CPU cores shared with other work (compute times vary by ±30 % between phases for that reason). "
+        f"of two CPU cores shared with other work (so the compute of one system varies by up to "
+        f"{_compute_spread(rows):.0%} between phases). "
         f"The step-time ratio reaches 10× when compute per step is at most {budget:.2f} s at this batch; with "
         f"bert-base's traffic (below) at most {_bert_budget(bert, ten):.2f} s, e.g. a GPU cloud and a fast edge. "
         f"At **{one}**: {slow_vanilla['step_s']:.1f} s against {slow_sft['step_s']:.2f} s "
@@ -440,6 +441,15 @@ def _write(args, rows: list[dict], bert: list[dict], packets: int) -> None:
                   "devices in two network namespaces"},
         body=body, results={"rows": rows, "bert_base": bert},
     )
+
+
+def _compute_spread(rows: list[dict]) -> float:
+    """The largest (max − min) / median of a system's compute per step (edge + cloud) across the phases."""
+    spreads = []
+    for system in SYSTEMS:
+        compute = [r["edge_s"] + r["cloud_s"] for r in rows if r["system"] == system.name]
+        spreads.append((max(compute) - min(compute)) / float(np.median(compute)))
+    return max(spreads)
 
 
 def _bert_budget(bert: list[dict], link: str) -> float:
