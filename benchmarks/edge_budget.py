@@ -23,6 +23,7 @@ into ``bundles/bench/``). Writes ``docs/bench/edge_budget.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -99,13 +100,13 @@ def child(bundle_dir: Path, *, threads: int, batch: int, warmup: int, steps: int
     dz = rng.standard_normal((batch, length, bundle.wire_width)).astype(np.float32)
     for step in range(warmup + steps):
         if step == warmup:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
         engine.forward(inputs)
         engine.backward(dz)
         engine.optimizer_step()
-    seconds = (time.perf_counter() - started) / steps
+    seconds, cpu = (time.perf_counter() - started) / steps, (time.process_time() - cpu_started) / steps
     return {"loaded_rss_mib": loaded / MIB, "peak_rss_mib": _vm("VmHWM") / MIB, "seconds_per_step": seconds,
-            "torch_imported": "torch" in sys.modules}
+            "cpu_seconds_per_step": cpu, "torch_imported": "torch" in sys.modules}
 
 
 def _vm(field: str) -> int:
@@ -224,14 +225,17 @@ def ensure_bundle(case: Case) -> Path:
     return out
 
 
+@functools.cache
 def _source_digest() -> str:
-    """SHA-256 of this repository's modules that exporting imports (the code a bundle is made by)."""
-    import exporter.aot_graphs  # noqa: F401  (both engines' builders, with all they import)
-    import exporter.export  # noqa: F401
-    import exporter.ort_artifacts  # noqa: F401
-
+    """SHA-256 of this repository's modules that exporting imports (the code a bundle is made by),
+    listed by a fresh interpreter so that what this process imported for other reasons does not count."""
+    listing = subprocess.run(
+        [sys.executable, "-c", "import sys, exporter.export, exporter.aot_graphs, exporter.ort_artifacts\n"
+                               "print('\\n'.join(m.__file__ for m in list(sys.modules.values()) "
+                               "if getattr(m, '__file__', None)))"],
+        capture_output=True, text=True, check=True, cwd=ROOT)
     ours = [ROOT / folder for folder in BUNDLE_SOURCES]
-    files = {Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
+    files = {Path(line) for line in listing.stdout.splitlines()}
     digest = hashlib.sha256()
     for path in sorted(f for f in files if any(f.is_relative_to(folder) for folder in ours)):
         digest.update(path.read_bytes())
@@ -287,7 +291,8 @@ def calibrate(results: list[dict]) -> dict[str, dict[str, float]]:
 def _cell(run: dict) -> str:
     if not run["fits"]:
         return "killed (OOM) | – | no"
-    return f"{1 / run['seconds_per_step']:.3f} | {run['peak_rss_mib']:,.0f} | yes"
+    cpu = f" ({run['cpu_seconds_per_step']:.1f} CPU s)" if "cpu_seconds_per_step" in run else ""
+    return f"{1 / run['seconds_per_step']:.3f}{cpu} | {run['peak_rss_mib']:,.0f} | yes"
 
 
 def table(results: list[dict]) -> str:
@@ -366,9 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     body = "\n\n".join([
         f"Each cell: a child process pinned with `taskset` to that many cores (as many onnxruntime threads) "
         f"inside a memory cgroup capped at {CAP // MIB} MiB (no swap) runs {WARMUP} warm-up and {STEPS} timed "
-        f"edge training steps (forward, backward of a random `dz`, AdamW) at batch {BATCH} × length {LENGTH}; "
+        f"edge training steps (forward, backward of a random `dz`, AdamW) at the row's batch × length {LENGTH}; "
         "peak RSS is the child's `VmHWM`. *killed (OOM)*: the kernel killed it at the cap; its uncapped peak "
-        "is listed beside. The doctor estimate is `sft-edge doctor`'s formula with its current constants.",
+        "is listed beside. The doctor estimate is `sft-edge doctor`'s formula with its current constants. "
+        "Steps/s is wall clock, with the CPU seconds a step took in brackets: the measuring machine's cores "
+        "were shared with other work, so wall-clock rates (the 2-core ones most) are noisy; CPU time is not.",
         table(results), goal(results),
         "Settings: *frozen embeddings* is `sft-export --freeze-embeddings` (word, position and token-type "
         "tables not trained: no gradient or AdamW moments for them, and for the onnx engine no dense "

@@ -2,8 +2,8 @@
 
 The verdict for a memory cap is checked against the real thing: the edge engine training
 in a child process inside a memory cgroup with that cap (``python -m benchmarks.edge_budget
-capped``), where the kernel kills what does not fit. The tiny BERT fits the cap; the MiniLM split 3 at batch
-8 × 128 does not, and the smaller batch the doctor proposes does.
+capped``), where the kernel kills what does not fit. At 400 MiB the tiny BERT fits and the
+MiniLM split 3 at batch 8 × 128 does not, and the doctor says so before anything runs.
 """
 
 from __future__ import annotations
@@ -33,14 +33,25 @@ def tiny(tmp_path_factory, tiny_model_dir) -> Path:
     return export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("ort-training"))
 
 
-def _doctor(bundle: Path, *options: str, capsys) -> tuple[int, str]:
-    code = main(["doctor", "--bundle", str(bundle), "--batch-size", str(BATCH), "--memory-limit", CAP, *options])
+def _doctor(bundle: Path, *, capsys, batch: int = BATCH, cap: str = CAP) -> tuple[int, str]:
+    code = main(["doctor", "--bundle", str(bundle), "--batch-size", str(batch), "--memory-limit", cap])
     return code, capsys.readouterr().out
 
 
-def _proposed_batch(output: str) -> int:
-    fix = next(line for line in output.splitlines() if "fix: lower --batch-size to" in line)
-    return int(fix.split("lower --batch-size to ")[1].split()[0])
+def _can_cap_memory() -> bool:
+    try:
+        line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in x)
+    except (OSError, StopIteration):
+        return False
+    return os.access(Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/"), os.W_OK)
+
+
+def _train_capped(bundle: Path, *, batch: int) -> bool:
+    """Whether a few real training steps of ``bundle``'s edge ran to the end on one core inside a cgroup capped at CAP."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.edge_budget", "capped", "--bundle", str(bundle),
+                           "--cap", CAP, "--batch", str(batch)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])["fits"]
 
 
 def test_the_verdict_for_a_bundle_that_fits_and_one_that_does_not(tiny, minilm_bundle, capsys):
@@ -52,31 +63,23 @@ def test_the_verdict_for_a_bundle_that_fits_and_one_that_does_not(tiny, minilm_b
     assert code == 1, output
     assert "FAIL  memory" in output and "400 MiB allowed (--memory-limit)" in output
     assert output.rstrip().endswith("verdict: NOT READY: memory")
-    assert "--freeze-embeddings" in output and 1 <= _proposed_batch(output) < BATCH
-
-
-def _can_cap_memory() -> bool:
-    try:
-        line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in x)
-    except (OSError, StopIteration):
-        return False
-    return os.access(Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/"), os.W_OK)
-
-
-def _train_capped(bundle: Path, *, batch: int) -> dict:
-    """A few real training steps of ``bundle``'s edge on one core inside a memory cgroup capped at CAP."""
-    done = subprocess.run([sys.executable, "-m", "benchmarks.edge_budget", "capped", "--bundle", str(bundle),
-                           "--cap", CAP, "--batch", str(batch)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    assert "fix: re-export with" in output and "--freeze-embeddings" in output
 
 
 @pytest.mark.skipif(not _can_cap_memory(), reason="needs a writable memory cgroup (root) to enforce the cap")
-def test_the_verdict_is_what_the_engine_does_under_that_cap(tiny, minilm_bundle, capsys):
-    assert _train_capped(tiny, batch=BATCH)["fits"]
-    assert not _train_capped(minilm_bundle, batch=BATCH)["fits"]
-    _, output = _doctor(minilm_bundle, capsys=capsys)
-    assert _train_capped(minilm_bundle, batch=_proposed_batch(output))["fits"]
+def test_the_verdicts_are_what_the_engine_does_under_that_cap(tiny, minilm_bundle):
+    assert _train_capped(tiny, batch=BATCH)
+    assert not _train_capped(minilm_bundle, batch=BATCH)
+
+
+def test_a_proposed_smaller_batch_is_the_largest_that_fits(minilm_bundle, capsys):
+    code, output = _doctor(minilm_bundle, cap="560MiB", capsys=capsys)
+    assert code == 1, output
+    fix = next(line for line in output.splitlines() if "fix: lower --batch-size to" in line)
+    smaller = int(fix.split("lower --batch-size to ")[1].split()[0])
+    assert 1 <= smaller < BATCH
+    assert _doctor(minilm_bundle, cap="560MiB", batch=smaller, capsys=capsys)[0] == 0
+    assert _doctor(minilm_bundle, cap="560MiB", batch=smaller + 1, capsys=capsys)[0] == 1
 
 
 def test_the_cloud_check_accepts_the_same_bundle_and_refuses_another(tiny, tmp_path):
