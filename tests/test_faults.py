@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,12 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cloud_harness import CloudProcess, CuttingProxy, EdgeSession, review_data, tiny_dropout_bundle, train_edge
+from cloud_harness import (
+    SCHEDULE, CloudProcess, CuttingProxy, EdgeSession, review_data, tiny_dropout_bundle, train_edge,
+)
 from conftest import movie_reviews_path
 
 from cloud_backend.server import serve_cloud
+from edge_runtime.client import Backoff, CloudClient
 from edge_runtime.trainer import CheckpointDir
 from splitwire.bundle import load_bundle
+from splitwire.errors import ConnectionLost
 
 STEPS = 10
 
@@ -73,6 +79,25 @@ def test_connections_cut_at_random_points_lose_no_training(bundle, reviews, tmp_
     assert_same(cut.parameters, whole.parameters)
     assert_same(got_cloud, want_cloud)
     assert cut.bytes_sent > whole.bytes_sent  # resent requests are counted
+
+
+def test_reconnects_back_off_exponentially_with_full_jitter_and_give_up_in_time(bundle):
+    backoff = Backoff(first_s=0.05, factor=2.0, max_s=0.4, give_up_after_s=1.0)
+    rng = random.Random(0)
+    for attempt in range(6):
+        cap = min(0.4, 0.05 * 2 ** attempt)
+        delays = [backoff.delay(attempt, rng) for _ in range(300)]
+        assert 0 <= min(delays) < 0.1 * cap and 0.9 * cap < max(delays) <= cap  # uniform over [0, cap]
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConnectionLost, match=r"gave up connecting after (\d+) attempts") as lost:
+        asyncio.run(CloudClient.connect(f"ws://127.0.0.1:{port}", bundle=bundle, session_id="nobody",
+                                        schedule=SCHEDULE,
+                                        retry=backoff))
+    assert lost.value.retryable and time.monotonic() - started <= 1.0 + 0.5
+    assert int(re.search(r"after (\d+) attempts", str(lost.value)).group(1)) >= 4
 
 
 @pytest.mark.slow
