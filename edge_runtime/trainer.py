@@ -17,6 +17,7 @@ so that even a cloud lost before the first periodic checkpoint has a step to mee
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -342,13 +343,21 @@ class Checkpointing:
 
 
 async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainBatch, schedule: Schedule):
-    """One training step of the split model; returns the cloud's reply (``dz``, loss, metrics)."""
-    z = engine.forward(batch.inputs)
+    """One training step of the split model; returns the cloud's reply (``dz``, loss, metrics).
+
+    Engine compute runs in a worker thread so the event loop keeps answering the
+    connection's pings during a long step on a slow device.
+    """
+    z = await asyncio.to_thread(engine.forward, batch.inputs)
     reply = await client.train_step(batch.step, z, batch.lengths, batch.labels)
-    engine.backward(reply.dz)
     engine.set_learning_rate(schedule.rate(batch.step))
-    engine.optimizer_step()
+    await asyncio.to_thread(_update, engine, reply.dz)
     return reply
+
+
+def _update(engine: EdgeEngine, dz: np.ndarray) -> None:
+    engine.backward(dz)
+    engine.optimizer_step()
 
 
 async def train(
@@ -437,7 +446,7 @@ async def predict_logits(
     for start in tqdm(range(0, len(data), batch_size), unit="batch", disable=not progress, dynamic_ncols=True):
         part = data.subset(range(start, min(start + batch_size, len(data))))
         inputs, lengths = tokenizer.encode(part.texts, part.pairs)
-        outputs.append(await client.predict(engine.infer(inputs), lengths))
+        outputs.append(await client.predict(await asyncio.to_thread(engine.infer, inputs), lengths))
     return np.concatenate(outputs)
 
 
