@@ -12,6 +12,7 @@ TCP connections cut mid-frame, and the edge is the real engine driven by the tra
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -41,12 +42,17 @@ from splitwire.schedule import Schedule
 FAST_RETRY = Backoff(first_s=0.02, factor=2.0, max_s=0.5, give_up_after_s=60.0)
 
 
-def review_data(path: Path, rows: slice) -> TextData:
-    """Rows of the movie-review snippets (tab-separated id, sentiment, text); positive when sentiment > 0."""
+@functools.lru_cache(maxsize=2)
+def _reviews(path: Path) -> TextData:
     table = read_table(path)
-    table = type(table)(table.path, table.columns, table.rows[rows])
     labels = infer_label_map(table, column="sentiment", num_labels=2, threshold=0.0)
     return table_texts(table, Columns(text="text", label="sentiment"), labels)
+
+
+def review_data(path: Path, rows: slice) -> TextData:
+    """Rows of the movie-review snippets (tab-separated id, sentiment, text); positive when sentiment > 0."""
+    reviews = _reviews(path)
+    return reviews.subset(range(len(reviews))[rows])
 
 
 # ---------------------------------------------------------------------------- the cloud process
@@ -195,7 +201,7 @@ class EdgeSession:
     seed: int
     steps: int
     batch_size: int = 8
-    checkpoint_every: int = 3
+    checkpoint_every: int | None = 3  # None: no checkpoints (and no rewinds)
     lr: float = 1e-3
 
 
@@ -239,10 +245,13 @@ async def train_edge(run: EdgeSession, url: str, checkpoint_dir: Path, *, token:
                                        resume_from=saved[-1].step if saved else None)
     async with client:
         start = restore_checkpoint(engine, resume_point(client.resume_step, saved))
+        checkpoints = run.checkpoint_every is not None
         result = await train(engine=engine, client=client, batches=batches_after(start), schedule=schedule,
                              total_steps=run.steps, start_step=start,
-                             checkpointing=Checkpointing(directory, config, run.checkpoint_every),
-                             rewind=rewind_to_checkpoint(engine, directory, batches_after), progress=False)
+                             checkpointing=Checkpointing(directory, config, run.checkpoint_every) if checkpoints
+                             else None,
+                             rewind=rewind_to_checkpoint(engine, directory, batches_after) if checkpoints else None,
+                             progress=False)
     return EdgeOutcome(result, engine.parameters(), client.reconnects, client.bytes_sent, client.bytes_received)
 
 

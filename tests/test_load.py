@@ -29,7 +29,7 @@ def bundle(tmp_path_factory, tiny_model_dir):
 def sessions(bundle, name: str, steps: int) -> list[EdgeSession]:
     """``CLIENTS`` sessions with their own rows of the movie reviews and their own seeds."""
     return [EdgeSession(bundle, f"{name}-{i}", review_data(movie_reviews_path(), slice(24 * i, 24 * i + 24)),
-                        seed=i, steps=steps, batch_size=4, checkpoint_every=steps) for i in range(CLIENTS)]
+                        seed=i, steps=steps, batch_size=4, checkpoint_every=None) for i in range(CLIENTS)]
 
 
 @pytest.mark.parametrize("steps", [pytest.param(3, id="3-steps"), pytest.param(20, id="20-steps",
