@@ -332,7 +332,7 @@ def plot(results: list[dict]) -> Path:
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(results) + 1.2))
     ax.barh(labels, peaks, color=colours)
     ax.axvline(CAP / MIB, color="black", linestyle="--", label=f"cap {CAP // MIB} MiB")
-    ax.set_xlabel("peak RSS of a training step (MiB); green: fits the cap on every core count")
+    ax.set_xlabel("peak RSS of a training step (MiB); green: fits the cap")
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     fig.tight_layout()
