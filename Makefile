@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 # Benchmarks (minutes each; link_speed needs root for network namespaces + tc netem).
 # Each writes docs/bench/<name>.{md,json,png}; report.py joins them into docs/BENCHMARKS.md.
-BENCHES := traffic edge_engines edge_budget link_speed
+BENCHES := traffic edge_engines edge_budget link_speed load
 bench: $(STAMP)
 	set -e; for b in $(BENCHES); do HF_HUB_OFFLINE=1 $(PY) -m benchmarks.$$b; done
 	$(PY) -m benchmarks.report
