@@ -90,7 +90,7 @@ def train(bundle: Path, url: str, work: Path, session: str, report: Path, *extra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=240, help="training steps of batch 32 (default 240)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of batch 32 (default 400: 1.3 epochs)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "demo", help="bundles, checkpoints, reports")
     args = parser.parse_args()
@@ -104,7 +104,7 @@ def main() -> None:
     export(vanilla_bundle, "--no-compression")
 
     with cloud(sft_bundle, work / "cloud-sft") as url:
-        sft = train(sft_bundle, url, work, "sft", work / "sft.json", "--epochs", "1", "--max-steps", str(args.steps),
+        sft = train(sft_bundle, url, work, "sft", work / "sft.json", "--epochs", "2", "--max-steps", str(args.steps),
                     "--lr", str(args.lr), "--schedule", "linear", "--warmup", str(args.steps // 10))
         predictions = work / "predictions.csv"
         sentences = work / "sentences.csv"
