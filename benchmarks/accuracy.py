@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.report import BENCH_DIR, write_section
+from benchmarks.report import BENCH_DIR, write_section, save_plot
 from benchmarks.traffic import payload_bytes
 from edge_runtime.data import Columns, TextData, holdout_split, infer_label_map, read_table, table_texts
 from edge_runtime.tokenize import EdgeTokenizer
@@ -164,8 +164,7 @@ def summarize(runs: list[dict], settings: dict) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(BENCH_DIR / "accuracy.png", dpi=120)
+    save_plot(fig, "accuracy", dpi=120)
     body = "\n".join(lines) + "\n\n" + "\n".join(best) + "\n\n![accuracy vs traffic](bench/accuracy.png)\n"
     write_section("accuracy", title="Accuracy vs traffic (MiniLM-L6, split 3, real offline text)",
                   command="make bench-accuracy", settings=settings, body=body, results=rows)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from benchmarks.report import BENCH_DIR, ROOT, write_section
+from benchmarks.report import ROOT, write_section, save_plot
 
 CAP = 1 << 30
 BATCH, LENGTH = 8, 128
@@ -335,12 +335,7 @@ def plot(results: list[dict]) -> Path:
     ax.set_xlabel("peak RSS of a training step (MiB); green: fits the cap")
     ax.invert_yaxis()
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = BENCH_DIR / "edge_budget.png"
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, "edge_budget")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,7 +51,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from benchmarks.report import BENCH_DIR, ROOT, write_section
+from benchmarks.report import BENCH_DIR, ROOT, write_section, save_plot
 
 EDGE_IP, CLOUD_IP, PORT, TUN = "10.77.0.1", "10.77.0.2", 8765, "sftls0"
 SPLIT, RANK, SEED = 3, 8, 0
@@ -502,12 +502,7 @@ def _plot(rows: list[dict]) -> Path:
     ax.set_ylabel("seconds per training step")
     ax.legend()
     ax.set_title(f"MiniLM split {SPLIT}, batch {BATCH} movie reviews: vanilla split vs SFT rank {RANK}")
-    fig.tight_layout()
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    path = BENCH_DIR / "link_speed.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, "link_speed")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import BENCH_DIR, ROOT, write_section
+from benchmarks.report import ROOT, write_section, save_plot
 from splitwire.bundle import load_bundle
 from tests.cloud_harness import CloudProcess, EdgeSession, review_data, train_edge
 from tests.conftest import TINY_CONFIG, minilm_path, movie_reviews_path
@@ -132,9 +132,7 @@ def _report(args: argparse.Namespace, rows: list[dict]) -> None:
         axis.set_xlabel("devices training at once")
         axis.set_ylabel(label)
         axis.legend()
-    figure.tight_layout()
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    figure.savefig(BENCH_DIR / "load.png", dpi=110)
+    save_plot(figure, "load")
     body = "\n".join(table) + "\n\n" + "\n".join(f"- {name}: {text}" for name, text in MODELS.items()) + (
         "\n\nEvery session trains its own rows and seed; `tests/test_load.py` checks that each ends with the "
         "weights of its solo run. Edges and the cloud share this machine's cores, so steps/s is what the "

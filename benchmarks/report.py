@@ -59,6 +59,18 @@ def machine_line(info: dict[str, Any]) -> str:
     return f"*Measured {info['date']} on {info['cpu']} ({info['cores']} cores), Python {info['python']}, {pkgs}; commit {info['git']}.*"
 
 
+def save_plot(fig, name: str, *, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as ``docs/bench/<name>.png`` and close it."""
+    import matplotlib.pyplot as plt
+
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    path = BENCH_DIR / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_section(name: str, *, title: str, command: str, settings: dict[str, Any], body: str,
                   results: Any) -> Path:
     """Store one benchmark's section (markdown) and raw results (JSON) under docs/bench/."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import BENCH_DIR, write_section
+from benchmarks.report import write_section, save_plot
 
 MODEL, SPLIT, BATCH, MAX_LENGTH, SEED = "bert-base-uncased", 4, 32, 128, 0
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -350,12 +350,7 @@ def _plot(rows) -> Path:
     axes[0].legend(fontsize=7, ncol=2, title="dashed: all B×L tokens; solid: +packed", title_fontsize=7)
     axes[1].legend(fontsize=7)
     fig.suptitle(f"bert-base split {SPLIT}, batch {BATCH} movie reviews (max length {MAX_LENGTH}): TRAIN frame bytes")
-    fig.tight_layout()
-    path = BENCH_DIR / "traffic.png"
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, "traffic")
 
 
 if __name__ == "__main__":
