@@ -33,6 +33,7 @@ def review_rows(out: Path) -> None:
     with source.open(encoding="utf-8", errors="replace") as f, out.open("w", newline="") as g:
         writer = csv.writer(g, delimiter="\t")
         writer.writerow(["text", "label"])
+        next(f)  # the header: id, sentiment, text
         for _, line in zip(range(ROWS), f):
             _, sentiment, text = line.rstrip("\n").split("\t", 2)
             writer.writerow([text, int(float(sentiment) > 0)])

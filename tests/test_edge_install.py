@@ -99,5 +99,5 @@ def test_edge_extra_installs_plain_onnxruntime_without_torch_and_trains_like_the
         probe["onnxruntime"], {n: d for n, d in diffs.items() if d[0] > d[1]})
     initial = load_file(str(load_bundle(bundle, parts=["edge"]).edge_file("weights")))
     params = {n[len(edge_parity.PARAM):]: w for n, w in want.items() if n.startswith(edge_parity.PARAM)}
-    moved = {n: float(np.abs(w - initial[n]).max() / np.abs(w).max()) for n, w in params.items()}
-    assert min(moved.values()) > 100 * edge_parity.REL_TOL, moved  # every trainable tensor really trained
+    moved = {n: float(np.abs(w - initial[n]).max()) for n, w in params.items()}
+    assert min(moved.values()) > 0.5 * LR, moved  # every trainable tensor took its first Adam step (~lr)
