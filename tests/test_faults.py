@@ -100,7 +100,6 @@ def test_reconnects_back_off_exponentially_with_full_jitter_and_give_up_in_time(
     assert int(re.search(r"after (\d+) attempts", str(lost.value)).group(1)) >= 4
 
 
-@pytest.mark.slow
 def test_kill_9_of_the_cloud_mid_training_loses_no_training(bundle, reviews, tmp_path):
     """The cloud dies after step 7 (its last checkpoint: step 6) and restarts from its state dir; the
     edge reconnects, is told the cloud is at step 6, goes back to its own checkpoint 6 and goes on."""
@@ -225,7 +224,6 @@ def _final_edge(bundle, directory: Path) -> dict[str, np.ndarray]:
     return engine.parameters()
 
 
-@pytest.mark.slow
 def test_kill_9_of_the_edge_resumes_from_its_checkpoint_exactly(cloud_process, bundle, tmp_path):
     """``sft-edge train`` is killed (SIGKILL: no cleanup) after its step-6 checkpoint; the same command
     run again resumes (the cloud rewinds to its matching checkpoint) and ends where an unbroken run ends."""
