@@ -12,14 +12,18 @@
 #      through qemu-aarch64-static; flag F, so the chroot needs no copy of qemu);
 #   3. builds a minimal arm64 Debian bookworm root in $ARM_ROOT (default .cache/arm64-root,
 #      git-ignored; kept between runs) with debootstrap --foreign + --second-stage, copies the
-#      host's CA bundle and resolv.conf in, and makes a venv there with the aarch64 wheels of
-#      onnxruntime numpy safetensors tokenizers websockets tqdm (no torch, no onnxruntime-training);
-#   4. exports a small `--engine onnx` bundle (MiniLM split 2) and a small labelled file with the dev venv
+#      host's CA bundle and resolv.conf in;
+#   4. builds the splitft wheel on the host (`pip wheel --no-deps .`, as docs/edge-on-arm.md does)
+#      and installs it with its `edge` extra into a venv in the root (`pip install --only-binary=:all:
+#      'splitft-*.whl[edge]'`: aarch64 wheels from the registry only, no torch, no onnxruntime-training);
+#      checks too that the extra resolves to wheels alone for CPython 3.12 on aarch64 (`pip download
+#      --platform`), the other Python a 64-bit Pi OS or Ubuntu ships;
+#   5. exports a small `--engine onnx` bundle (MiniLM split 2) and a small labelled file with the dev venv
 #      (scripts/arm_smoke.py prepare), starts `sft-cloud --port 0` from the dev venv;
-#   5. runs `sft-edge train` for $STEPS steps twice, as sessions `x86` (dev venv) and `arm64`
-#      (chroot; the repo's edge_runtime/ and splitwire/ copied in, nothing else), both against
-#      that cloud on localhost (the chroot shares the host's network namespace);
-#   6. compares the two final edge checkpoints and loss curves (scripts/arm_smoke.py compare):
+#   6. runs `sft-edge train` for $STEPS steps twice, as sessions `x86` (dev venv) and `arm64`
+#      (the root's installed `sft-edge`), both against that cloud on localhost (the chroot shares
+#      the host's network namespace);
+#   7. compares the two final edge checkpoints and loss curves (scripts/arm_smoke.py compare):
 #      every trainable parameter equal to <= 1e-5 relative, attention key biases absolutely.
 #
 # Usage: make arm-smoke   or   scripts/arm_smoke.sh [WORK_DIR]   (default .cache/arm-smoke)
@@ -40,7 +44,6 @@ BIN="$(dirname "$PYTHON")"
 SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 ARM_VENV=/opt/sft-edge
-ARM_WHEELS=(onnxruntime numpy safetensors tokenizers websockets tqdm)
 CLOUD_PID=""
 
 say() { echo "== $*"; }
@@ -104,24 +107,42 @@ in_root() {
         PIP_CERT=/etc/ssl/certs/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 "$@"
 }
 
+wheel() {
+    # The pure-Python splitft wheel, built on the host, as a user builds it for the board.
+    rm -rf "$ARM_ROOT/splitft"
+    mkdir -p "$ARM_ROOT/splitft/dist" "$ARM_ROOT/splitft/work/bundle"
+    "$PYTHON" -m pip wheel -q --no-deps "$REPO" -w "$ARM_ROOT/splitft/dist"
+    WHEEL=$(cd "$ARM_ROOT" && ls splitft/dist/splitft-*.whl)
+    WHEEL=/$WHEEL
+}
+
 arm_venv() {
     cp /etc/ssl/certs/ca-certificates.crt "$ARM_ROOT/etc/ssl/certs/host-ca.crt"
     cp -L /etc/resolv.conf "$ARM_ROOT/etc/resolv.conf"
-    if [[ -e $ARM_ROOT$ARM_VENV/.installed ]]; then return; fi
     local t=$SECONDS
-    say "venv $ARM_VENV in the arm64 root: pip install ${ARM_WHEELS[*]} (aarch64 wheels only)"
-    in_root python3 -m venv "$ARM_VENV"
-    in_root "$ARM_VENV/bin/pip" install -q --only-binary=:all: "${ARM_WHEELS[@]}"
-    touch "$ARM_ROOT$ARM_VENV/.installed"
+    say "venv $ARM_VENV in the arm64 root: pip install '${WHEEL##*/}[edge]' (aarch64 wheels only)"
+    [[ -x $ARM_ROOT$ARM_VENV/bin/pip ]] || in_root python3 -m venv "$ARM_VENV"
+    in_root "$ARM_VENV/bin/pip" install -q --only-binary=:all: "$WHEEL[edge]"
+    in_root "$ARM_VENV/bin/pip" install -q --no-deps --force-reinstall "$WHEEL"  # this checkout's code
+    for absent in torch transformers onnxruntime-training onnxruntime-training-cpu; do
+        if in_root "$ARM_VENV/bin/pip" show -q "$absent" 2>/dev/null; then
+            echo "arm_smoke: the edge extra pulled $absent" >&2; exit 1
+        fi
+    done
     elapsed $t
 }
 
-copy_edge() {
-    # The edge's code only (as a device gets it), the bundle without cloud/, the data.
-    rm -rf "$ARM_ROOT/splitft"
-    mkdir -p "$ARM_ROOT/splitft/work"
-    (cd "$REPO" && git ls-files -z edge_runtime splitwire | xargs -0 cp --parents -t "$ARM_ROOT/splitft")
-    mkdir -p "$ARM_ROOT/splitft/work/bundle"
+cp312_wheels() {
+    # The edge extra must resolve to wheels alone for CPython 3.12 on aarch64 too (Ubuntu 24.04, trixie-era Pi OS).
+    say "the edge extra for CPython 3.12 on aarch64: wheels only"
+    "$PYTHON" -m pip download -q --only-binary=:all: --implementation cp --python-version 3.12 \
+        --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 \
+        -d "$WORK/cp312-aarch64" "$ARM_ROOT$WHEEL[edge]"
+    (cd "$WORK/cp312-aarch64" && ls -1 ./*.whl | sed 's|^./|   |')
+}
+
+copy_work() {
+    # The bundle without cloud/ (as a device gets it) and the data.
     cp -r "$WORK/bundle/manifest.json" "$WORK/bundle/edge" "$ARM_ROOT/splitft/work/bundle/"
     cp "$WORK/train.tsv" "$ARM_ROOT/splitft/work/"
 }
@@ -151,6 +172,7 @@ main() {
     host_tools
     binfmt
     arm_root
+    wheel
     arm_venv
     say "inside the root: $(in_root uname -m), $(in_root "$ARM_VENV/bin/python" -c \
         'import platform, onnxruntime, numpy; print("python", platform.python_version(), platform.machine(),
@@ -160,7 +182,8 @@ main() {
     rm -rf "$WORK"
     mkdir -p "$WORK"
     HF_HUB_OFFLINE=1 "$PYTHON" "$REPO/scripts/arm_smoke.py" prepare "$WORK"
-    copy_edge
+    cp312_wheels
+    copy_work
     start_cloud
     say "sft-cloud (x86, dev venv) at $URL"
 
@@ -173,8 +196,7 @@ main() {
     t=$SECONDS
     say "aarch64 edge (emulated): $STEPS steps"
     # shellcheck disable=SC2046
-    in_root /usr/bin/env PYTHONPATH=/splitft PYTHONDONTWRITEBYTECODE=1 "$ARM_VENV/bin/python" -m edge_runtime.cli \
-        train $(edge_args /splitft/work /splitft/work arm64)
+    in_root "$ARM_VENV/bin/sft-edge" train $(edge_args /splitft/work /splitft/work arm64)
     elapsed $t
 
     say "x86_64 vs aarch64"
