@@ -165,7 +165,7 @@ def summarize(runs: list[dict], settings: dict) -> None:
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
     save_plot(fig, "accuracy", dpi=120)
-    body = "\n".join(lines) + "\n\n" + "\n".join(best) + "\n\n![accuracy vs traffic](bench/accuracy.png)\n"
+    body = "\n".join(lines) + "\n\n" + "\n".join(best) + "\n\n![accuracy vs traffic](accuracy.png)\n"
     write_section("accuracy", title="Accuracy vs traffic (MiniLM-L6, split 3, real offline text)",
                   command="make bench-accuracy", settings=settings, body=body, results=rows)
 

@@ -137,7 +137,7 @@ def _report(args: argparse.Namespace, rows: list[dict]) -> None:
         "\n\nEvery session trains its own rows and seed; `tests/test_load.py` checks that each ends with the "
         "weights of its solo run. Edges and the cloud share this machine's cores, so steps/s is what the "
         "pair sustains here, not the cloud alone; the cloud's CPU time per step is its own. The load average "
-        "(1 minute, at the end of each row) shows how busy the machine was with other work.\n\n![load](bench/load.png)\n")
+        "(1 minute, at the end of each row) shows how busy the machine was with other work.\n\n![load](load.png)\n")
     write_section("load", title="Load: devices training at once against one sft-cloud",
                   command="python -m benchmarks.load", settings={
                       "models": ",".join(args.models),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -91,7 +92,8 @@ def assemble() -> Path:
              "rerun it to regenerate the numbers and plots. Timings are ratios measured in the same run.\n"]
     names = [n for n in ORDER if (BENCH_DIR / f"{n}.md").exists()]
     names += sorted(p.stem for p in BENCH_DIR.glob("*.md") if p.stem not in ORDER)
-    parts += [(BENCH_DIR / f"{n}.md").read_text() for n in names]
+    # A section links its plots as "name.png" (beside it in docs/bench/); from docs/ they are "bench/name.png".
+    parts += [re.sub(r"\]\(([\w.-]+\.png)\)", r"](bench/\1)", (BENCH_DIR / f"{n}.md").read_text()) for n in names]
     out = ROOT / "docs" / "BENCHMARKS.md"
     out.write_text("\n".join(parts))
     return out
