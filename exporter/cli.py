@@ -22,8 +22,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+EXAMPLES = """examples:
+  sft-export --model bert-base-uncased --split 4 --rank 8 --out bundles/bert-s4-r8
+  sft-export --model ./my-finetuned-bert --split 3 --engine onnx --freeze-embeddings --out bundles/pi
+  sft-export --model bert-base-uncased --init random --tokenizer ./minilm --split 4 --out bundles/bert-dims
+      (offline: bert-base dims with random weights; any uncased BERT vocabulary as tokenizer)
+  sft-export --model bert-base-uncased --split 4 --no-compression --out bundles/vanilla   (the baseline)
+
+A device needs manifest.json and edge/ of the bundle directory; sft-cloud needs manifest.json and cloud/.
+"""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sft-export", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="sft-export", description=__doc__.splitlines()[0].split(": ", 1)[1],
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id, local directory, or (with --init random) a preset")
     p.add_argument("--split", required=True, type=_positive_int,
                    help="encoder layers on the edge; the cut falls inside layer SPLIT")

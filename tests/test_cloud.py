@@ -344,7 +344,8 @@ def test_restart_restores_sessions_exactly(bundle, initial, reference, tmp_path)
         assert_weights_equal(edge_model, reference.edge)
 
 
-def test_sft_cloud_command_serves_logs_and_saves_on_sigterm(bundle, initial, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sft_cloud_command_serves_logs_and_saves_on_sigterm_or_sigint(bundle, initial, tmp_path, stop):
     data = batches(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -362,7 +363,7 @@ def test_sft_cloud_command_serves_logs_and_saves_on_sigterm(bundle, initial, tmp
                 return await Edge(initial).step(client, 1, data[0])
 
         assert asyncio.run(run()).step == 1
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
