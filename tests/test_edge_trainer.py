@@ -263,3 +263,40 @@ def test_prediction_rows_name_the_label_and_its_probability():
     assert [r["score"] for r in rows] == pytest.approx([0.75, 0.8], abs=1e-6)
     regression = prediction_rows(TextData(["x"], None, None), np.array([[2.5]], dtype=np.float32), LabelMap("regression"))
     assert regression == [{"text": "x", "label": 2.5, "score": 2.5}]
+
+
+def test_sentence_pairs_reach_the_model_through_sft_edge_train_and_predict(tiny_bundle, tmp_path):
+    """``--text-pair-column``: both texts go in as one pair (segment ids 0 and 1), so segment 1's
+    token-type embedding trains; without it segment 1 never occurs and that row only decays."""
+    from cloud_backend.server import serve_cloud
+    from safetensors.numpy import load_file
+
+    rows = [line.split("\t") for line in movie_reviews_path().read_text(encoding="utf-8").splitlines()[1:33]]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"premise": a[2], "hypothesis": b[2], "label": int(float(a[1]) > 0)}) + "\n"
+                            for a, b in zip(rows, rows[1:] + rows[:1])), encoding="utf-8")
+    lr, steps = 1e-3, 4
+
+    def train_args(url: str, name: str, *extra: str) -> list[str]:
+        return ["train", "--bundle", str(tiny_bundle.root), "--cloud", url, "--session", name, "--data", str(data),
+                "--checkpoint-dir", str(tmp_path / name), "--text-column", "premise", "--label-column", "label",
+                "--batch-size", "8", "--epochs", "1", "--lr", str(lr), "--threads", "1", "--no-progress", *extra]
+
+    async def scenario() -> list[tuple[int, str]]:
+        async with serve_cloud(load_bundle(tiny_bundle.root, parts=["cloud"]), port=0, device="cpu") as server:
+            return [await _sft_edge(*train_args(server.url, "pair", "--text-pair-column", "hypothesis")),
+                    await _sft_edge(*train_args(server.url, "single")),
+                    await _sft_edge("predict", "--bundle", str(tiny_bundle.root), "--cloud", server.url,
+                                    "--session", "pair", "--checkpoint-dir", str(tmp_path / "pair"),
+                                    "--input", str(data), "--text-column", "premise",
+                                    "--text-pair-column", "hypothesis", "--out", str(tmp_path / "pred.jsonl"))]
+
+    for code, output in asyncio.run(scenario()):
+        assert code == 0, output
+    initial = load_file(str(tiny_bundle.edge_file("weights")))["embeddings.token_type.weight"][1]
+    moved = {name: float(np.abs(_final_edge_weights(tiny_bundle, tmp_path / name)["embeddings.token_type.weight"][1]
+                                - initial).max()) for name in ("pair", "single")}
+    assert moved["pair"] > 0.5 * lr, moved  # Adam steps of ~lr: segment 1 had gradients
+    assert moved["single"] < 0.01 * lr * steps, moved  # weight decay alone (lr · 0.01 · |w| a step)
+    predictions = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [(p["text"], p["text_pair"]) for p in predictions] == [(a[2], b[2]) for a, b in zip(rows, rows[1:] + rows[:1])]
