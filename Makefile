@@ -29,7 +29,8 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-# Benchmarks (minutes each; link_speed needs root for network namespaces + tc netem).
+# Benchmarks (minutes each; run as root: edge_budget caps memory with a cgroup, link_speed makes network
+# namespaces and tc shapers).
 # Each writes docs/bench/<name>.{md,json,png}; report.py joins them into docs/BENCHMARKS.md.
 BENCHES := traffic edge_engines edge_budget link_speed load
 bench: $(STAMP)
