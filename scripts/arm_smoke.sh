@@ -30,7 +30,8 @@
 # Environment: ARM_ROOT, STEPS (default 4), PYTHON (default .venv/bin/python).
 # The bundle's learning rate is 1e-6 (scripts/arm_smoke.py) so that the runs stay comparable over
 # several AdamW steps: every step's loss and both moments of every tensor must agree.
-# Measured here (2 cores): root and wheels 531 s the first time (1,783 s on a loaded machine); then 67 s.
+# Measured here (2 cores): the root and wheels take 531 s the first time (1,783 s on a loaded machine); then
+# a run takes about 5 min (4 emulated steps of 40 s, cores shared with another job).
 # /sys stays unmounted: onnxruntime 1.32's cpuinfo segfaults under qemu 7.2 reading the host's x86 topology
 # there; without it, it warns that it cannot detect the CPU and runs its generic kernels.
 set -euo pipefail
