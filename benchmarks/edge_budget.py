@@ -132,7 +132,7 @@ CGROUP_V1 = CgroupFiles("/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memo
 CGROUP_V2 = CgroupFiles("/sys/fs/cgroup", ("memory.max", "memory.swap.max"), ("memory.events", "oom_kill"))
 
 
-def _own_cgroup() -> tuple[CgroupFiles, Path]:
+def own_memory_cgroup() -> tuple[CgroupFiles, Path]:
     """The memory cgroup this process is in, and which layout its files follow."""
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
@@ -149,7 +149,7 @@ def _own_cgroup() -> tuple[CgroupFiles, Path]:
 @contextmanager
 def memory_cap(limit: int, *, name: str) -> Iterator[tuple[Path, CgroupFiles]]:
     """A fresh child cgroup limited to ``limit`` bytes of memory (and no swap); removed afterwards."""
-    files, parent = _own_cgroup()
+    files, parent = own_memory_cgroup()
     group = parent / name
     group.mkdir()
     try:

@@ -39,11 +39,14 @@ def _doctor(bundle: Path, *, capsys, batch: int = BATCH, cap: str = CAP) -> tupl
 
 
 def _can_cap_memory() -> bool:
+    """Whether this process may make a capped child cgroup (v1 or v2), as ``benchmarks.edge_budget`` does."""
+    from benchmarks.edge_budget import own_memory_cgroup
+
     try:
-        line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in x)
-    except (OSError, StopIteration):
+        _, group = own_memory_cgroup()
+    except OSError:
         return False
-    return os.access(Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/"), os.W_OK)
+    return os.access(group, os.W_OK)
 
 
 def _train_capped(bundle: Path, *, batch: int) -> bool:
