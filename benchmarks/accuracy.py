@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -235,7 +236,7 @@ def main() -> None:
     name = f"accuracy-{args.tag}" if args.tag else "accuracy"
     log = BENCH_DIR / f"{name}_runs.jsonl"
     shown = [a for a in sys.argv[1:] if a not in ("--resume", "--summarize-only")]
-    command = f"python -m benchmarks.accuracy {' '.join(shown)}" if args.tag else "make bench-accuracy"
+    command = f"python -m benchmarks.accuracy {shlex.join(shown)}" if args.tag else "make bench-accuracy"
     keep = args.resume or args.summarize_only
     done = [json.loads(line) for line in log.read_text().splitlines()] if keep and log.exists() else []
     if not keep:
