@@ -173,8 +173,11 @@ def summarize(runs: list[dict], settings: dict, *, name: str = "accuracy",
     for ax, dataset in zip(axes[0], sorted({r[0] for r in rows})):
         pts = [r for r in rows if r[0] == dataset]
         for d, v, m, s, n, red in pts:
+            if v == "full fine-tuning":
+                ax.axhspan(m - 1.0, m, color="green", alpha=0.12, label="within 1 point of full fine-tuning")
             ax.errorbar(red, m, yerr=s, fmt="o", capsize=3)
             ax.annotate(v.replace("SFT ", ""), (red, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.legend(loc="lower left", fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("traffic reduction vs vanilla fp32 split (×)")
         ax.set_ylabel("test accuracy (%)")
