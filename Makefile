@@ -37,7 +37,7 @@ bench: $(STAMP)
 	set -e; for b in $(BENCHES); do HF_HUB_OFFLINE=1 $(PY) -m benchmarks.$$b; done
 	$(PY) -m benchmarks.report
 
-# The accuracy study: hours on 2 cores; resumable (make bench-accuracy ACCURACY_ARGS=--resume).
+# The accuracy study: 66 runs, 98 min on 2 cores (two at a time); resumable (make bench-accuracy ACCURACY_ARGS=--resume).
 bench-accuracy: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.accuracy $(ACCURACY_ARGS)
 	$(PY) -m benchmarks.report
