@@ -9,7 +9,7 @@ AdamW on one fixed batch, and reports the median times and its peak RSS (``VmHWM
 alternate between engines in every repeat so that drifting machine load hits all of them.
 
 The ``onnx`` graphs have symbolic batch and length (no shape buckets), so a shorter batch
-costs less; the rows at ¾ of the length show it (a bucketed engine would pay for the full length).
+costs less; the grid's shapes show it (a bucketed engine would pay for the full length).
 
 The ``ort-training`` engine recomputes the forward inside ``train_step`` (no call takes an
 upstream gradient), so its backward column holds a second forward; the *recompute* column is
@@ -203,11 +203,12 @@ KEYS = ("step_s", "cpu_s", "forward_s", "backward_s", "optimizer_s", "peak_mib")
 
 
 def _summary(runs: list[dict], shapes: list[tuple[int, int]]) -> dict[tuple, dict[str, float]]:
-    """Median over repeats for every (engine, frozen, batch, length)."""
-    return {(kind, frozen, b, l): {key: statistics.median(r[key] for r in runs
-                                                          if (r["kind"], r["frozen"], r["batch"], r["length"])
-                                                          == (kind, frozen, b, l)) for key in KEYS}
-            for frozen in (False, True) for b, l in shapes for kind in KINDS}
+    """Median over repeats for every (engine, frozen, batch, length), in table order."""
+    cases: dict[tuple, list[dict]] = {(kind, frozen, b, l): [] for frozen in (False, True) for b, l in shapes
+                                      for kind in KINDS}
+    for r in runs:
+        cases[(r["kind"], r["frozen"], r["batch"], r["length"])].append(r)
+    return {case: {key: statistics.median(r[key] for r in mine) for key in KEYS} for case, mine in cases.items()}
 
 
 def _report(args: argparse.Namespace, runs: list[dict], shapes: list[tuple[int, int]]) -> None:
@@ -244,7 +245,6 @@ def _plot(summary: dict[tuple, dict[str, float]], shapes: list[tuple[int, int]])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     cases = [(frozen, b, l) for frozen in (False, True) for b, l in shapes]

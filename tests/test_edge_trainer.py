@@ -272,9 +272,10 @@ def test_sentence_pairs_reach_the_model_through_sft_edge_train_and_predict(tiny_
     from safetensors.numpy import load_file
 
     rows = [line.split("\t") for line in movie_reviews_path().read_text(encoding="utf-8").splitlines()[1:33]]
+    pairs = list(zip(rows, rows[1:] + rows[:1]))  # each review with the next one as its second text
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"premise": a[2], "hypothesis": b[2], "label": int(float(a[1]) > 0)}) + "\n"
-                            for a, b in zip(rows, rows[1:] + rows[:1])), encoding="utf-8")
+                            for a, b in pairs), encoding="utf-8")
     lr, steps = 1e-3, 4
 
     def train_args(url: str, name: str, *extra: str) -> list[str]:
@@ -299,4 +300,4 @@ def test_sentence_pairs_reach_the_model_through_sft_edge_train_and_predict(tiny_
     assert moved["pair"] > 0.5 * lr, moved  # Adam steps of ~lr: segment 1 had gradients
     assert moved["single"] < 0.01 * lr * steps, moved  # weight decay alone (lr · 0.01 · |w| a step)
     predictions = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
-    assert [(p["text"], p["text_pair"]) for p in predictions] == [(a[2], b[2]) for a, b in zip(rows, rows[1:] + rows[:1])]
+    assert [(p["text"], p["text_pair"]) for p in predictions] == [(a[2], b[2]) for a, b in pairs]
