@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from cloud_backend.auth import TOKENS_ENV, TokenStore
-from cloud_backend.server import DEFAULT_IDLE_TIMEOUT_S, serve_cloud
+from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S
+from cloud_backend.server import DEFAULT_HELLO_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, serve_cloud
 from splitwire.bundle import BundleError, load_bundle
 from splitwire.protocol import DEFAULT_MAX_BATCH
 
@@ -53,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
                         help=f"close a connection that sends nothing for this many seconds; the edge reconnects "
                              f"(default: {DEFAULT_IDLE_TIMEOUT_S:g})")
+    parser.add_argument("--hello-timeout", type=float, default=DEFAULT_HELLO_TIMEOUT_S,
+                        help=f"close a connection that has not said hello after this many seconds "
+                             f"(default: {DEFAULT_HELLO_TIMEOUT_S:g})")
+    parser.add_argument("--send-timeout", type=float, default=DEFAULT_SEND_TIMEOUT_S,
+                        help=f"cut off a peer that reads nothing of what it is sent for this many seconds "
+                             f"(default: {DEFAULT_SEND_TIMEOUT_S:g})")
     parser.add_argument("--tokens", type=Path, default=None,
                         help=f"file of per-session tokens, one 'session_id token' or 'session_id sha256:HEX' a "
                              f"line (default: ${TOKENS_ENV}, same lines); a session opens only with its own token")
@@ -65,8 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--port {args.port} is outside 0..65535")
     if args.max_sessions < 1 or args.max_batch < 1 or (args.max_connections is not None and args.max_connections < 1):
         parser.error("--max-sessions, --max-batch and --max-connections must be at least 1")
-    if not args.idle_timeout > 0:
-        parser.error("--idle-timeout must be positive")
+    for flag in ("idle_timeout", "hello_timeout", "send_timeout"):
+        if not 0 < getattr(args, flag) < 1e6:
+            parser.error(f"--{flag.replace('_', '-')} must be positive (seconds)")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     return args
@@ -113,7 +121,8 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with serve_cloud(bundle, host=args.host, port=args.port, device=args.device, state_dir=args.state_dir,
                            max_sessions=args.max_sessions, max_batch=args.max_batch, ssl=tls, tokens=tokens,
-                           idle_timeout=args.idle_timeout, max_connections=args.max_connections) as server:
+                           idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+                           hello_timeout=args.hello_timeout, send_timeout=args.send_timeout) as server:
         print(f"sft-cloud listening on {server.url}", flush=True)
         await stop.wait()
     print("sft-cloud stopped", flush=True)

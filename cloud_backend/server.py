@@ -12,9 +12,11 @@ answered from its replay cache.
 Limits, each refused with a typed error frame and a clean close, without disturbing other
 connections: frames larger than the bundle's shapes allow (the websocket layer refuses
 them, close code 1009), connections and sessions beyond ``max_connections`` /
-``max_sessions`` (``busy``), no hello within ``HELLO_TIMEOUT_S`` or no request within
+``max_sessions`` (``busy``), no hello within ``hello_timeout`` or no request within
 ``idle_timeout`` (``idle_timeout``), a request sent before the previous one was answered
-(``in_flight``).
+(``in_flight``). A peer that does not read what it is sent is cut off (``cloud_backend.guard``),
+and a refusal's error frame and closing handshake get ``CLOSE_GRACE_S``, after which the
+connection is aborted: no connection outlives its timeouts by more than that.
 
 Start it in-process with ``async with serve_cloud(bundle, port=0) as server: server.url``;
 ``sft-cloud`` (``cloud_backend.cli``) wraps the same call. One JSON log line per event.
@@ -41,12 +43,13 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from cloud_backend.auth import TokenStore
+from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S, SendGuard
 from cloud_backend.model import pick_device
-from cloud_backend.session import SNAPSHOTS, CloudSession, Replay, checkpoint_path, saved_step
+from cloud_backend.session import SNAPSHOTS, CloudSession, StepResult, checkpoint_path, saved_step
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, Codec, codec_for
 from splitwire.errors import (
-    BundleMismatch, ConfigMismatch, IdleTimeout, ProtocolError, ServerBusy, SplitftError, StepOrderError,
+    BundleMismatch, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, StepOrderError,
     TooManyInFlight,
 )
 from splitwire.protocol import (
@@ -55,12 +58,24 @@ from splitwire.protocol import (
 )
 
 log = logging.getLogger("splitft.cloud")
-HELLO_TIMEOUT_S = 10.0
+DEFAULT_HELLO_TIMEOUT_S = 10.0
+CLOSE_GRACE_S = 2.0  # for an error frame and the closing handshake after a refusal
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 RECEIVE_QUEUE_FRAMES = 2  # frames the websocket layer buffers per connection before TCP pushes back
 CLOSE_POLICY = 1008  # websocket close code "policy violation": sent after an error frame
 
 T = TypeVar("T")
+
+
+def checked_reply(build: Callable[[], bytes], parse: Callable[[Frame], Any]) -> bytes:
+    """The reply ``build`` makes, after ``parse`` has read it back exactly as the edge will: what
+    the cloud sends is validated like what it receives. A reply that fails is never sent."""
+    try:
+        reply = build()
+        parse(decode(reply))
+    except ProtocolError as exc:
+        raise NonFinite(f"the cloud's reply would be invalid ({exc}); it was not sent") from None
+    return reply
 
 
 def log_event(event: str, **fields: Any) -> None:
@@ -79,6 +94,7 @@ class ServerStats:
     tensor_frames: int = 0  # TRAIN and PREDICT frames whose tensors were read
     steps: int = 0  # training steps applied
     replays: int = 0  # resent steps answered from a replay cache
+    aborted: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by why: cut off
 
 
 @dataclass
@@ -103,7 +119,8 @@ class CloudServer:
 
     def __init__(self, bundle: Bundle, *, device: torch.device, state_dir: Path | None, max_sessions: int,
                  max_batch: int, tokens: TokenStore | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None, hello_timeout: float = DEFAULT_HELLO_TIMEOUT_S,
+                 send_timeout: float = DEFAULT_SEND_TIMEOUT_S) -> None:
         self.bundle = bundle
         self.device = device
         self.state_dir = state_dir
@@ -111,6 +128,8 @@ class CloudServer:
         self.max_connections = max_connections or 2 * max_sessions
         self.tokens = tokens
         self.idle_timeout = idle_timeout
+        self.hello_timeout = hello_timeout
+        self.guard = SendGuard(send_timeout=send_timeout, on_abort=self._aborted)
         self.limits = WireLimits.from_bundle(bundle, max_batch=max_batch)
         self.sessions: dict[str, LiveSession] = {}
         self.stats = ServerStats()
@@ -132,7 +151,7 @@ class CloudServer:
         try:
             if self.stats.open_connections > self.max_connections:
                 raise ServerBusy(f"the cloud holds its limit of {self.max_connections} connections; try again later")
-            first = decode(await self._receive(ws, HELLO_TIMEOUT_S, "no hello"))
+            first = decode(await self._receive(ws, self.hello_timeout, "no hello"))
             if first.kind != Kind.HELLO:  # an ERROR frame's code is the peer's, never this server's refusal
                 raise ProtocolError(f"expected HELLO, got {first.kind.name}")
             hello = Hello.from_frame(first)
@@ -195,9 +214,25 @@ class CloudServer:
     async def _refuse(self, ws: ServerConnection, exc: SplitftError, **where: Any) -> None:
         self.stats.refused[exc.code] += 1
         log_event("refused", code=exc.code, message=str(exc), **where)
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(encode(Error.of(exc).to_frame(session=where["session"], step=where["step"])))
-            await ws.close(CLOSE_POLICY, exc.code)
+        await self._close(ws, CLOSE_POLICY, exc.code,
+                          encode(Error.of(exc).to_frame(session=where["session"], step=where["step"])))
+
+    @staticmethod
+    async def _close(ws: ServerConnection, code: int, reason: str, last: bytes | None = None) -> None:
+        """Send ``last`` (if any) and close, within ``CLOSE_GRACE_S``; past that, abort the transport."""
+        try:
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                if last is not None:
+                    await ws.send(last)
+                await ws.close(code, reason)
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            ws.abort(f"did not take its closing frames within {CLOSE_GRACE_S:g} s")
+
+    def _aborted(self, ws: ServerConnection, reason: str) -> None:
+        self.stats.aborted[reason.split()[0]] += 1
+        log_event("aborted", peer=str(ws.remote_address), reason=reason)
 
     async def _welcome(self, ws: ServerConnection, hello: Hello, peer: str) -> LiveSession:
         if self.tokens is not None:
@@ -215,7 +250,7 @@ class CloudServer:
                 "session id"
             )
         if live.connection is not None:  # the edge reconnected before the old connection was seen to drop
-            await live.connection.close(1000, "replaced by a newer connection of this session")
+            await self._close(live.connection, 1000, "replaced by a newer connection of this session")
         live.connection = ws
         async with live.lock:
             if hello.resume_from is not None:
@@ -333,14 +368,14 @@ class CloudServer:
         self.stats.tensor_frames += 1
         request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
 
-        def step() -> bytes:  # the step and its cached reply, together: a resend never finds one without the other
-            result = session.train(request)
-            reply = encode(Gradient(frame.step, result.dz, result.loss, result.metrics)
-                           .to_frame(session=frame.session, codec=live.gradient, lengths=request.lengths))
-            session.replay = Replay(frame.step, digest, reply)
-            return reply
+        def answer(result: StepResult) -> bytes:  # checked as the edge will check it, before the step is applied
+            gradient = Gradient(frame.step, result.dz, result.loss, result.metrics)
+            return checked_reply(lambda: encode(gradient.to_frame(session=frame.session, codec=live.gradient,
+                                                                  lengths=request.lengths)),
+                                 lambda reply: Gradient.from_frame(reply, codec=live.gradient, shape=request.z.shape,
+                                                                   lengths=request.lengths))
 
-        reply = await self._compute(step)
+        reply = await self._compute(session.train, request, digest=digest, answer=answer)
         self.stats.steps += 1
         return reply
 
@@ -348,7 +383,9 @@ class CloudServer:
         self.stats.tensor_frames += 1
         request = Predict.from_frame(frame, limits=self.limits, codec=live.activation)
         logits = await self._compute(live.session.predict, request)
-        return encode(Prediction(frame.step, logits).to_frame(session=frame.session))
+        return checked_reply(lambda: encode(Prediction(frame.step, logits).to_frame(session=frame.session)),
+                             lambda reply: Prediction.from_frame(reply, batch=logits.shape[0],
+                                                                 num_labels=self.limits.num_labels))
 
     async def _save(self, live: LiveSession, frame: Frame) -> bytes:
         session = live.session
@@ -385,27 +422,32 @@ async def serve_cloud(
     tokens: TokenStore | None = None,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
     max_connections: int | None = None,
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT_S,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
 ) -> AsyncIterator[CloudServer]:
     """Serve ``bundle``'s cloud half until the block exits; ``port=0`` picks a free port (see ``.url``).
 
     ``tokens``: each session's token (``None``: any session id is accepted, for a cloud that
     only loopback reaches). ``ssl``: serve ``wss://``. ``max_connections`` defaults to twice
-    ``max_sessions``. On exit the connections are closed (1001, going away), in-flight steps
+    ``max_sessions``. ``send_timeout``: a peer that reads nothing of what it is sent for this long is cut off
+    (``cloud_backend.guard``). On exit the connections are closed (1001, going away), in-flight steps
     finish, and every session is checkpointed into ``state_dir``.
     """
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
     server = CloudServer(bundle, device=pick_device(device), state_dir=state_dir, max_sessions=max_sessions,
                          max_batch=max_batch, tokens=tokens, idle_timeout=idle_timeout,
-                         max_connections=max_connections)
+                         max_connections=max_connections, hello_timeout=hello_timeout, send_timeout=send_timeout)
     try:
         async with serve(server.handle, host, port, compression=None, ssl=ssl, max_queue=RECEIVE_QUEUE_FRAMES,
-                         max_size=server.limits.max_frame_bytes()) as ws_server:
+                         max_size=server.limits.max_frame_bytes(), close_timeout=CLOSE_GRACE_S,
+                         create_connection=server.guard.connection_factory()) as ws_server:
             bound_port = ws_server.sockets[0].getsockname()[1]
             server.url = f"{'wss' if ssl else 'ws'}://{host}:{bound_port}"
             log_event("listening", url=server.url, bundle=bundle.hash, device=str(server.device),
                       max_frame_bytes=server.limits.max_frame_bytes(), state_dir=state_dir,
-                      tokens=None if tokens is None else len(tokens.digests), idle_timeout_s=idle_timeout)
+                      tokens=None if tokens is None else len(tokens.digests), idle_timeout_s=idle_timeout,
+                      hello_timeout_s=hello_timeout, send_timeout_s=send_timeout)
             yield server
     finally:
         await server.close()

@@ -10,6 +10,11 @@ generator state (seeded from the session's seed) and swaps it in around its step
 session's masks depend only on its own history. Compute runs on one worker thread, so
 the swap never races.
 
+A step is all or nothing: its loss, ``dz`` and gradients are checked, and its reply is
+built and checked, before the optimizer or the generator state change. A finite but huge
+activation that would make the weights NaN (or the reply unsendable) is refused with
+``NonFinite`` and the session stays exactly as it was.
+
 A checkpoint is one safetensors file (model, optimizer moments, RNG state, the cached
 reply) whose metadata holds the rest as JSON; no pickle. It is written atomically.
 """
@@ -19,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,12 +37,14 @@ from safetensors.torch import save_file
 from cloud_backend.atomic import write_atomically
 from cloud_backend.model import load_cloud_part
 from splitwire.bundle import Bundle
-from splitwire.errors import BundleMismatch, ConfigMismatch, StepOrderError
+from splitwire.errors import BundleMismatch, ConfigMismatch, NonFinite, StepOrderError
 from splitwire.protocol import Predict, SessionConfig, Train
 
 CHECKPOINT_FORMAT = "splitft-cloud-session"
 CHECKPOINT_VERSION = 1
 SNAPSHOTS = ("requested", "latest")
+# Beyond this a gradient's square overflows AdamW's float32 second moment, which then stays inf.
+MAX_GRADIENT = 1e18
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,6 @@ class CloudSession:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             yield
 
-    @contextlib.contextmanager
-    def _own_rng(self) -> Iterator[None]:
-        """Run with this session's generator state, and keep what the run advanced it to."""
-        with self._forked_rng():
-            _set_rng(self.device, self.rng)
-            yield
-            self.rng = _get_rng(self.device)
 
     def _inputs(self, z: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` on the device, and the attention mask rebuilt from the lengths (right padding)."""
@@ -121,23 +122,52 @@ class CloudSession:
         mask = (positions[None, :] < torch.tensor(lengths, device=self.device)[:, None]).long()
         return z_t, mask
 
-    def train(self, request: Train) -> StepResult:
-        """One step: forward, mean loss, ``dz = dL/dz``, then AdamW at ``schedule.rate(step)``."""
+    def train(self, request: Train, *, digest: str, answer: Callable[[StepResult], bytes]) -> bytes:
+        """One step: forward, mean loss, ``dz = dL/dz``, then AdamW at ``schedule.rate(step)``.
+
+        ``answer`` turns the result into the reply frame (and checks it); only then does the
+        optimizer step. The reply is cached with the step under the request's ``digest``, so a
+        resend is answered from the cache and never finds the one without the other.
+        """
         if request.step != self.step + 1:
             raise StepOrderError(f"session {self.session_id} is at step {self.step}; cannot apply step {request.step}")
         z, mask = self._inputs(request.z, request.lengths)
         z.requires_grad_(True)
         labels = torch.tensor(request.labels, device=self.device)
-        with self._own_rng():
+        with self._forked_rng():
+            _set_rng(self.device, self.rng)
             logits = self.model(z, mask)
+            rng = _get_rng(self.device)
         loss = self.model.loss(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._check_finite(request.step, loss, z.grad)
+        try:
+            reply = answer(StepResult(z.grad.float().cpu().numpy(), loss.item(),
+                                      self._metrics(logits.detach(), labels)))
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.schedule.rate(request.step)
         self.optimizer.step()
-        self.step = request.step
-        return StepResult(z.grad.float().cpu().numpy(), loss.item(), self._metrics(logits.detach(), labels))
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are not kept between steps: memory
+        self.rng, self.step = rng, request.step
+        self.replay = Replay(request.step, digest, reply)
+        return reply
+
+    def _check_finite(self, step: int, loss: torch.Tensor, dz: torch.Tensor) -> None:
+        """Refuse step ``step`` unless its loss, ``dz`` and every gradient are finite and in range."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        largest = torch.stack(torch._foreach_norm(grads, math.inf)).max().item() if grads else 0.0
+        problems = [what for what, ok in (("the loss", math.isfinite(loss.item())),
+                                          ("dL/dz", bool(torch.isfinite(dz).all())),
+                                          (f"the gradients (largest {largest:.3g})", largest <= MAX_GRADIENT)) if not ok]
+        if problems:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFinite(f"session {self.session_id!r} step {step}: {' and '.join(problems)} would not be finite "
+                            "or in range, so the step was refused and nothing changed; check the edge's inputs "
+                            "and learning rate")
 
     def _metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         count = float(labels.shape[0])
@@ -148,12 +178,16 @@ class CloudSession:
 
     @torch.no_grad()
     def predict(self, request: Predict) -> np.ndarray:
-        """Logits in eval mode (no dropout, no RNG drawn, nothing trained)."""
+        """Logits in eval mode (no dropout, no RNG drawn, nothing trained); refused unless finite."""
         self.model.eval()
         try:
-            return self.model(*self._inputs(request.z, request.lengths)).float().cpu().numpy()
+            logits = self.model(*self._inputs(request.z, request.lengths)).float().cpu().numpy()
         finally:
             self.model.train()
+        if not np.isfinite(logits).all():
+            raise NonFinite(f"session {self.session_id!r}: the logits of prediction request {request.request} are "
+                            "not finite; check the edge's inputs")
+        return logits
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -73,6 +73,13 @@ class SessionRewound(SplitftError):
         self.step = step
 
 
+class NonFinite(SplitftError):
+    """A step's loss, gradients or outputs would not be finite (the request's values overflow the
+    model): the cloud refuses it before anything changes, and the session stays usable."""
+
+    code = "non_finite"
+
+
 class RetryableError(SplitftError):
     """Worth retrying after a reconnect."""
 
@@ -101,7 +108,7 @@ class IdleTimeout(RetryableError):
 ERRORS: dict[str, type[SplitftError]] = {
     cls.code: cls
     for cls in (SplitftError, ProtocolError, VersionMismatch, StepOrderError, TooManyInFlight, BundleMismatch,
-                ConfigMismatch, AuthError, RetryableError, ConnectionLost, ServerBusy, IdleTimeout)
+                ConfigMismatch, AuthError, NonFinite, RetryableError, ConnectionLost, ServerBusy, IdleTimeout)
 }
 
 

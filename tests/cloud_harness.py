@@ -271,6 +271,15 @@ def train_request(bundle: Bundle, step: int, seed: int = 0) -> Train:
     return Train(step, z, lengths, rng.integers(0, bundle.num_labels, B))
 
 
+async def train_steps(client: CloudClient, bundle: Bundle, steps: range) -> list[float]:
+    """Train ``steps`` of ``train_request`` through ``client``; their losses."""
+    losses = []
+    for step in steps:
+        request = train_request(bundle, step)
+        losses.append((await client.train_step(step, request.z, request.lengths, request.labels)).loss)
+    return losses
+
+
 def train_frame(bundle: Bundle, session_id: str, step: int) -> bytes:
     request = train_request(bundle, step)
     return encode(request.to_frame(session=session_tag(session_id), codec=Fp32Codec(Carries.ACTIVATION)))

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cloud_harness import SCHEDULE, SEED, CloudProcess, hello_frame, tiny_dropout_bundle, train_frame, train_request
+from cloud_harness import (
+    SCHEDULE, SEED, CloudProcess, hello_frame, tiny_dropout_bundle, train_frame, train_request, train_steps,
+)
 from conftest import movie_reviews_path
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -51,12 +53,6 @@ async def refused_with(url: str, *frames: bytes) -> tuple[list[str], str, int]:
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 10)
         return [a.kind.name for a in answers[:-1]], Error.from_frame(answers[-1]).code, closed.value.rcvd.code
-
-
-async def train_steps(client: CloudClient, bundle, steps: range) -> None:
-    for step in steps:
-        request = train_request(bundle, step)
-        await client.train_step(step, request.z, request.lengths, request.labels)
 
 
 def _connect(url: str, bundle, session_id: str, token: str | None, **kwargs) -> CloudClient:
@@ -115,26 +111,6 @@ def test_a_session_opens_only_with_its_own_token_and_nothing_is_decoded_before(b
 
 
 # ---------------------------------------------------------------------------- TLS
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory) -> Path:
-    """A throw-away CA and a server certificate it signed for 127.0.0.1 and localhost."""
-    root = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=splitft test CA", cwd=root)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=localhost", cwd=root)
-    (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "1", "-extfile", "san.ext", cwd=root)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.pem", "-days",
-             "1", "-subj", "/CN=another CA", cwd=root)
-    return root
 
 
 def test_sft_cloud_over_tls_with_tokens_trains_sft_edge_and_refuses_unverified_peers(bundle, certificates,

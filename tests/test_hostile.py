@@ -1,0 +1,200 @@
+"""Hostile clients, round two: a peer that never reads, a finite poison, torn and corrupted
+checkpoints, session churn, a compute hog and values that pass parsing.
+
+Every attacker here is a real socket against a real in-process ``serve_cloud`` (or the
+``sft-cloud`` command); the legitimate session beside it is a real ``CloudClient``, and
+what is asserted is what the server did and what the good session ended with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl as ssl_module
+import time
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from cloud_harness import SCHEDULE, SEED, hello_frame, tiny_dropout_bundle, train_steps
+from websockets.client import ClientProtocol
+from websockets.uri import parse_uri
+
+from cloud_backend.auth import TokenStore
+from cloud_backend.server import CLOSE_GRACE_S, serve_cloud
+from edge_runtime.client import Backoff, CloudClient, client_tls
+from splitwire.bundle import load_bundle
+
+TOKEN = "good-device-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_model_dir):
+    return load_bundle(tiny_dropout_bundle(tmp_path_factory, tiny_model_dir))
+
+
+def tokens_for(*sessions: str) -> TokenStore:
+    return TokenStore.parse("".join(f"{s} {TOKEN}\n" for s in sessions), source="test tokens")
+
+
+def cloud_weights(server, session_id: str) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in server.sessions[session_id].session.model.state_dict().items()}
+
+
+async def connect_good(url: str, bundle, session_id: str, *, token: str | None, ssl=None, **kwargs) -> CloudClient:
+    return await CloudClient.connect(url, bundle=bundle, session_id=session_id, token=token, schedule=SCHEDULE,
+                                     seed=SEED, ssl=ssl, **kwargs)
+
+
+# ---------------------------------------------------------------------------- a peer that never reads
+
+
+class NeverReader:
+    """A websocket client on a raw socket with a tiny receive buffer: it does the opening
+    handshake, optionally says hello, then floods pings and never reads another byte.
+    ``cut_after_s`` is how long the server let it live (``None``: still connected)."""
+
+    def __init__(self, url: str, *, hello: bytes | None, ssl: ssl_module.SSLContext | None) -> None:
+        self.url, self.hello, self.ssl = url, hello, ssl
+        self.cut_after_s: float | None = None
+
+    async def run(self, flood_for_s: float) -> None:
+        parsed = urlparse(self.url)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (parsed.hostname, parsed.port))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=self.ssl,
+                                                       server_hostname=parsed.hostname if self.ssl else None)
+        protocol = ClientProtocol(parse_uri(self.url))
+        protocol.send_request(protocol.connect())
+        writer.write(b"".join(protocol.data_to_send()))
+        protocol.receive_data(await reader.readuntil(b"\r\n\r\n"))  # the handshake answer: the last read
+        if self.hello is not None:
+            protocol.send_binary(self.hello)
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < flood_for_s:
+                for _ in range(200):
+                    protocol.send_ping(b"ping")
+                writer.write(b"".join(protocol.data_to_send()))
+                await writer.drain()
+                await asyncio.sleep(0.005)
+        except (ConnectionError, ssl_module.SSLError):
+            self.cut_after_s = time.monotonic() - started
+        finally:
+            writer.transport.abort()
+
+
+@pytest.mark.parametrize("tokens,tls", [(False, False), (True, False), (True, True)],
+                         ids=["no-tokens", "tokens", "tokens-wss"])
+def test_a_peer_that_never_reads_is_cut_off_and_a_good_edge_trains_meanwhile(bundle, certificates, tokens, tls):
+    """Four never-reading connections (two before hello, two after a valid hello) hold the
+    whole connection limit. Each is cut off within its hello or idle timeout plus the close
+    grace (sooner when its unread replies fill the send buffer), the good edge (which arrives while they hold every slot) gets in, and it trains to
+    the weights of a run without attackers."""
+    store = tokens_for("good", "bad-0", "bad-1") if tokens else None
+    token = TOKEN if tokens else None
+    server_tls = client_context = None
+    if tls:
+        server_tls = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+        server_tls.load_cert_chain(certificates / "server.pem", certificates / "server.key")
+        client_context = client_tls("wss://127.0.0.1:1", certificates / "ca.pem")
+    hello_timeout, idle_timeout, send_timeout = 1.0, 2.0, 1.0
+
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu", tokens=store, ssl=server_tls, max_connections=4,
+                               hello_timeout=hello_timeout, idle_timeout=idle_timeout,
+                               send_timeout=send_timeout) as server:
+            attackers = [NeverReader(server.url, hello=None, ssl=client_context) for _ in range(2)]
+            attackers += [NeverReader(server.url, hello=hello_frame(bundle, f"bad-{i}", token), ssl=client_context)
+                          for i in range(2)]
+            floods = [asyncio.create_task(a.run(flood_for_s=20)) for a in attackers]
+            while server.stats.open_connections < 4:
+                await asyncio.sleep(0.01)
+            async with await connect_good(server.url, bundle, "good", token=token, ssl=client_context,
+                                          retry=Backoff(first_s=0.05, max_s=0.5, give_up_after_s=15)) as good:
+                await train_steps(good, bundle, range(1, 4))
+            await asyncio.gather(*floods)
+            while server.stats.open_connections:
+                await asyncio.sleep(0.01)
+            return [a.cut_after_s for a in attackers], server.stats, cloud_weights(server, "good")
+
+    async def solo():
+        async with serve_cloud(bundle, port=0, device="cpu", tokens=store, ssl=server_tls) as server:
+            async with await connect_good(server.url, bundle, "good", token=token, ssl=client_context) as good:
+                await train_steps(good, bundle, range(1, 4))
+            return cloud_weights(server, "good")
+
+    cut_after, stats, weights = asyncio.run(scenario())
+    slack = 1.0  # the flood loop's own pace, and two cores shared with the server
+    assert all(t is not None for t in cut_after), cut_after
+    assert max(cut_after[:2]) < hello_timeout + CLOSE_GRACE_S + slack, cut_after
+    assert max(cut_after[2:]) < idle_timeout + CLOSE_GRACE_S + slack, cut_after
+    assert sum(stats.aborted.values()) >= 4, stats.aborted
+    assert stats.welcomed >= 1 and stats.refused["busy"] >= 1  # the good edge came while they held every slot
+    reference = asyncio.run(solo())
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(weights[name], reference[name], err_msg=name)
+
+
+# ---------------------------------------------------------------------------- a finite poison
+
+
+def session_state(server, session_id: str) -> dict[str, np.ndarray]:
+    """Everything a step changes: weights, AdamW moments, generator state, step."""
+    session = server.sessions[session_id].session
+    state = {f"model.{k}": v.numpy().copy() for k, v in session.model.state_dict().items()}
+    for index, moments in session.optimizer.state_dict()["state"].items():
+        state |= {f"optimizer.{index}.{k}": v.numpy().copy() for k, v in moments.items()}
+    return state | {"rng": session.rng.numpy().copy(), "step": np.array(session.step)}
+
+
+def test_a_finite_poison_is_refused_before_anything_changes_and_the_session_goes_on(bundle):
+    """Huge but finite activations (validation lets them through) would make the weights NaN:
+    the step and the prediction are refused with ``non_finite``, nothing of the session
+    changes, nothing is cached, and the edge goes on from where it was to the weights of a
+    run that was never poisoned."""
+    from cloud_harness import train_request
+
+    from splitwire.errors import NonFinite
+
+    async def poisoned_run():
+        async with serve_cloud(bundle, port=0, device="cpu") as server:
+            async with await connect_good(server.url, bundle, "good", token=None) as good:
+                await train_steps(good, bundle, range(1, 3))
+            before = session_state(server, "good")
+            refusals = []
+            for scale in (1e30, 1e35):
+                async with await connect_good(server.url, bundle, "good", token=None, resume_from=2) as edge:
+                    request = train_request(bundle, 3)
+                    with pytest.raises(NonFinite) as refused:
+                        await edge.train_step(3, request.z * np.float32(scale), request.lengths, request.labels)
+                    refusals.append(str(refused.value))
+                async with await connect_good(server.url, bundle, "good", token=None, resume_from=2) as edge:
+                    with pytest.raises(NonFinite):
+                        await edge.predict(request.z * np.float32(1e30), request.lengths)
+            after = session_state(server, "good")
+            replay = server.sessions["good"].session.replay.step
+            async with await connect_good(server.url, bundle, "good", token=None, resume_from=2) as good:
+                await train_steps(good, bundle, range(3, 5))
+            return before, after, replay, refusals, server.stats, cloud_weights(server, "good")
+
+    async def clean_run():
+        async with serve_cloud(bundle, port=0, device="cpu") as server:
+            async with await connect_good(server.url, bundle, "good", token=None) as good:
+                await train_steps(good, bundle, range(1, 5))
+            return cloud_weights(server, "good")
+
+    before, after, replay, refusals, stats, weights = asyncio.run(poisoned_run())
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert replay == 2  # the refused step cached nothing
+    assert stats.refused["non_finite"] == 4 and "nothing changed" in refusals[0]
+    reference = asyncio.run(clean_run())
+    for name in reference:
+        assert np.isfinite(weights[name]).all()
+        np.testing.assert_array_equal(weights[name], reference[name], err_msg=name)
