@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import ssl as ssl_module
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ import torch
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from cloud_backend.atomic import remove_stale_temp_files
 from cloud_backend.auth import TokenStore
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S, SendGuard
 from cloud_backend.model import pick_device
@@ -49,7 +51,7 @@ from cloud_backend.session import SNAPSHOTS, CloudSession, StepResult, checkpoin
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, Codec, codec_for
 from splitwire.errors import (
-    BundleMismatch, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, StepOrderError,
+    BundleMismatch, CheckpointCorrupt, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, StepOrderError,
     TooManyInFlight,
 )
 from splitwire.protocol import (
@@ -94,6 +96,7 @@ class ServerStats:
     tensor_frames: int = 0  # TRAIN and PREDICT frames whose tensors were read
     steps: int = 0  # training steps applied
     replays: int = 0  # resent steps answered from a replay cache
+    corrupt_checkpoints: int = 0  # snapshots set aside as unreadable or failing their checksum
     aborted: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by why: cut off
 
 
@@ -273,10 +276,8 @@ class CloudServer:
             if live is not None:
                 return live
             await self._make_room()
-            saved = self._saved(hello.session_id)
-            if saved:
-                session = await self._compute(CloudSession.restore, saved[max(saved)], bundle=self.bundle,
-                                              device=self.device)
+            session = await self._restore_newest(hello.session_id)
+            if session is not None:
                 self._forget_latest(hello.session_id)
                 log_event("restored", session=hello.session_id, step=session.step)
             else:
@@ -285,6 +286,29 @@ class CloudServer:
                 log_event("new_session", session=hello.session_id, device=str(self.device))
             live = self.sessions[hello.session_id] = LiveSession.of(session)
             return live
+
+    async def _restore_newest(self, session_id: str) -> CloudSession | None:
+        """The session from its newest intact snapshot; a corrupt one is set aside and the next tried."""
+        for _, path in sorted(self._saved(session_id).items(), reverse=True):
+            restored = await self._restore(path)
+            if restored is not None:
+                return restored
+        return None
+
+    async def _restore(self, path: Path) -> CloudSession | None:
+        try:
+            return await self._compute(CloudSession.restore, path, bundle=self.bundle, device=self.device)
+        except CheckpointCorrupt as exc:
+            self._set_aside(path, exc)
+            return None
+
+    def _set_aside(self, path: Path, exc: CheckpointCorrupt) -> None:
+        """Rename a corrupt snapshot to ``*.corrupt`` (kept for the operator, never read again) and log it."""
+        kept = path.with_name(path.name + ".corrupt")
+        with contextlib.suppress(OSError):
+            os.replace(path, kept)
+        self.stats.corrupt_checkpoints += 1
+        log_event("corrupt_checkpoint", path=str(path), kept_as=str(kept), reason=str(exc))
 
     async def _make_room(self) -> None:
         """Below ``max_sessions``, or evict one disconnected session after saving it."""
@@ -310,18 +334,27 @@ class CloudServer:
         """
         session = live.session
         replayable = session.replay is not None and session.replay.step == session.step == resume_from + 1
-        path = self._saved(session.session_id).get(resume_from)
-        if session.step == resume_from or replayable or path is None:
+        if session.step == resume_from or replayable:
             return
-        live.session = await self._compute(CloudSession.restore, path, bundle=self.bundle, device=self.device)
-        log_event("rewound", session=session.session_id, from_step=session.step, to_step=resume_from)
+        path = self._saved(session.session_id).get(resume_from)
+        restored = None if path is None else await self._restore(path)
+        if restored is not None:
+            live.session = restored
+            log_event("rewound", session=session.session_id, from_step=session.step, to_step=resume_from)
 
     def _saved(self, session_id: str) -> dict[int, Path]:
         """This session's checkpoint files in the state dir, by the step they were taken at."""
         if self.state_dir is None:
             return {}
-        paths = (checkpoint_path(self.state_dir, session_id, snapshot) for snapshot in SNAPSHOTS)
-        return {saved_step(path): path for path in paths if path.is_file()}
+        saved = {}
+        for snapshot in SNAPSHOTS:
+            path = checkpoint_path(self.state_dir, session_id, snapshot)
+            try:
+                if path.is_file():
+                    saved[saved_step(path)] = path
+            except CheckpointCorrupt as exc:
+                self._set_aside(path, exc)
+        return saved
 
     def _snapshot(self, session_id: str, snapshot: str) -> Path | None:
         return None if self.state_dir is None else checkpoint_path(self.state_dir, session_id, snapshot)
@@ -435,6 +468,9 @@ async def serve_cloud(
     """
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
+        removed, size = remove_stale_temp_files(state_dir)
+        if removed:
+            log_event("removed_temp_files", state_dir=state_dir, files=removed, bytes=size)
     server = CloudServer(bundle, device=pick_device(device), state_dir=state_dir, max_sessions=max_sessions,
                          max_batch=max_batch, tokens=tokens, idle_timeout=idle_timeout,
                          max_connections=max_connections, hello_timeout=hello_timeout, send_timeout=send_timeout)

@@ -16,7 +16,9 @@ activation that would make the weights NaN (or the reply unsendable) is refused 
 ``NonFinite`` and the session stays exactly as it was.
 
 A checkpoint is one safetensors file (model, optimizer moments, RNG state, the cached
-reply) whose metadata holds the rest as JSON; no pickle. It is written atomically.
+reply) whose metadata holds the rest as JSON, with a SHA-256 of every tensor, so that a
+torn or overwritten file is found out (``CheckpointCorrupt``) rather than restored as
+garbage weights; no pickle. It is written atomically.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from safetensors.torch import save_file
 from cloud_backend.atomic import write_atomically
 from cloud_backend.model import load_cloud_part
 from splitwire.bundle import Bundle
-from splitwire.errors import BundleMismatch, ConfigMismatch, NonFinite, StepOrderError
+from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite, StepOrderError
 from splitwire.protocol import Predict, SessionConfig, Train
 
 CHECKPOINT_FORMAT = "splitft-cloud-session"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the metadata carries the tensors' checksum
 SNAPSHOTS = ("requested", "latest")
 # Beyond this a gradient's square overflows AdamW's float32 second moment, which then stays inf.
 MAX_GRADIENT = 1e18
@@ -74,8 +76,35 @@ def checkpoint_path(state_dir: Path, session_id: str, snapshot: str) -> Path:
 
 def saved_step(path: Path) -> int:
     """The step a checkpoint file was taken at, read from its metadata alone."""
-    with safe_open(str(path), framework="pt") as f:
-        return int(json.loads(f.metadata()["splitft"])["step"])
+    return int(_read_checkpoint(path, tensors=False)[0]["step"])
+
+
+def checkpoint_digest(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the metadata (less its checksum) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        value = tensors[name].contiguous()
+        digest.update(json.dumps([name, str(value.dtype), list(value.shape)]).encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _read_checkpoint(path: Path, *, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint's metadata (and, with ``tensors``, its checked tensors), or ``CheckpointCorrupt``."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta: dict[str, Any] = json.loads(f.metadata()["splitft"])
+            loaded = {key: f.get_tensor(key) for key in f.keys()} if tensors else {}
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"not a version-{CHECKPOINT_VERSION} cloud session checkpoint")
+        int(meta["step"])
+    except Exception as exc:  # safetensors raises its own error types for a torn header or body
+        raise CheckpointCorrupt(f"{path} is unreadable ({type(exc).__name__}: {str(exc)[:200]})",
+                                path=str(path)) from None
+    if tensors and checkpoint_digest(meta, loaded) != meta.get("checksum"):
+        raise CheckpointCorrupt(f"{path} fails its checksum: it was changed after it was written",
+                                path=str(path))
+    return meta, loaded
 
 
 def _get_rng(device: torch.device) -> torch.Tensor:
@@ -207,16 +236,13 @@ class CloudSession:
             "replay": None if self.replay is None else {"step": self.replay.step, "digest": self.replay.digest},
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        meta["checksum"] = checkpoint_digest(meta, tensors)
         write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"splitft": json.dumps(meta)}))
 
     @classmethod
     def restore(cls, path: Path, *, bundle: Bundle, device: torch.device) -> "CloudSession":
-        """The session exactly as ``save`` left it."""
-        with safe_open(str(path), framework="pt") as f:
-            meta: dict[str, Any] = json.loads(f.metadata()["splitft"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path} is not a version-{CHECKPOINT_VERSION} cloud session checkpoint")
+        """The session exactly as ``save`` left it; ``CheckpointCorrupt`` if the file is not intact."""
+        meta, tensors = _read_checkpoint(path, tensors=True)
         if meta["bundle_hash"] != bundle.hash:
             raise BundleMismatch(
                 f"session {meta['session_id']}'s checkpoint was trained with bundle {meta['bundle_hash'][:12]}…; "

@@ -5,8 +5,9 @@ Why it exists: this is the device half of split fine-tuning. Per step the engine
 back-propagates it and takes its AdamW step with ``schedule.rate(step)``, the same rate
 the cloud used. The batch order is a pure function of (seed, epoch), so an in-process
 PyTorch reference and a resumed run see exactly the same batches. Checkpoints hold the
-engine's state plus the run's config as JSON, written atomically; a run resumes at the
-step the cloud says it has applied.
+engine's state plus the run's config as JSON, with a SHA-256 of every engine file that is
+checked before a restore, written atomically; a run resumes at the step the cloud says it
+has applied.
 
 Faults during a run: the client reconnects and resends by itself; when the cloud comes
 back behind the edge (``SessionRewound``: it restarted from its last checkpoint), ``train``
@@ -36,7 +37,8 @@ from edge_runtime import metrics
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import EdgeBatch, EdgeEngine
 from edge_runtime.tokenize import EdgeTokenizer
-from splitwire.errors import SessionRewound
+from splitwire.bundle import sha256_file
+from splitwire.errors import CheckpointCorrupt, SessionRewound
 from splitwire.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -181,10 +183,27 @@ class Checkpoint:
     step: int
     epoch: int
     config: RunConfig
+    files: dict[str, str] | None = None  # engine file -> SHA-256; None in checkpoints of splitft 0.1 and older
 
     @property
     def engine_dir(self) -> Path:
         return self.path / ENGINE_DIR
+
+    def verify(self) -> None:
+        """``CheckpointCorrupt`` unless the engine files are exactly those that were saved."""
+        if self.files is None:
+            return
+        found = _engine_files(self.engine_dir)
+        for name in sorted(set(self.files) | set(found)):
+            if self.files.get(name) != found.get(name):
+                what = "is missing" if name not in found else "was not saved" if name not in self.files else \
+                    "fails its checksum"
+                raise CheckpointCorrupt(f"checkpoint {self.path}: {ENGINE_DIR}/{name} {what}; delete that "
+                                        "checkpoint directory to resume from an older one", path=str(self.path))
+
+
+def _engine_files(engine_dir: Path) -> dict[str, str]:
+    return {p.relative_to(engine_dir).as_posix(): sha256_file(p) for p in sorted(engine_dir.rglob("*")) if p.is_file()}
 
 
 class CheckpointDir:
@@ -209,18 +228,22 @@ class CheckpointDir:
     def read(path: Path) -> Checkpoint:
         try:
             state = json.loads((path / RUN_FILE).read_text())
-            return Checkpoint(path, int(state["step"]), int(state["epoch"]), RunConfig.from_dict(state["config"]))
+            return Checkpoint(path, int(state["step"]), int(state["epoch"]), RunConfig.from_dict(state["config"]),
+                              state.get("files"))
         except (ValueError, KeyError, TypeError) as exc:
             raise ResumeError(f"{path / RUN_FILE} is damaged ({type(exc).__name__}: {exc}); "
                               "delete that checkpoint directory to resume from an older one") from None
 
     def save(self, engine: EdgeEngine, *, step: int, epoch: int, config: RunConfig) -> Checkpoint:
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(f".{CHECKPOINT_PREFIX}*"):  # staging dirs of a save cut by a crash
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step:08d}-", dir=self.root))
         try:
             (staging / ENGINE_DIR).mkdir()
             engine.save(staging / ENGINE_DIR)
-            state = {"step": step, "epoch": epoch, "config": asdict(config)}
+            state = {"step": step, "epoch": epoch, "config": asdict(config),
+                     "files": _engine_files(staging / ENGINE_DIR)}
             (staging / RUN_FILE).write_text(json.dumps(state, indent=2) + "\n")
             _fsync_tree(staging)  # on disk before it is named: a crash leaves the old checkpoint or the new one
             final = self.root / f"{CHECKPOINT_PREFIX}{step:08d}"
@@ -284,6 +307,7 @@ def restore_checkpoint(engine: EdgeEngine, checkpoint: Checkpoint | None) -> int
     """Load ``checkpoint`` into ``engine`` (``None``: keep the bundle's initial weights); its step."""
     if checkpoint is None:
         return 0
+    checkpoint.verify()
     engine.restore(checkpoint.engine_dir)
     return checkpoint.step
 

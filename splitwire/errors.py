@@ -80,6 +80,17 @@ class NonFinite(SplitftError):
     code = "non_finite"
 
 
+class CheckpointCorrupt(SplitftError):
+    """A checkpoint file is unreadable, torn, or fails its checksum. Raised where it is read;
+    never sent: the reader falls back to an older checkpoint, or says which file to remove."""
+
+    code = "checkpoint_corrupt"
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class RetryableError(SplitftError):
     """Worth retrying after a reconnect."""
 

@@ -150,6 +150,37 @@ def test_a_checkpoint_resumes_the_engine_exactly_and_keeps_the_last_two(tiny_bun
         np.testing.assert_array_equal(resumed.parameters()[name], value, err_msg=name)
 
 
+def test_a_corrupt_edge_checkpoint_is_refused_with_its_path_and_a_cut_save_leaves_nothing(tiny_bundle, tmp_path):
+    """Every engine file is checksummed in run.json: an overwritten, missing or added file makes
+    the restore fail with ``CheckpointCorrupt`` naming the checkpoint, before the engine reads
+    it. The staging dir of a save cut by a crash is removed by the next save."""
+    from edge_runtime.trainer import restore_checkpoint
+    from splitwire.errors import CheckpointCorrupt
+
+    directory = CheckpointDir(tmp_path / "run")
+    engine = open_engine(tiny_bundle, threads=1)
+    checkpoint = directory.save(engine, step=1, epoch=0, config=_config(tiny_bundle))
+    assert checkpoint.files and all(len(digest) == 64 for digest in checkpoint.files.values())
+    assert restore_checkpoint(open_engine(tiny_bundle, threads=1), checkpoint) == 1
+    victim = checkpoint.engine_dir / max(checkpoint.files, key=lambda name: (checkpoint.engine_dir / name).stat().st_size)
+    original = victim.read_bytes()
+    corrupt = bytearray(original)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    for damage, what in ((lambda: victim.write_bytes(bytes(corrupt)), "fails its checksum"),
+                         (victim.unlink, "is missing"),
+                         (lambda: (checkpoint.engine_dir / "extra.bin").write_bytes(b"x"), "was not saved")):
+        damage()
+        with pytest.raises(CheckpointCorrupt, match=f"{re.escape(str(checkpoint.path))}: .* {what}") as error:
+            restore_checkpoint(open_engine(tiny_bundle, threads=1), directory.latest())
+        assert error.value.path == str(checkpoint.path)
+        victim.write_bytes(original)
+        (checkpoint.engine_dir / "extra.bin").unlink(missing_ok=True)
+    (directory.root / ".step-00000002-cut").mkdir()  # what kill -9 during a save leaves
+    (directory.root / ".step-00000002-cut" / "state.bin").write_bytes(b"\0" * 1024)
+    directory.save(engine, step=2, epoch=0, config=_config(tiny_bundle))
+    assert sorted(p.name for p in directory.root.iterdir()) == ["step-00000001", "step-00000002"]
+
+
 # --- sft-edge end to end: a real cloud on localhost, the edge in a process where torch cannot be imported ---
 
 NO_TORCH = """

@@ -9,7 +9,7 @@ what is asserted is what the server did and what the good session ended with.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import shutil
 import socket
 import ssl as ssl_module
 import time
@@ -198,3 +198,59 @@ def test_a_finite_poison_is_refused_before_anything_changes_and_the_session_goes
     for name in reference:
         assert np.isfinite(weights[name]).all()
         np.testing.assert_array_equal(weights[name], reference[name], err_msg=name)
+
+
+# ---------------------------------------------------------------------------- corrupt checkpoints
+
+
+def overwrite_middle(path, size: int = 1 << 16) -> None:
+    """Overwrite ``size`` bytes (at most half the file) in the middle of the file's tensor bytes."""
+    data = bytearray(path.read_bytes())
+    size = min(size, len(data) // 2)
+    start = len(data) - size - len(data) // 8
+    data[start:start + size] = bytes((b + 1) % 256 for b in data[start:start + size])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_cloud_snapshot_is_set_aside_and_the_last_good_one_is_used(bundle, tmp_path):
+    """A ``latest`` snapshot with 64 KiB overwritten fails its checksum: it is renamed
+    ``*.corrupt`` and logged with its path, and the session comes back from its intact
+    ``requested`` snapshot (step 2) with exactly that step's state. Truncated snapshots (both)
+    give a fresh session instead of an ``internal`` error on every hello. Temp files from a
+    writer killed mid-save are removed at start-up."""
+    from cloud_backend.session import checkpoint_path
+
+    state_dir = tmp_path / "state"
+    latest = checkpoint_path(state_dir, "s", "latest")
+    requested = checkpoint_path(state_dir, "s", "requested")
+
+    async def train_and_stop():
+        async with serve_cloud(bundle, port=0, device="cpu", state_dir=state_dir) as server:
+            async with await connect_good(server.url, bundle, "s", token=None) as edge:
+                await train_steps(edge, bundle, range(1, 3))
+                assert await edge.checkpoint(2)
+                at_two = session_state(server, "s")
+                await train_steps(edge, bundle, range(3, 5))
+        return at_two
+
+    async def come_back():
+        async with serve_cloud(bundle, port=0, device="cpu", state_dir=state_dir) as server:
+            async with await connect_good(server.url, bundle, "s", token=None, resume_from=4) as edge:
+                return edge.resume_step, session_state(server, "s"), server.stats
+
+    at_two = asyncio.run(train_and_stop())
+    assert latest.is_file() and requested.is_file()
+    overwrite_middle(latest)
+    (state_dir / f".{latest.name}.12345.tmp").write_bytes(b"\0" * 4096)  # a save cut by kill -9
+    resume_step, state, stats = asyncio.run(come_back())
+    assert resume_step == 2 and stats.corrupt_checkpoints == 1
+    assert latest.with_name(latest.name + ".corrupt").is_file() and not list(state_dir.glob(".*.tmp"))
+    for name in at_two:
+        np.testing.assert_array_equal(state[name], at_two[name], err_msg=name)
+
+    shutil.rmtree(state_dir)
+    asyncio.run(train_and_stop())
+    for path in (latest, requested):  # now both torn
+        path.write_bytes(path.read_bytes()[:1000])
+    resume_step, state, stats = asyncio.run(come_back())
+    assert resume_step == 0 and stats.corrupt_checkpoints == 2
