@@ -107,18 +107,26 @@ def _read_delimited(path: Path, fmt: str) -> Table:
             header = [name.strip() for name in header]
             _check_header(path, header)
             rows = []
+            start = reader.line_num + 1  # where the next record begins: a quoted field may span lines
             for fields in reader:
-                if not fields:
-                    continue  # blank line
-                if len(fields) != len(header):
+                if fields and len(fields) != len(header):
+                    spans = reader.line_num > start
                     raise DataError(
-                        f"{path}:{reader.line_num}: {len(fields)} fields, but the header has {len(header)} "
-                        f"({', '.join(header)}); is the file {fmt.upper()}?"
+                        f"{path}:{start}: {len(fields)} fields, but the header has {len(header)} "
+                        f"({', '.join(header)}); "
+                        + (f"a quote opened on line {start} is not closed before line {reader.line_num}"
+                           if spans else f"is the file {fmt.upper()}?")
                     )
-                rows.append((reader.line_num, dict(zip(header, fields))))
+                if fields:  # else a blank line
+                    rows.append((start, dict(zip(header, fields))))
+                start = reader.line_num + 1
         except csv.Error as exc:
-            raise DataError(f"{path}:{reader.line_num}: malformed {fmt.upper()}: {exc}") from None
+            raise DataError(f"{path}:{start}: malformed {fmt.upper()}: {exc}") from None
     return Table(path, tuple(header), rows)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
 
 
 def _check_header(path: Path, header: list[str]) -> None:
@@ -137,9 +145,11 @@ def _read_jsonl(path: Path) -> Table:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{line_no}: malformed JSON: {exc.msg} at column {exc.colno}") from None
+            except ValueError as exc:  # NaN or Infinity, which Python's json would otherwise accept
+                raise DataError(f"{path}:{line_no}: malformed JSON: {exc}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             columns.update(dict.fromkeys(record))

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from splitwire.bundle import Bundle
+from splitwire.bundle import Bundle, BundleError
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,15 @@ class EdgeEngine(ABC):
 
 
 def input_limits(bundle: Bundle) -> dict[str, int]:
-    """Each edge input's exclusive upper bound: the embedding tables' sizes (the mask is 0 or 1)."""
+    """Each edge input's exclusive upper bound: the embedding tables' sizes (the mask is 0 or 1).
+
+    A model without token types (DistilBERT) takes type ids of 0 and ignores them; position ids
+    count from 0 and the model adds its ``position_offset`` (RoBERTa), so fewer fit its table.
+    """
     encoder = bundle.encoder
     return {"input_ids": encoder["vocab_size"], "attention_mask": 2,
-            "token_type_ids": encoder["type_vocab_size"], "position_ids": encoder["max_positions"]}
+            "token_type_ids": max(1, encoder["type_vocab_size"]),
+            "position_ids": encoder["max_positions"] - encoder.get("position_offset", 0)}
 
 
 def checked_feeds(batch: EdgeBatch, limits: dict[str, int]) -> dict[str, np.ndarray]:
@@ -142,4 +147,11 @@ def open_engine(bundle: Bundle, *, threads: int | None = None) -> EdgeEngine:
     """The engine the bundle was exported for, initialised from the bundle's weights."""
     name = bundle.manifest["engine"]
     module = importlib.import_module(ENGINE_MODULES[name])
-    return module.Engine(bundle, threads=threads)
+    try:
+        return module.Engine(bundle, threads=threads)
+    except Exception as exc:
+        # onnxruntime raises its own types; the training API wraps the same errors in RuntimeError
+        if not (type(exc).__module__.startswith("onnxruntime") or "[ONNXRuntimeError]" in str(exc)):
+            raise
+        raise BundleError(f"bundle {bundle.root}: onnxruntime cannot load its {name} edge files "
+                          f"({type(exc).__name__}: {str(exc)[:300]}); re-export the bundle") from exc

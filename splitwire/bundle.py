@@ -134,3 +134,42 @@ def _check_manifest(manifest: Any, where: Path) -> None:
         raise BundleError(f"{where} names unknown edge engine {manifest['engine']!r}; known: {', '.join(ENGINES)}")
     if not isinstance(manifest["files"], dict) or not manifest["files"]:
         raise BundleError(f"{where} lists no files")
+    _check_shapes(manifest, where)
+    _check_named_files(manifest, where)
+
+
+def _check_shapes(manifest: dict[str, Any], where: Path) -> None:
+    """The fields every reader takes on trust: present, of the right type, in range."""
+    def whole(section: str, key: str, *, optional: bool = False) -> None:
+        value = manifest[section].get(key) if isinstance(manifest[section], dict) else None
+        if optional and value is None and key in manifest[section]:
+            return
+        if type(value) is not int or value < 1:
+            raise BundleError(f"{where}: {section}.{key} must be a whole number >= 1"
+                              f"{' or null' if optional else ''}, got {str(value)[:40]!r}")
+
+    for section in ("encoder", "split", "edge", "cloud", "optimizer", "tokenizer"):
+        if not isinstance(manifest[section], dict):
+            raise BundleError(f"{where}: {section} must be an object")
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size"):
+        whole("encoder", key)
+    whole("split", "split")
+    whole("split", "rank", optional=True)
+    whole("split", "num_labels")
+    if type(manifest["max_length"]) is not int or manifest["max_length"] < 1:
+        raise BundleError(f"{where}: max_length must be a whole number >= 1")
+
+
+def _check_named_files(manifest: dict[str, Any], where: Path) -> None:
+    """Every file the manifest names for a part is in its hash table, under that part's folder:
+    nothing is ever loaded unverified."""
+    named = [("edge", manifest["tokenizer"].get("file"))]
+    for part in ("edge", "cloud"):
+        files = manifest[part].get("files")
+        if not isinstance(files, dict):
+            raise BundleError(f"{where}: {part}.files must map roles to files")
+        named += [(part, relpath) for relpath in files.values()]
+    for part, relpath in named:
+        if not isinstance(relpath, str) or not relpath.startswith(f"{part}/") or relpath not in manifest["files"]:
+            raise BundleError(f"{where} names {part} file {str(relpath)[:100]!r}, which is not under {part}/ in its "
+                              "hash table: every file a bundle uses must be listed with its SHA-256")

@@ -6,10 +6,13 @@ and evaluated independently on each side from the step number alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 SCHEDULES = ("constant", "linear")
+MAX_LR = 1.0  # far above any fine-tuning rate; beyond it AdamW's steps are no longer small
+MAX_STEPS = 10**9
 
 
 @dataclass(frozen=True)
@@ -23,9 +26,13 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.kind!r}")
-        if not self.lr > 0 or self.warmup_steps < 0 or self.total_steps < 0:
-            raise ValueError(f"bad schedule {self}")
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {str(self.kind)[:32]!r}")
+        if not isinstance(self.lr, float) or not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise ValueError(f"lr must be a number in (0, {MAX_LR:g}], got {str(self.lr)[:32]!r}")
+        for name in ("warmup_steps", "total_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STEPS:
+                raise ValueError(f"{name} must be a whole number in 0..{MAX_STEPS}, got {str(value)[:32]!r}")
         if self.kind == "linear" and self.total_steps <= self.warmup_steps:
             raise ValueError("a linear schedule needs total_steps > warmup_steps")
 
@@ -43,4 +50,9 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Schedule":
-        return cls(float(data["lr"]), str(data["kind"]), int(data["warmup_steps"]), int(data["total_steps"]))
+        """From ``to_dict``'s output, as received: the values must already have their types (no "inf"
+        strings, no booleans, no floats for step counts)."""
+        if set(data) != {"lr", "kind", "warmup_steps", "total_steps"}:
+            raise ValueError("a schedule has exactly lr, kind, warmup_steps and total_steps")
+        lr = data["lr"]
+        return cls(float(lr) if type(lr) is int else lr, data["kind"], data["warmup_steps"], data["total_steps"])

@@ -83,12 +83,36 @@ def test_another_bundles_manifest_is_refused(bundle, tmp_path_factory, tiny_mode
         (lambda m: m.pop("optimizer"), "lacks optimizer"),
         (lambda m: m.update(engine="tensorflow"), "unknown edge engine 'tensorflow'"),
         (lambda m: m["files"].update({"edge/../../escape": "0" * 64}), "outside the bundle"),
+        (lambda m: m["split"].pop("rank"), r"split.rank must be a whole number >= 1 or null"),
+        (lambda m: m["split"].update(split="2"), r"split.split must be a whole number"),
+        (lambda m: m["encoder"].update(hidden_size=-3), r"encoder.hidden_size must be a whole number"),
+        (lambda m: m.update(max_length=1.5), "max_length must be a whole number"),
+        (lambda m: m["edge"]["files"].update(training_model="edge/unlisted.onnx"),
+         "names edge file 'edge/unlisted.onnx', which is not under edge/ in its hash table"),
+        (lambda m: m["cloud"]["files"].update(weights="edge/checkpoint"), "names cloud file 'edge/checkpoint'"),
+        (lambda m: m["tokenizer"].update(file="/etc/passwd"), "names edge file '/etc/passwd'"),
     ],
 )
 def test_an_edited_manifest_is_refused(bundle, edit, message):
     _edit_manifest(bundle, edit)
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle)
+
+
+@pytest.mark.parametrize("engine", ["onnx", "ort-training"])
+def test_a_garbage_model_with_its_hash_updated_is_a_bundle_error_not_a_traceback(tmp_path_factory, tiny_model_dir,
+                                                                                 tmp_path, engine):
+    from edge_runtime.engine import open_engine
+
+    root = copy_bundle(export_cached(tmp_path_factory, tiny_model_dir, **tiny_options(engine)), tmp_path / "b")
+    manifest = json.loads((root / MANIFEST).read_text())
+    for relpath in manifest["edge"]["files"].values():
+        if relpath.endswith(".onnx"):
+            (root / relpath).write_bytes(b"this is not an ONNX model")
+            manifest["files"][relpath] = hashlib.sha256(b"this is not an ONNX model").hexdigest()
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"onnxruntime cannot load its {engine} edge files"):
+        open_engine(load_bundle(root, parts=["edge"]), threads=1)
 
 
 _NO_TORCH = """

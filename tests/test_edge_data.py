@@ -94,6 +94,11 @@ def test_threshold_and_regression_labels(tmp_path):
         ("v.jsonl", '{"text": 3, "label": 1}\n', "texts", r"v\.jsonl:1: column 'text': expected text, got int 3"),
         ("w.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "infer", r"w\.jsonl:2: column 'label': the value is missing"),
         ("b.csv", b"text,label\n\xff,1\n", "read", r"b\.csv: not UTF-8 text"),
+        ("q.csv", 'text,label\n"good",1\n"never closed,0\nthird,1\nfourth,0\n', "read",
+         r"q\.csv:3: 1 fields, but the header has 2 \(text, label\); a quote opened on line 3 is not closed"),
+        ("nan.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n', "read",
+         r"nan\.jsonl:2: malformed JSON: NaN is not a JSON number"),
+        ("inf.jsonl", '{"text": "a", "label": -Infinity}\n', "read", r"inf\.jsonl:1: malformed JSON: -Infinity"),
     ],
 )
 def test_errors_name_the_file_line_and_column(tmp_path, name, content, call, message):

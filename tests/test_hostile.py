@@ -254,3 +254,33 @@ def test_a_corrupt_cloud_snapshot_is_set_aside_and_the_last_good_one_is_used(bun
         path.write_bytes(path.read_bytes()[:1000])
     resume_step, state, stats = asyncio.run(come_back())
     assert resume_step == 0 and stats.corrupt_checkpoints == 2
+
+
+# ---------------------------------------------------------------------------- values that pass parsing
+
+
+@pytest.mark.parametrize("schedule,message", [
+    ({"lr": "inf", "kind": "constant", "warmup_steps": 0, "total_steps": 0}, "lr must be a number"),
+    ({"lr": 1e308, "kind": "linear", "warmup_steps": 2**62, "total_steps": 2**62 + 1}, "lr must be a number in"),
+    ({"lr": 1e-3, "kind": "linear", "warmup_steps": 2**62, "total_steps": 2**62 + 1}, "warmup_steps must be"),
+    ({"lr": 1e-3, "kind": "constant", "warmup_steps": True, "total_steps": 0}, "warmup_steps must be"),
+    ({"lr": 1e-3, "kind": "constant", "warmup_steps": 1.5, "total_steps": 0}, "warmup_steps must be"),
+    ({"lr": 1e-3, "kind": "constant", "warmup_steps": 0, "total_steps": 0, "extra": 1}, "exactly lr, kind"),
+], ids=["lr-string-inf", "lr-1e308", "warmup-2^62", "bool-steps", "float-steps", "extra-key"])
+def test_a_schedule_out_of_range_is_refused_at_hello_and_opens_no_session(bundle, schedule, message):
+    from websockets.asyncio.client import connect
+
+    from splitwire.protocol import Error, Frame, Kind, decode, encode, session_tag
+
+    meta = {"session_id": "s", "bundle_hash": bundle.hash, "token": None, "resume_from": None,
+            "schedule": schedule, "seed": 0, "codec": "fp32"}
+
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu") as server:
+            async with connect(server.url, compression=None) as ws:
+                await ws.send(encode(Frame(Kind.HELLO, session_tag("s"), 0, meta)))
+                return Error.from_frame(decode(await ws.recv())), set(server.sessions), server.stats
+
+    error, sessions, stats = asyncio.run(scenario())
+    assert error.code == "protocol" and message in error.message, error
+    assert sessions == set() and "internal" not in stats.refused
