@@ -5,6 +5,11 @@ model was traced with. ``tokenizer.json`` files may carry a built-in padding and
 truncation (the packaged MiniLM pads every row to 128) that the ``tokenizers`` library
 applies silently, so both are set here explicitly: truncation to the bundle's
 ``max_length`` (longest-first for pairs) and right padding to the batch's longest row.
+
+Each family's own conventions come with its ``tokenizer.json``: WordPiece with
+``[CLS] a [SEP] b [SEP]`` for BERT, DistilBERT and ELECTRA, byte-level BPE with
+``<s> a </s></s> b </s>`` for RoBERTa. A model with one token type (RoBERTa) or none
+(DistilBERT) gets type ids of 0 whatever the post-processor says, as Hugging Face feeds it.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from splitwire.bundle import Bundle, BundleError
 class EdgeTokenizer:
     """Encodes a batch of texts (or text pairs) into the edge's int64 inputs and int32 lengths."""
 
-    def __init__(self, path: str | Path, *, max_length: int, pad_id: int) -> None:
+    def __init__(self, path: str | Path, *, max_length: int, pad_id: int, token_types: bool = True) -> None:
         self.tokenizer = Tokenizer.from_file(str(path))
+        self.token_types = token_types
         pad_token = self.tokenizer.id_to_token(pad_id)
         if pad_token is None:
             raise BundleError(f"{path}: the tokenizer has no token with the pad id {pad_id}")
@@ -39,7 +45,8 @@ class EdgeTokenizer:
     def from_bundle(cls, bundle: Bundle) -> "EdgeTokenizer":
         """From the manifest's ``tokenizer`` section: ``file`` and ``pad_id``; ``max_length`` is the bundle's."""
         settings = bundle.manifest["tokenizer"]
-        return cls(bundle.path(settings["file"]), max_length=bundle.max_length, pad_id=int(settings["pad_id"]))
+        return cls(bundle.path(settings["file"]), max_length=bundle.max_length, pad_id=int(settings["pad_id"]),
+                   token_types=int(bundle.encoder["type_vocab_size"]) > 1)
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> tuple[EdgeBatch, np.ndarray]:
         """``(batch, lengths)``: ``B×L`` int64 inputs with ``L`` the longest row, and int32 real-token counts."""
@@ -52,6 +59,8 @@ class EdgeTokenizer:
         input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
         attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         token_type_ids = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        if not self.token_types:
+            token_type_ids[:] = 0
         b, length = input_ids.shape
         position_ids = np.broadcast_to(np.arange(length, dtype=np.int64), (b, length)).copy()
         lengths = attention_mask.sum(axis=1).astype(np.int32)

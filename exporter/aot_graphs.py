@@ -136,7 +136,8 @@ def capture_graphs(edge: EdgePart, *, frozen: list[str], decompositions: dict) -
     names = {id(t): n for n, t in (*edge.named_parameters(), *example.items())}
     primals = [names.get(id(s)) for s in sources]
     (forward, forward_args), (backward, backward_args) = graphs["forward"], graphs["backward"]
-    if len(primals) != len(forward_args) or set(names.values()) - set(primals):
+    ignored = {"token_type_ids"} if edge.embeddings.token_type is None else set()  # DistilBERT: the trace drops it
+    if len(primals) != len(forward_args) or set(names.values()) - set(primals) - ignored:
         raise RuntimeError("cannot name the forward graph's inputs: the trace lifted parameters differently")
     batch, length = _symbols(forward_args[primals.index("attention_mask")])
     return Capture(edge, forward, backward, forward_args, backward_args, primals, batch, length)
@@ -162,7 +163,8 @@ def example_inputs(edge: EdgePart, batch: int, length: int) -> dict[str, torch.T
     ids = torch.randint(1, embeddings.word.num_embeddings, (batch, length), generator=generator)
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[-1, max(1, length // 2):] = 0
-    token_types = torch.randint(0, embeddings.token_type.num_embeddings, (batch, length), generator=generator)
+    types = 1 if embeddings.token_type is None else embeddings.token_type.num_embeddings  # DistilBERT: none
+    token_types = torch.randint(0, types, (batch, length), generator=generator)
     values = (
         torch.where(mask == 1, ids, embeddings.word.padding_idx or 0),
         mask,

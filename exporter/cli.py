@@ -8,10 +8,15 @@ tokenizer) end with exit status 2 and one line saying what to change, not a trac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
+from pathlib import Path
 
 from exporter.bundle_writer import ExportError
-from exporter.export import export_bundle
+from exporter.export import EXPORT_LOG, export_bundle
+from exporter.progress import library_chatter
+from models.loading import POOLING_CHOICES
 from splitwire.bundle import ENGINES
 
 
@@ -24,12 +29,17 @@ def _positive_int(text: str) -> int:
 
 EXAMPLES = """examples:
   sft-export --model bert-base-uncased --split 4 --rank 8 --out bundles/bert-s4-r8
-  sft-export --model ./my-finetuned-bert --split 3 --engine onnx --freeze-embeddings --out bundles/pi
+  sft-export --model ./my-finetuned-bert --split 3 --freeze-embeddings --out bundles/pi
+  sft-export --model roberta-base --split 4 --out bundles/roberta-s4   (also xlm-roberta, distilbert, electra)
+  sft-export --model sentence-transformers/all-MiniLM-L6-v2 --split 3 --out bundles/st   (mean pooling, from 1_Pooling)
+  sft-export --model bert-base-uncased --split 4 --engine ort-training --out bundles/x86   (the deprecated engine)
   sft-export --model bert-base-uncased --init random --tokenizer ./minilm --split 4 --out bundles/bert-dims
       (offline: bert-base dims with random weights; any uncased BERT vocabulary as tokenizer)
   sft-export --model bert-base-uncased --split 4 --no-compression --out bundles/vanilla   (the baseline)
 
 A device needs manifest.json and edge/ of the bundle directory; sft-cloud needs manifest.json and cloud/.
+Supported families: BERT (and MiniLM), RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA.
+The torch exporter's own messages go to OUT/export.log (--verbose prints them).
 """
 
 
@@ -51,7 +61,12 @@ def parser() -> argparse.ArgumentParser:
                    help="pretrained weights, or random weights from the config (offline bert-base-sized runs)")
     p.add_argument("--revision", help="hub revision of --model")
     p.add_argument("--tokenizer", help="directory or hub id of the tokenizer, when --model has none")
-    p.add_argument("--engine", choices=ENGINES, default="ort-training", help="edge engine (default ort-training)")
+    p.add_argument("--engine", choices=ENGINES, default="onnx",
+                   help="edge engine: onnx (plain onnxruntime, any platform; the default) or ort-training "
+                        "(onnxruntime-training 1.19, deprecated, x86_64 and Python <= 3.11 only)")
+    p.add_argument("--pooling", choices=POOLING_CHOICES, default="auto",
+                   help="sentence vector for the classifier: auto (mean where the checkpoint's sentence-transformers "
+                        "1_Pooling/config.json says so, else the family's head on the first token), cls, or mean")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
@@ -59,25 +74,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier (and of --init random)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the torch exporter's and transformers' own messages instead of keeping them in "
+                        f"OUT/{EXPORT_LOG}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    try:
-        out = export_bundle(
-            model=args.model, split=args.split, rank=None if args.no_compression else args.rank,
-            num_labels=args.num_labels, max_length=args.max_length, freeze_embeddings=args.freeze_embeddings,
-            init=args.init, revision=args.revision, tokenizer=args.tokenizer, engine=args.engine, lr=args.lr,
-            weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps, seed=args.seed,
-            out=args.out, force=args.force,
-        )
-    except ExportError as exc:
-        p.exit(2, f"sft-export: error: {exc}\n")
+    with contextlib.nullcontext() if args.verbose else library_chatter() as chatter:
+        try:
+            out = _export(args, chatter)
+        except ExportError as exc:
+            p.exit(2, f"sft-export: error: {exc}\n")
     print(out)
     return 0
 
+
+def _export(args: argparse.Namespace, chatter: io.StringIO | None) -> Path:
+    return export_bundle(
+        model=args.model, split=args.split, rank=None if args.no_compression else args.rank,
+        num_labels=args.num_labels, max_length=args.max_length, freeze_embeddings=args.freeze_embeddings,
+        init=args.init, revision=args.revision, tokenizer=args.tokenizer, engine=args.engine, pooling=args.pooling,
+        lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps, seed=args.seed,
+        out=args.out, force=args.force, library_log=chatter,
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

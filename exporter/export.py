@@ -9,6 +9,7 @@ the manifest through ``exporter.bundle_writer``. Slow steps report their timings
 from __future__ import annotations
 
 import importlib
+import io
 from importlib import metadata
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from exporter.bundle_writer import ExportError, check_target, save_numpy_weights, staged_bundle, write_manifest
 from exporter.progress import Log, stderr_log, timed
 from models import EDGE_INPUTS, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
+from models.loading import unreachable_message
 from splitwire.bundle import ENGINES
 
 # Each engine's builder: write_edge_files(edge, *, out_dir, frozen, optimizer, max_length, log) -> role → path.
@@ -25,6 +27,7 @@ EMBEDDING_TABLES = ("embeddings.word.weight", "embeddings.position.weight", "emb
 CLOUD_WEIGHTS = "cloud/weights.safetensors"
 EDGE_WEIGHTS = "edge/edge_weights.safetensors"
 TOKENIZER = "edge/tokenizer.json"
+EXPORT_LOG = "export.log"  # the libraries' messages during the export (``exporter.progress.library_chatter``)
 
 def export_bundle(
     *,
@@ -38,7 +41,8 @@ def export_bundle(
     init: str = "pretrained",
     revision: str | None = None,
     tokenizer: str | None = None,
-    engine: str = "ort-training",
+    engine: str = "onnx",
+    pooling: str = "auto",
     lr: float = 2e-5,
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -46,8 +50,12 @@ def export_bundle(
     seed: int = 0,
     force: bool = False,
     log: Log = stderr_log,
+    library_log: io.StringIO | None = None,
 ) -> Path:
-    """Export ``model`` cut at ``split`` with SVD ``rank`` (``None``: the vanilla split) into ``out``."""
+    """Export ``model`` cut at ``split`` with SVD ``rank`` (``None``: the vanilla split) into ``out``.
+
+    ``library_log``: the libraries' messages collected so far, written into the bundle as ``export.log``.
+    """
     out = Path(out)
     check_target(out, force=force)
     builder = _edge_builder(engine)
@@ -55,12 +63,16 @@ def export_bundle(
     spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None)
     tok = _tokenizer(tokenizer or model, revision=None if tokenizer else revision)
     with timed(log, f"loading {model} ({init} weights)"):
-        loaded = _load(model, init=init, revision=revision, seed=seed)
+        loaded = _load(model, init=init, revision=revision, seed=seed, pooling=pooling)
+    chosen = " (the checkpoint's sentence-transformers 1_Pooling; --pooling cls for the first token)"
+    log(f"pooling before the classifier: {loaded.spec.pooling}" + (chosen if pooling == "auto" and
+                                                                   loaded.spec.pooling == "mean" else ""))
     _check_fits(loaded, spec, max_length)
     with timed(log, f"cutting at split {split}, {'SVD rank ' + str(rank) if rank else 'no compression'}"):
         split_model = build_split(loaded.spec, loaded.weights, spec, classifier_seed=seed,
                                   initializer_range=loaded.initializer_range)
-    frozen = list(EMBEDDING_TABLES) if freeze_embeddings else []
+    tables = [name for name in EMBEDDING_TABLES if name in split_model.edge.state_dict()]  # DistilBERT: no token types
+    frozen = tables if freeze_embeddings else []
     optimizer = {"name": "adamw", "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay}
     with staged_bundle(out, force=force) as root:
         with timed(log, f"building the {engine} edge files"):
@@ -68,6 +80,8 @@ def export_bundle(
                                                   optimizer=optimizer, max_length=max_length, log=log)
         tokenizer_info = _write_tokenizer(tok, root, loaded=loaded, max_length=max_length)
         _write_weights(split_model, root)
+        if library_log is not None:
+            (root / EXPORT_LOG).write_text(library_log.getvalue())
         with timed(log, "hashing and writing the manifest"):
             edge_section = _edge_section(split_model, edge_files, frozen)
             manifest = write_manifest(root, _manifest_body(loaded, spec, engine=engine, edge=edge_section,
@@ -96,9 +110,9 @@ def _check_numbers(*, max_length: int, lr: float, weight_decay: float, betas: tu
         raise ExportError(f"bad optimizer settings: lr {lr}, weight decay {weight_decay}, betas {betas}, eps {eps}")
 
 
-def _load(model: str, *, init: str, revision: str | None, seed: int) -> LoadedEncoder:
+def _load(model: str, *, init: str, revision: str | None, seed: int, pooling: str) -> LoadedEncoder:
     try:
-        return load_encoder(model, init=init, revision=revision, seed=seed)
+        return load_encoder(model, init=init, revision=revision, seed=seed, pooling=pooling)
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load model {model!r}: {exc}") from None
 
@@ -108,8 +122,8 @@ def _check_fits(loaded: LoadedEncoder, spec: SplitSpec, max_length: int) -> None
         spec.validate(loaded.spec)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    if max_length > loaded.spec.max_positions:
-        raise ExportError(f"max_length {max_length} exceeds the model's {loaded.spec.max_positions} positions")
+    if max_length > loaded.spec.positions:
+        raise ExportError(f"max_length {max_length} exceeds the model's {loaded.spec.positions} positions")
 
 
 def _tokenizer(source: str, *, revision: str | None):
@@ -125,6 +139,9 @@ def _tokenizer(source: str, *, revision: str | None):
         try:
             return Tokenizer.from_pretrained(source, revision=revision or "main")
         except Exception as exc:  # the hub client raises many kinds; any of them means "none here"
+            offline = unreachable_message(source)
+            if offline:
+                raise ExportError(f"cannot load {source!r}: {offline}") from None
             problem = f"no tokenizer.json for {source!r} ({type(exc).__name__}: {exc})"
     raise ExportError(f"{problem}; pass --tokenizer DIR_OR_ID (e.g. the MiniLM directory for an uncased BERT vocabulary)")
 

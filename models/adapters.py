@@ -1,11 +1,11 @@
 """Architecture adapters: a Hugging Face encoder → ``EncoderSpec`` + canonical weights.
 
 Why it exists: the split model is defined once (``models.blocks``); each architecture
-family only needs to say how its config and parameter names map onto it. BERT (and the
-BERT-layout MiniLM) is here; a RoBERTa- or DistilBERT-style layout is another small
-``Adapter`` registered in ``ADAPTERS``.
+family only needs to say how its config and parameter names map onto it: BERT (and the
+BERT-layout MiniLM), RoBERTa (XLM-RoBERTa, CamemBERT), ELECTRA and DistilBERT are here;
+another family is one more small ``Adapter`` registered in ``ADAPTERS``.
 
-Canonical names: ``embeddings.{word,position,token_type,norm}.*``,
+Canonical names: ``embeddings.{word,position,token_type,norm,project}.*``,
 ``layers.{i}.attention.{query,key,value,output,norm}.*``,
 ``layers.{i}.ffn.{dense_in,dense_out,norm}.*``, ``pooler.dense.*``.
 """
@@ -26,7 +26,7 @@ class Adapter:
     """How one architecture family's config and state-dict names map to ours."""
 
     spec_from_config: Callable[[Any], EncoderSpec]
-    renames: tuple[tuple[str, str], ...]  # (regex on the HF name, replacement)
+    renames: tuple[tuple[str, Any], ...]  # (regex on the HF name, replacement string or function)
 
     def canonical_weights(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -39,44 +39,118 @@ class Adapter:
         return out
 
 
-def _bert_spec(config: Any) -> EncoderSpec:
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"position_embedding_type {config.position_embedding_type!r} is not supported (absolute only)")
+def _absolute_positions(config: Any) -> None:
+    kind = getattr(config, "position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ValueError(f"position_embedding_type {kind!r} is not supported (absolute only)")
+
+
+def _bert_spec(config: Any, **family: Any) -> EncoderSpec:
+    """BERT's config names; ``family`` overrides what a BERT-layout family does differently."""
+    _absolute_positions(config)
+    return EncoderSpec(**{
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+        "max_positions": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+        "layer_norm_eps": float(config.layer_norm_eps),
+        "hidden_act": config.hidden_act,
+        "pad_token_id": config.pad_token_id if config.pad_token_id is not None else 0,
+        "hidden_dropout": float(config.hidden_dropout_prob),
+        "attention_dropout": float(config.attention_probs_dropout_prob),
+        "head_dropout": _optional_float(getattr(config, "classifier_dropout", None)),
+        **family,
+    })
+
+
+def _roberta_spec(config: Any) -> EncoderSpec:
+    """Positions count from ``padding_idx + 1`` (HF ``create_position_ids_from_input_ids``); the <s> head."""
+    return _bert_spec(config, position_offset=config.pad_token_id + 1, pooling="cls-tanh")
+
+
+def _electra_spec(config: Any) -> EncoderSpec:
+    """Embeddings of ``embedding_size``, projected to ``hidden_size`` when they differ; a GELU <s> head."""
+    width = config.embedding_size
+    return _bert_spec(config, embedding_size=None if width == config.hidden_size else width, pooling="cls-gelu")
+
+
+def _distilbert_spec(config: Any) -> EncoderSpec:
+    """DistilBERT: no token types, LayerNorm eps fixed at 1e-12 in its code, pre_classifier + ReLU head."""
+    if getattr(config, "sinusoidal_pos_embds", False):
+        raise ValueError("DistilBERT with sinusoidal_pos_embds is not supported (learned positions only)")
     return EncoderSpec(
         vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
+        hidden_size=config.dim,
+        num_layers=config.n_layers,
+        num_heads=config.n_heads,
+        intermediate_size=config.hidden_dim,
         max_positions=config.max_position_embeddings,
-        type_vocab_size=config.type_vocab_size,
-        layer_norm_eps=float(config.layer_norm_eps),
-        hidden_act=config.hidden_act,
+        type_vocab_size=0,
+        layer_norm_eps=1e-12,
+        hidden_act=config.activation,
         pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0,
-        hidden_dropout=float(config.hidden_dropout_prob),
-        attention_dropout=float(config.attention_probs_dropout_prob),
+        hidden_dropout=float(config.dropout),
+        attention_dropout=float(config.attention_dropout),
+        pooling="cls-relu",
+        head_dropout=float(config.seq_classif_dropout),
     )
 
 
-_BERT_LAYER = r"^(?:bert\.)?encoder\.layer\.(\d+)\."
-BERT = Adapter(
-    spec_from_config=_bert_spec,
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _bert_layout(prefix: str, *, pooler: bool) -> tuple[tuple[str, str], ...]:
+    """BERT's parameter names, under the base-model ``prefix`` of a task checkpoint (``bert.``, ``roberta.``…)."""
+    p = rf"^(?:{re.escape(prefix)})?"
+    layer = p + r"encoder\.layer\.(\d+)\."
+    return (
+        (p + r"embeddings\.word_embeddings\.", "embeddings.word."),
+        (p + r"embeddings\.position_embeddings\.", "embeddings.position."),
+        (p + r"embeddings\.token_type_embeddings\.", "embeddings.token_type."),
+        (p + r"embeddings\.LayerNorm\.", "embeddings.norm."),
+        (p + r"embeddings_project\.", "embeddings.project."),
+        (layer + r"attention\.self\.(query|key|value)\.", r"layers.\1.attention.\2."),
+        (layer + r"attention\.output\.dense\.", r"layers.\1.attention.output."),
+        (layer + r"attention\.output\.LayerNorm\.", r"layers.\1.attention.norm."),
+        (layer + r"intermediate\.dense\.", r"layers.\1.ffn.dense_in."),
+        (layer + r"output\.dense\.", r"layers.\1.ffn.dense_out."),
+        (layer + r"output\.LayerNorm\.", r"layers.\1.ffn.norm."),
+    ) + (((p + r"pooler\.dense\.", "pooler.dense."),) if pooler else ())
+
+
+_DISTIL_LAYER = r"^(?:distilbert\.)?transformer\.layer\.(\d+)\."
+BERT = Adapter(spec_from_config=_bert_spec, renames=_bert_layout("bert.", pooler=True))
+ROBERTA = Adapter(spec_from_config=_roberta_spec, renames=_bert_layout("roberta.", pooler=False))
+ELECTRA = Adapter(spec_from_config=_electra_spec, renames=_bert_layout("electra.", pooler=False))
+DISTILBERT = Adapter(
+    spec_from_config=_distilbert_spec,
     renames=(
-        (r"^(?:bert\.)?embeddings\.word_embeddings\.", "embeddings.word."),
-        (r"^(?:bert\.)?embeddings\.position_embeddings\.", "embeddings.position."),
-        (r"^(?:bert\.)?embeddings\.token_type_embeddings\.", "embeddings.token_type."),
-        (r"^(?:bert\.)?embeddings\.LayerNorm\.", "embeddings.norm."),
-        (_BERT_LAYER + r"attention\.self\.(query|key|value)\.", r"layers.\1.attention.\2."),
-        (_BERT_LAYER + r"attention\.output\.dense\.", r"layers.\1.attention.output."),
-        (_BERT_LAYER + r"attention\.output\.LayerNorm\.", r"layers.\1.attention.norm."),
-        (_BERT_LAYER + r"intermediate\.dense\.", r"layers.\1.ffn.dense_in."),
-        (_BERT_LAYER + r"output\.dense\.", r"layers.\1.ffn.dense_out."),
-        (_BERT_LAYER + r"output\.LayerNorm\.", r"layers.\1.ffn.norm."),
-        (r"^(?:bert\.)?pooler\.dense\.", "pooler.dense."),
+        (r"^(?:distilbert\.)?embeddings\.word_embeddings\.", "embeddings.word."),
+        (r"^(?:distilbert\.)?embeddings\.position_embeddings\.", "embeddings.position."),
+        (r"^(?:distilbert\.)?embeddings\.LayerNorm\.", "embeddings.norm."),
+        (_DISTIL_LAYER + r"attention\.(q|k|v)_lin\.", lambda m: f"layers.{m[1]}.attention.{_QKV[m[2]]}."),
+        (_DISTIL_LAYER + r"attention\.out_lin\.", r"layers.\1.attention.output."),
+        (_DISTIL_LAYER + r"sa_layer_norm\.", r"layers.\1.attention.norm."),
+        (_DISTIL_LAYER + r"ffn\.lin1\.", r"layers.\1.ffn.dense_in."),
+        (_DISTIL_LAYER + r"ffn\.lin2\.", r"layers.\1.ffn.dense_out."),
+        (_DISTIL_LAYER + r"output_layer_norm\.", r"layers.\1.ffn.norm."),
     ),
 )
+_QKV = {"q": "query", "k": "key", "v": "value"}
 
-ADAPTERS: dict[str, Adapter] = {"bert": BERT}
+# model_type (config.json) → adapter. CamemBERT is the RoBERTa layout under another name.
+ADAPTERS: dict[str, Adapter] = {
+    "bert": BERT,
+    "roberta": ROBERTA,
+    "xlm-roberta": ROBERTA,
+    "camembert": ROBERTA,
+    "electra": ELECTRA,
+    "distilbert": DISTILBERT,
+}
 
 
 def adapter_for(model_type: str) -> Adapter:
@@ -84,6 +158,6 @@ def adapter_for(model_type: str) -> Adapter:
         return ADAPTERS[model_type]
     except KeyError:
         raise ValueError(
-            f"architecture {model_type!r} is not supported; known: {', '.join(sorted(ADAPTERS))}. "
+            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}. "
             "Add an Adapter in models/adapters.py."
         ) from None

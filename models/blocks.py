@@ -41,21 +41,35 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 class Embeddings(nn.Module):
-    """Word + position + token-type embeddings, then LayerNorm (and dropout when enabled)."""
+    """Word + position (+ token-type) embeddings, then LayerNorm (and dropout when enabled).
+
+    The families differ only in details: RoBERTa's positions start at ``padding_idx + 1``
+    (``spec.position_offset``, added here so the edge always sends 0-based positions);
+    DistilBERT has no token types (``type_vocab_size`` 0: the input is accepted and
+    ignored); ELECTRA's embeddings are narrower than the encoder and projected up.
+    """
 
     def __init__(self, spec: EncoderSpec, *, dropout: bool = False) -> None:
         super().__init__()
+        width = spec.embedding_width
         self.p_drop = spec.hidden_dropout if dropout else 0.0
-        self.word = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=spec.pad_token_id)
-        self.position = nn.Embedding(spec.max_positions, spec.hidden_size)
-        self.token_type = nn.Embedding(spec.type_vocab_size, spec.hidden_size)
-        self.norm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.position_offset = spec.position_offset
+        self.word = nn.Embedding(spec.vocab_size, width, padding_idx=spec.pad_token_id)
+        self.position = nn.Embedding(spec.max_positions, width)
+        self.token_type = nn.Embedding(spec.type_vocab_size, width) if spec.type_vocab_size else None
+        self.norm = nn.LayerNorm(width, eps=spec.layer_norm_eps)
+        self.project = nn.Linear(width, spec.hidden_size) if width != spec.hidden_size else None
 
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
-        return dropout(self.norm(x), self.p_drop, self.training)
+        if self.position_offset:
+            position_ids = position_ids + self.position_offset
+        x = self.word(input_ids) + self.position(position_ids)
+        if self.token_type is not None:
+            x = x + self.token_type(token_type_ids)
+        x = dropout(self.norm(x), self.p_drop, self.training)
+        return x if self.project is None else self.project(x)
 
 
 class AttentionBlock(nn.Module):
@@ -118,11 +132,25 @@ class EncoderLayer(nn.Module):
 
 
 class Pooler(nn.Module):
-    """BERT pooler: ``tanh(W h[CLS] + b)``."""
+    """The sentence vector the classifier reads, made as each family's classification head makes it.
 
-    def __init__(self, spec: EncoderSpec) -> None:
+    ``cls-pooler``: BERT's pretrained ``tanh(W h[CLS] + b)``. ``cls-tanh`` / ``cls-gelu``:
+    RoBERTa's and ELECTRA's head, a new dense layer on ``<s>`` with dropout before it (the
+    dropout after it is the classifier's). ``cls-relu``: DistilBERT's ``pre_classifier`` + ReLU.
+    ``mean``: sentence-transformers' mean over the real tokens, no parameters.
+    """
+
+    _ACTIVATIONS = {"cls-pooler": nn.Tanh, "cls-tanh": nn.Tanh, "cls-gelu": nn.GELU, "cls-relu": nn.ReLU}
+
+    def __init__(self, spec: EncoderSpec, *, dropout: bool = False) -> None:
         super().__init__()
-        self.dense = nn.Linear(spec.hidden_size, spec.hidden_size)
+        self.mode = spec.pooling
+        self.dense = None if self.mode == "mean" else nn.Linear(spec.hidden_size, spec.hidden_size)
+        self.act = None if self.mode == "mean" else self._ACTIVATIONS[self.mode]()
+        self.p_drop = spec.classifier_dropout if dropout and self.mode in ("cls-tanh", "cls-gelu") else 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(x[:, 0]))
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean":
+            keep = attention_mask[..., None].to(x.dtype)
+            return (x * keep).sum(1) / keep.sum(1).clamp(min=1e-9)
+        return self.act(self.dense(dropout(x[:, 0], self.p_drop, self.training)))

@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+# How the classifier's input is made from the last hidden states (``models.blocks.Pooler``):
+# BERT's pretrained pooler on [CLS]; a new dense on <s> with tanh (RoBERTa) or GELU (ELECTRA),
+# dropout before and after; DistilBERT's pre_classifier + ReLU on [CLS]; the mean over real tokens.
+POOLINGS = ("cls-pooler", "cls-tanh", "cls-gelu", "cls-relu", "mean")
+# How the compression head is made (``models.heads``): the paper's SVD of W1; SVD of W1 whitened by
+# the covariance of its input h on calibration text; the principal subspace of h with the residual rebuilt.
+HEADS = ("svd", "activation-svd", "principal")
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,10 @@ class EncoderSpec:
     pad_token_id: int
     hidden_dropout: float
     attention_dropout: float
+    pooling: str = "cls-pooler"
+    head_dropout: float | None = None  # dropout before the classifier; None: hidden_dropout
+    position_offset: int = 0  # added to the 0-based position ids (RoBERTa: padding_idx + 1)
+    embedding_size: int | None = None  # ELECTRA: embeddings narrower than hidden, then a projection
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -40,13 +51,32 @@ class EncoderSpec:
             raise ValueError(
                 f"activation {self.hidden_act!r} is not supported; known: {', '.join(ACTIVATIONS)}"
             )
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not supported; known: {', '.join(POOLINGS)}")
+        if not 0 <= self.position_offset < self.max_positions:
+            raise ValueError(f"position_offset {self.position_offset} is outside 0..{self.max_positions - 1}")
+
+    @property
+    def positions(self) -> int:
+        """Longest sequence the position table serves (``max_positions`` less the offset)."""
+        return self.max_positions - self.position_offset
+
+    @property
+    def classifier_dropout(self) -> float:
+        return self.hidden_dropout if self.head_dropout is None else self.head_dropout
+
+    @property
+    def embedding_width(self) -> int:
+        return self.embedding_size or self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EncoderSpec":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        """Fields with a default may be absent (manifests written before they existed)."""
+        fields = dataclasses.fields(cls)
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data or f.default is dataclasses.MISSING})
 
 
 @dataclass(frozen=True)
@@ -58,16 +88,24 @@ class SplitSpec:
     ``rank`` is the SVD rank of the compression head; ``None`` means no compression
     (the vanilla split, which sends the full ``hidden`` activation and keeps the residual).
     ``link_elimination`` removes the residual link around the split layer's FFN.
+    ``head`` is how the compression head is made (``HEADS``, ``models.heads``); only
+    ``principal`` changes the modules (an edge ``shift`` and the cloud's residual rebuild).
     """
 
     split: int
     rank: int | None
     num_labels: int
     link_elimination: bool = True
+    head: str = "svd"
 
     @property
     def compressed(self) -> bool:
         return self.rank is not None
+
+    @property
+    def rebuilds_residual(self) -> bool:
+        """The cloud rebuilds an approximate residual from ``z`` (the principal-subspace head)."""
+        return self.head == "principal"
 
     def validate(self, encoder: EncoderSpec) -> None:
         if not 1 <= self.split <= encoder.num_layers:
@@ -85,6 +123,10 @@ class SplitSpec:
             raise ValueError(f"num_labels must be >= 1 (1 means regression), got {self.num_labels}")
         if self.rank is None and self.link_elimination:
             raise ValueError("link elimination needs a compression head (rank); the vanilla split keeps the residual")
+        if self.head not in HEADS:
+            raise ValueError(f"compression head {self.head!r} is not known; known: {', '.join(HEADS)}")
+        if self.rank is None and self.head != "svd":
+            raise ValueError(f"the {self.head} compression head needs a rank; the vanilla split has no head")
 
     @property
     def wire_width(self) -> int | None:
@@ -96,4 +138,6 @@ class SplitSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SplitSpec":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        """``head`` may be absent (manifests written before it existed: the paper's SVD head)."""
+        fields = dataclasses.fields(cls)
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data or f.default is dataclasses.MISSING})

@@ -62,16 +62,21 @@ class CloudPart(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(encoder, dropout=dropout) for _ in range(encoder.num_layers - split.split)
         )
-        self.pooler = Pooler(encoder)
+        self.pooler = Pooler(encoder, dropout=dropout)
         self.classifier = nn.Linear(encoder.hidden_size, split.num_labels)
-        self.p_drop = encoder.hidden_dropout if dropout else 0.0
+        self.p_drop = encoder.classifier_dropout if dropout else 0.0
 
-    def forward(self, z: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, attention_mask: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits. ``residual`` (the split layer's ``h``, in-process checks only) restores the eliminated link."""
+        return self.classifier(dropout(self.pooled(z, attention_mask, residual), self.p_drop, self.training))
+
+    def pooled(self, z: torch.Tensor, attention_mask: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The sentence vector the classifier reads (``models.blocks.Pooler``)."""
         bias = attention_bias(attention_mask, z.dtype)
-        x = self.split_ffn(z)
+        x = self.split_ffn(z) if residual is None else self.split_ffn(z, residual=residual)
         for layer in self.layers:
             x = layer(x, bias)
-        return self.classifier(dropout(self.pooler(x), self.p_drop, self.training))
+        return self.pooler(x, attention_mask)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy for classification, mean squared error for regression."""
@@ -111,13 +116,15 @@ def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
 
 # Parameters that do not come from the pretrained encoder: set by ``build_split`` itself.
 _DERIVED = ("classifier.", "head.", "split_ffn.decompression.")
+_NEW_HEAD = ("pooler.",)  # a pooling head that is not BERT's pretrained pooler starts new, like the classifier
 
 
-def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix_map: dict[str, str]) -> None:
+def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix_map: dict[str, str],
+          derived: tuple[str, ...] = _DERIVED) -> None:
     """Load ``module`` from canonical encoder weights renamed by ``prefix_map`` (ours → canonical)."""
     target = module.state_dict()
     for name in target:
-        if name.startswith(_DERIVED):
+        if name.startswith(derived):
             continue
         source = next((c + name[len(o):] for o, c in prefix_map.items() if name.startswith(o)), None)
         if source not in state:
@@ -152,14 +159,17 @@ def build_split(
     cloud_map = {f"layers.{i - split.split}.": f"layers.{i}." for i in range(split.split, encoder.num_layers)}
     cloud_map |= {"pooler.": "pooler.", "split_ffn.dense_out.": f"layers.{k}.ffn.dense_out.",
                   "split_ffn.norm.": f"layers.{k}.ffn.norm.", "split_ffn.dense_in.": f"layers.{k}.ffn.dense_in."}
-    _load(cloud, weights, cloud_map)
+    new_head = encoder.pooling != "cls-pooler"
+    _load(cloud, weights, cloud_map, _DERIVED + _NEW_HEAD if new_head else _DERIVED)
     if split.compressed:
         w, b = weights[f"layers.{k}.ffn.dense_in.weight"], weights[f"layers.{k}.ffn.dense_in.bias"]
         factorise_into(edge.head, cloud.split_ffn, w, b)
     generator = torch.Generator().manual_seed(classifier_seed)
+    new_layers = [cloud.classifier] + ([cloud.pooler.dense] if new_head and cloud.pooler.dense is not None else [])
     with torch.no_grad():
-        cloud.classifier.weight.normal_(0.0, initializer_range, generator=generator)
-        cloud.classifier.bias.zero_()
+        for layer in new_layers:
+            layer.weight.normal_(0.0, initializer_range, generator=generator)
+            layer.bias.zero_()
     return SplitModel(edge, cloud)
 
 

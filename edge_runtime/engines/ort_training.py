@@ -59,7 +59,7 @@ class Engine(EdgeEngine):
         return z
 
     def infer(self, batch: EdgeBatch) -> np.ndarray:
-        z = self._module.eval()(*checked_feeds(batch, self._limits).values())
+        z = self._module.eval()(*self._inputs(batch))
         return np.asarray(z, dtype=np.float32)
 
     def backward(self, dz: np.ndarray) -> None:
@@ -68,8 +68,14 @@ class Engine(EdgeEngine):
         dz = checked_dz(dz, shape=self._batch.shape, width=self._width)
         self._module.train()
         self._module.lazy_reset_grad()  # gradients replace, never accumulate
-        self._module(*checked_feeds(self._batch, self._limits).values(), dz)
+        self._module(*self._inputs(self._batch), dz)
         self._has_gradients = True
+
+    def _inputs(self, batch: EdgeBatch) -> list[np.ndarray]:
+        """The batch's inputs that the current mode's graph takes, in its order (a model without token
+        types, DistilBERT, takes no ``token_type_ids``: the exporter drops an unused input)."""
+        feeds = checked_feeds(batch, self._limits)
+        return [feeds[name] for name in self._module.input_names() if name in feeds]
 
     def optimizer_step(self) -> None:
         if not self._has_gradients:
