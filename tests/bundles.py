@@ -92,12 +92,13 @@ def reference_edge(bundle_root: Path):
     return edge
 
 
-def padded_batch(rng: np.random.Generator, lengths: list[int], *, vocab: int = 30522, pad_id: int = 0) -> EdgeBatch:
-    """One row per length, right-padded to the longest; random token types for the real tokens."""
+def padded_batch(rng: np.random.Generator, lengths: list[int], *, vocab: int = 30522, pad_id: int = 0,
+                 types: int = 2) -> EdgeBatch:
+    """One row per length, right-padded to the longest; random token types (of ``types``) for the real tokens."""
     b, l = len(lengths), max(lengths)
     mask = (np.arange(l)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
-    input_ids = np.where(mask == 1, rng.integers(1000, vocab, (b, l)), pad_id).astype(np.int64)
-    token_type_ids = (rng.integers(0, 2, (b, l)) * mask).astype(np.int64)
+    input_ids = np.where(mask == 1, rng.integers(min(1000, vocab // 2), vocab, (b, l)), pad_id).astype(np.int64)
+    token_type_ids = (rng.integers(0, max(types, 1), (b, l)) * mask).astype(np.int64)
     position_ids = np.broadcast_to(np.arange(l, dtype=np.int64), (b, l)).copy()
     return EdgeBatch(input_ids, mask, token_type_ids, position_ids)
 
@@ -106,3 +107,12 @@ def upstream_gradient(rng: np.random.Generator, batch: EdgeBatch, width: int) ->
     """A random ``dL/dz``, exactly zero at padding (as the cloud sends it)."""
     g = rng.standard_normal((*batch.shape, width)).astype(np.float32)
     return g * batch.attention_mask[..., None].astype(np.float32)
+
+
+def bundle_batch(rng: np.random.Generator, lengths: list[int], bundle_root: Path) -> EdgeBatch:
+    """``padded_batch`` within the bundle's vocabulary, pad id and token types."""
+    from splitwire.bundle import load_bundle
+
+    encoder = load_bundle(bundle_root, parts=["edge"]).encoder
+    return padded_batch(rng, lengths, vocab=encoder["vocab_size"], pad_id=encoder["pad_token_id"],
+                        types=encoder["type_vocab_size"])

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bundles import export_cached, minilm_options, padded_batch, reference_edge, tiny_options, upstream_gradient
+from bundles import (
+    bundle_batch, export_cached, minilm_options, padded_batch, reference_edge, tiny_options, upstream_gradient,
+)
+from families import NEW_FAMILIES, family_model_dir, family_options
 from edge_runtime.engine import EdgeBatch, EdgeEngine, open_engine
 from splitwire.bundle import load_bundle
 
@@ -66,7 +69,7 @@ def _check_gradients(root, shapes: list[list[int]], seed: int) -> None:
     width = load_bundle(root, parts=["edge"]).wire_width
     rng = np.random.default_rng(seed)
     for lengths in shapes:
-        batch = padded_batch(rng, lengths)
+        batch = bundle_batch(rng, lengths, root)
         g = upstream_gradient(rng, batch, width)
         z = engine.forward(batch)
         assert z.shape == (*batch.shape, width) and z.dtype == np.float32
@@ -87,6 +90,13 @@ def test_gradients_equal_torch_for_several_batch_shapes_from_one_export(
     root = export_cached(tmp_path_factory, tiny_model_dir, **options)
     # batch 3 × length 7 and batch 5 × length 13, rows padded differently
     _check_gradients(root, [[7, 2, 5], [13, 1, 9, 13, 4]], seed=0)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_gradients_equal_torch_for_every_encoder_family(tmp_path_factory, family, engine_name):
+    """RoBERTa's offset positions, DistilBERT's missing token types, ELECTRA's projection: all in the graphs."""
+    root = export_cached(tmp_path_factory, family_model_dir(tmp_path_factory, family), **family_options(engine_name))
+    _check_gradients(root, [[7, 2, 5], [13, 1, 9, 13]], seed=4)
 
 
 def test_gradients_equal_torch_on_pretrained_minilm(tmp_path_factory, minilm_dir, engine_name):

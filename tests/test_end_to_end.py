@@ -21,6 +21,7 @@ import pytest
 import torch
 from bundles import export_cached, reference_edge
 from conftest import movie_reviews_path
+from families import NEW_FAMILIES, family_model_dir, family_options
 from safetensors.torch import load_file
 
 from cloud_backend.server import serve_cloud
@@ -50,9 +51,19 @@ def reviews():
     return table_texts(table, columns, labels)
 
 
-@pytest.fixture(scope="module", params=ENGINES)
+# The tiny BERT with each engine; every other family with the default engine (the engines' equality
+# with torch per family is tests/test_edge_engines.py's).
+CASES = [("bert", engine) for engine in ENGINES] + [(family, "onnx") for family in NEW_FAMILIES]
+
+
+@pytest.fixture(scope="module", params=CASES, ids="-".join)
 def bundle(request, tmp_path_factory, tiny_model_dir):
-    """The tiny BERT with dropout 0.1 (the cloud's RNG matters), split 2, rank 4, for each edge engine."""
+    """A tiny model with dropout 0.1 (the cloud's RNG matters), split 2, rank 4: the 4-layer BERT with the
+    real uncased vocabulary, or another family's checkpoint (``families``) with its own tokenizer."""
+    family, engine = request.param
+    if family != "bert":
+        return load_bundle(export_cached(tmp_path_factory, family_model_dir(tmp_path_factory, family),
+                                         **family_options(engine)))
     model_dir = tmp_path_factory.mktemp("tiny-dropout") / "model"
     if not model_dir.exists():
         shutil.copytree(tiny_model_dir, model_dir)
@@ -60,7 +71,7 @@ def bundle(request, tmp_path_factory, tiny_model_dir):
         config |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
         (model_dir / "config.json").write_text(json.dumps(config))
     root = export_cached(tmp_path_factory, model_dir, split=2, rank=4, init="random", max_length=48,
-                         lr=SCHEDULE.lr, engine=request.param)
+                         lr=SCHEDULE.lr, engine=engine)
     return load_bundle(root)
 
 

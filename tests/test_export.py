@@ -129,3 +129,18 @@ def test_random_init_without_a_tokenizer_says_to_pass_one(tmp_path, tiny_model_d
     assert "pass --tokenizer" in capsys.readouterr().err
     assert main(_tiny_args(config_only, tmp_path / "out", split=2, tokenizer=tiny_model_dir)) == 0
     assert load_bundle(tmp_path / "out").manifest["tokenizer"]["pad_token"] == "[PAD]"
+
+
+def test_export_of_the_packaged_minilm_is_quiet_and_keeps_the_chatter_in_the_bundle(minilm_dir, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([str(SFT_EXPORT), "--model", str(minilm_dir), "--split", "1", "--max-length", "16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert len(lines) <= 30, lines
+    assert all(line.startswith("sft-export: ") for line in done.stderr.splitlines())
+    assert "pooling before the classifier: mean" in done.stderr  # its 1_Pooling/config.json says mean
+    log = (out / "export.log").read_text()
+    assert "nn_module_stack" in log  # the torch exporter's per-node notices, kept out of the terminal
+    assert load_bundle(out).manifest["engine"] == "onnx"  # the default engine
