@@ -25,7 +25,9 @@ from pathlib import Path
 
 from cloud_backend.auth import TOKENS_ENV, TokenStore
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S
-from cloud_backend.server import DEFAULT_HELLO_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, serve_cloud
+from cloud_backend.server import (
+    DEFAULT_HELLO_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_STATE_BYTES, DEFAULT_SESSION_TTL_S, serve_cloud,
+)
 from splitwire.bundle import BundleError, load_bundle
 from splitwire.protocol import DEFAULT_MAX_BATCH
 
@@ -46,7 +48,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where sessions are checkpointed (on request and at shutdown) and restored from "
                              "after a restart; without it, sessions live in memory only")
-    parser.add_argument("--max-sessions", type=int, default=64, help="sessions held at once (default: 64)")
+    parser.add_argument("--max-sessions", type=int, default=64,
+                        help="sessions held in memory at once; beyond it, with --state-dir, the least recently used "
+                             "disconnected session is saved and evicted (default: 64)")
+    parser.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
+                        help="a session disconnected for longer than this many seconds gives its place in memory to "
+                             f"a new one (saved first with --state-dir) (default: {DEFAULT_SESSION_TTL_S:g})")
+    parser.add_argument("--max-state-mb", type=int, default=DEFAULT_MAX_STATE_BYTES >> 20,
+                        help="keep --state-dir within this many MiB by deleting the least recently saved sessions "
+                             f"that are not in memory; 0: no limit (default: {DEFAULT_MAX_STATE_BYTES >> 20})")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help=f"largest batch a device may send (default: {DEFAULT_MAX_BATCH})")
     parser.add_argument("--max-connections", type=int, default=None,
@@ -72,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--port {args.port} is outside 0..65535")
     if args.max_sessions < 1 or args.max_batch < 1 or (args.max_connections is not None and args.max_connections < 1):
         parser.error("--max-sessions, --max-batch and --max-connections must be at least 1")
-    for flag in ("idle_timeout", "hello_timeout", "send_timeout"):
+    if args.max_state_mb < 0:
+        parser.error("--max-state-mb must be >= 0 (0: no limit)")
+    for flag in ("idle_timeout", "hello_timeout", "send_timeout", "session_ttl"):
         if not 0 < getattr(args, flag) < 1e6:
             parser.error(f"--{flag.replace('_', '-')} must be positive (seconds)")
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -122,7 +134,9 @@ async def _serve(args: argparse.Namespace) -> None:
     async with serve_cloud(bundle, host=args.host, port=args.port, device=args.device, state_dir=args.state_dir,
                            max_sessions=args.max_sessions, max_batch=args.max_batch, ssl=tls, tokens=tokens,
                            idle_timeout=args.idle_timeout, max_connections=args.max_connections,
-                           hello_timeout=args.hello_timeout, send_timeout=args.send_timeout) as server:
+                           hello_timeout=args.hello_timeout, send_timeout=args.send_timeout,
+                           session_ttl=args.session_ttl,
+                           max_state_bytes=(args.max_state_mb << 20) or None) as server:
         print(f"sft-cloud listening on {server.url}", flush=True)
         await stop.wait()
     print("sft-cloud stopped", flush=True)

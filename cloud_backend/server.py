@@ -47,7 +47,8 @@ from cloud_backend.atomic import remove_stale_temp_files
 from cloud_backend.auth import TokenStore
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S, SendGuard
 from cloud_backend.model import pick_device
-from cloud_backend.session import SNAPSHOTS, CloudSession, StepResult, checkpoint_path, saved_step
+from cloud_backend.session import SNAPSHOTS, CloudSession, StepResult, checkpoint_path, saved_step, session_key
+from cloud_backend.state_budget import trim, used_bytes
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, Codec, codec_for
 from splitwire.errors import (
@@ -63,6 +64,8 @@ log = logging.getLogger("splitft.cloud")
 DEFAULT_HELLO_TIMEOUT_S = 10.0
 CLOSE_GRACE_S = 2.0  # for an error frame and the closing handshake after a refusal
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_SESSION_TTL_S = 3600.0  # a disconnected session older than this gives its place to a new one
+DEFAULT_MAX_STATE_BYTES = 10 << 30  # 10 GiB: about 100 MiniLM or 10 bert-base sessions
 RECEIVE_QUEUE_FRAMES = 2  # frames the websocket layer buffers per connection before TCP pushes back
 CLOSE_POLICY = 1008  # websocket close code "policy violation": sent after an error frame
 
@@ -97,6 +100,9 @@ class ServerStats:
     steps: int = 0  # training steps applied
     replays: int = 0  # resent steps answered from a replay cache
     corrupt_checkpoints: int = 0  # snapshots set aside as unreadable or failing their checksum
+    evicted: int = 0  # sessions moved from memory to the state dir to make room
+    expired: int = 0  # disconnected sessions dropped from memory after session_ttl
+    trimmed: int = 0  # saved sessions deleted to keep the state dir within max_state_bytes
     aborted: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by why: cut off
 
 
@@ -109,6 +115,7 @@ class LiveSession:
     gradient: Codec
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     connection: ServerConnection | None = None
+    last_active: float = dataclasses.field(default_factory=time.monotonic)  # for eviction: least recently used
 
     @classmethod
     def of(cls, session: CloudSession) -> "LiveSession":
@@ -123,7 +130,8 @@ class CloudServer:
     def __init__(self, bundle: Bundle, *, device: torch.device, state_dir: Path | None, max_sessions: int,
                  max_batch: int, tokens: TokenStore | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
                  max_connections: int | None = None, hello_timeout: float = DEFAULT_HELLO_TIMEOUT_S,
-                 send_timeout: float = DEFAULT_SEND_TIMEOUT_S) -> None:
+                 send_timeout: float = DEFAULT_SEND_TIMEOUT_S, session_ttl: float = DEFAULT_SESSION_TTL_S,
+                 max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES) -> None:
         self.bundle = bundle
         self.device = device
         self.state_dir = state_dir
@@ -132,6 +140,8 @@ class CloudServer:
         self.tokens = tokens
         self.idle_timeout = idle_timeout
         self.hello_timeout = hello_timeout
+        self.session_ttl = session_ttl
+        self.max_state_bytes = max_state_bytes
         self.guard = SendGuard(send_timeout=send_timeout, on_abort=self._aborted)
         self.limits = WireLimits.from_bundle(bundle, max_batch=max_batch)
         self.sessions: dict[str, LiveSession] = {}
@@ -173,6 +183,7 @@ class CloudServer:
             self.stats.open_connections -= 1
             if live is not None and live.connection is ws:
                 live.connection = None
+                live.last_active = time.monotonic()
 
     @staticmethod
     async def _receive(ws: ServerConnection, timeout: float, what: str,
@@ -311,18 +322,46 @@ class CloudServer:
         log_event("corrupt_checkpoint", path=str(path), kept_as=str(kept), reason=str(exc))
 
     async def _make_room(self) -> None:
-        """Below ``max_sessions``, or evict one disconnected session after saving it."""
+        """Below ``max_sessions``: first drop the sessions disconnected for longer than ``session_ttl``,
+        then, with a state dir, evict the least recently used disconnected one (saved: it comes back
+        on its next hello). No connection can attach meanwhile: the caller holds ``_opening``."""
+        now = time.monotonic()
+        idle = sorted((live.last_active, session_id) for session_id, live in self.sessions.items()
+                      if live.connection is None)
+        for last_active, session_id in idle:
+            if now - last_active > self.session_ttl:
+                await self._drop(session_id, "expired")
         if len(self.sessions) < self.max_sessions:
             return
-        for session_id, live in list(self.sessions.items()):
-            path = self._snapshot(session_id, "latest")
-            if live.connection is None and path is not None:  # no connection can attach while we hold _opening
-                async with live.lock:
-                    await self._compute(live.session.save, path)
-                del self.sessions[session_id]
-                log_event("evicted", session=session_id, step=live.session.step)
-                return
-        raise ServerBusy(f"the cloud holds its limit of {self.max_sessions} sessions; try again later")
+        victim = next((session_id for _, session_id in idle if session_id in self.sessions), None)
+        if victim is None or self.state_dir is None:
+            raise ServerBusy(f"the cloud holds its limit of {self.max_sessions} sessions"
+                             f"{'' if victim is None else ' and has no --state-dir to evict one to'}; "
+                             "try again later")
+        await self._drop(victim, "evicted")
+
+    async def _drop(self, session_id: str, why: str) -> None:
+        """Take a disconnected session out of memory, saving it first when there is a state dir."""
+        live = self.sessions[session_id]
+        path = self._snapshot(session_id, "latest")
+        if path is not None:
+            async with live.lock:
+                await self._compute(live.session.save, path)
+        del self.sessions[session_id]
+        setattr(self.stats, why, getattr(self.stats, why) + 1)
+        log_event(why, session=session_id, step=live.session.step, saved=path is not None,
+                  sessions=len(self.sessions))
+        self._trim_state()
+
+    def _trim_state(self, *, keep_live: bool = True) -> None:
+        """Keep the state dir within ``max_state_bytes``: delete the least recently saved sessions,
+        not those in memory while the server runs (``cloud_backend.state_budget``)."""
+        if self.state_dir is None or self.max_state_bytes is None:
+            return
+        keep = {session_key(session_id) for session_id in self.sessions} if keep_live else set()
+        for deleted in trim(self.state_dir, self.max_state_bytes, keep=keep):
+            self.stats.trimmed += 1
+            log_event("trimmed", session_file=deleted.key, bytes=deleted.size, max_state_bytes=self.max_state_bytes)
 
     async def _rewind(self, live: LiveSession, resume_from: int) -> None:
         """Go back to a saved state when the edge resumes from an older step than the cloud holds.
@@ -376,6 +415,7 @@ class CloudServer:
     async def _answer(self, live: LiveSession, frame: Frame, data: bytes) -> bytes:
         async with live.lock:
             started = time.perf_counter()
+            live.last_active = time.monotonic()
             if frame.kind == Kind.TRAIN:
                 reply = await self._train(live, frame, hashlib.sha256(data).hexdigest())
             elif frame.kind == Kind.PREDICT:
@@ -428,6 +468,7 @@ class CloudServer:
         path = self._snapshot(session.session_id, "requested")
         if path is not None:
             await self._compute(session.save, path)
+            self._trim_state()
         return encode(Checkpointed(frame.step, path is not None).to_frame(session=frame.session))
 
     async def close(self) -> None:
@@ -438,6 +479,7 @@ class CloudServer:
                 async with live.lock:
                     await self._compute(live.session.save, path)
                 log_event("saved", session=session_id, step=live.session.step)
+        self._trim_state(keep_live=False)
         self._executor.shutdown(wait=True)
 
 
@@ -457,13 +499,18 @@ async def serve_cloud(
     max_connections: int | None = None,
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT_S,
     send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
+    session_ttl: float = DEFAULT_SESSION_TTL_S,
+    max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
 ) -> AsyncIterator[CloudServer]:
     """Serve ``bundle``'s cloud half until the block exits; ``port=0`` picks a free port (see ``.url``).
 
     ``tokens``: each session's token (``None``: any session id is accepted, for a cloud that
     only loopback reaches). ``ssl``: serve ``wss://``. ``max_connections`` defaults to twice
     ``max_sessions``. ``send_timeout``: a peer that reads nothing of what it is sent for this long is cut off
-    (``cloud_backend.guard``). On exit the connections are closed (1001, going away), in-flight steps
+    (``cloud_backend.guard``). Sessions: at most ``max_sessions`` in memory; one disconnected for longer
+    than ``session_ttl`` makes room for a new one, and with a ``state_dir`` the least recently used
+    disconnected one is evicted to disk; the state dir is kept within ``max_state_bytes`` (``None``: no
+    limit) by deleting the least recently saved sessions. On exit the connections are closed (1001, going away), in-flight steps
     finish, and every session is checkpointed into ``state_dir``.
     """
     if state_dir is not None:
@@ -473,7 +520,8 @@ async def serve_cloud(
             log_event("removed_temp_files", state_dir=state_dir, files=removed, bytes=size)
     server = CloudServer(bundle, device=pick_device(device), state_dir=state_dir, max_sessions=max_sessions,
                          max_batch=max_batch, tokens=tokens, idle_timeout=idle_timeout,
-                         max_connections=max_connections, hello_timeout=hello_timeout, send_timeout=send_timeout)
+                         max_connections=max_connections, hello_timeout=hello_timeout, send_timeout=send_timeout,
+                         session_ttl=session_ttl, max_state_bytes=max_state_bytes)
     try:
         async with serve(server.handle, host, port, compression=None, ssl=ssl, max_queue=RECEIVE_QUEUE_FRAMES,
                          max_size=server.limits.max_frame_bytes(), close_timeout=CLOSE_GRACE_S,
@@ -483,7 +531,9 @@ async def serve_cloud(
             log_event("listening", url=server.url, bundle=bundle.hash, device=str(server.device),
                       max_frame_bytes=server.limits.max_frame_bytes(), state_dir=state_dir,
                       tokens=None if tokens is None else len(tokens.digests), idle_timeout_s=idle_timeout,
-                      hello_timeout_s=hello_timeout, send_timeout_s=send_timeout)
+                      hello_timeout_s=hello_timeout, send_timeout_s=send_timeout, max_sessions=max_sessions,
+                      session_ttl_s=session_ttl, max_state_bytes=max_state_bytes,
+                      state_bytes=None if state_dir is None else used_bytes(state_dir))
             yield server
     finally:
         await server.close()

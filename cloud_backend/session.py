@@ -71,7 +71,12 @@ def checkpoint_path(state_dir: Path, session_id: str, snapshot: str) -> Path:
     ids never become paths."""
     if snapshot not in SNAPSHOTS:
         raise ValueError(f"unknown snapshot {snapshot!r}")
-    return state_dir / f"session-{hashlib.sha256(session_id.encode()).hexdigest()[:32]}.{snapshot}.safetensors"
+    return state_dir / f"session-{session_key(session_id)}.{snapshot}.safetensors"
+
+
+def session_key(session_id: str) -> str:
+    """The session's name in the state dir's file names."""
+    return hashlib.sha256(session_id.encode()).hexdigest()[:32]
 
 
 def saved_step(path: Path) -> int:

@@ -284,3 +284,54 @@ def test_a_schedule_out_of_range_is_refused_at_hello_and_opens_no_session(bundle
     error, sessions, stats = asyncio.run(scenario())
     assert error.code == "protocol" and message in error.message, error
     assert sessions == set() and "internal" not in stats.refused
+
+
+# ---------------------------------------------------------------------------- session churn
+
+
+def test_session_churn_stays_within_the_memory_and_disk_limits(bundle, tmp_path):
+    """Ten session ids opened one after another against ``max_sessions=2``: with a state dir the
+    least recently used disconnected session is evicted to disk and the state dir is trimmed to
+    its byte budget (the most recent sessions survive, and come back at their step); without
+    one, sessions disconnected for longer than ``session_ttl`` give their place, and otherwise
+    a new id is refused as ``busy`` rather than growing memory."""
+    from cloud_backend.state_budget import saved_sessions, used_bytes
+    from splitwire.errors import ConnectionLost
+
+    state_dir = tmp_path / "state"
+
+    async def churn(ids, **limits):
+        peaks = {"sessions": 0, "bytes": 0}
+        async with serve_cloud(bundle, port=0, device="cpu", max_sessions=2, **limits) as server:
+            for session_id in ids:
+                async with await connect_good(server.url, bundle, session_id, token=None,
+                                              retry=Backoff(give_up_after_s=0.1)) as edge:
+                    await train_steps(edge, bundle, range(1, 3))
+                    assert await edge.checkpoint(2) == (limits.get("state_dir") is not None)
+                peaks["sessions"] = max(peaks["sessions"], len(server.sessions))
+                if state_dir.is_dir():
+                    peaks["bytes"] = max(peaks["bytes"], used_bytes(state_dir))
+                await asyncio.sleep(limits.get("session_ttl", 0) * 1.5)
+            return peaks, server.stats
+
+    asyncio.run(churn(["probe"], state_dir=state_dir))
+    one_session = used_bytes(state_dir)
+    shutil.rmtree(state_dir)
+    budget = int(4.5 * one_session)
+    ids = [f"churn-{i}" for i in range(10)]
+    peaks, stats = asyncio.run(churn(ids, state_dir=state_dir, max_state_bytes=budget))
+    assert peaks["sessions"] <= 2 and peaks["bytes"] <= budget, (peaks, budget)
+    assert stats.evicted == 8 and stats.trimmed >= 5 and used_bytes(state_dir) <= budget
+
+    async def come_back(session_id):
+        async with serve_cloud(bundle, port=0, device="cpu", state_dir=state_dir) as server:
+            async with await connect_good(server.url, bundle, session_id, token=None, resume_from=2) as edge:
+                return edge.resume_step
+
+    assert len(saved_sessions(state_dir)) == 4
+    assert asyncio.run(come_back(ids[-3])) == 2 and asyncio.run(come_back(ids[0])) == 0
+
+    _, stats = asyncio.run(churn(ids[:4], session_ttl=0.2))  # no state dir: places freed by the ttl
+    assert stats.expired == 3 and stats.welcomed == 4
+    with pytest.raises(ConnectionLost, match="limit of 2 sessions and has no --state-dir"):  # busy, retried
+        asyncio.run(churn(ids[:3]))
