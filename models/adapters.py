@@ -26,7 +26,7 @@ class Adapter:
     """How one architecture family's config and state-dict names map to ours."""
 
     spec_from_config: Callable[[Any], EncoderSpec]
-    renames: tuple[tuple[str, Any], ...]  # (regex on the HF name, replacement string or function)
+    renames: tuple[tuple[str, str], ...]  # (regex on the HF name, replacement)
 
     def canonical_weights(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -132,7 +132,9 @@ DISTILBERT = Adapter(
         (r"^(?:distilbert\.)?embeddings\.word_embeddings\.", "embeddings.word."),
         (r"^(?:distilbert\.)?embeddings\.position_embeddings\.", "embeddings.position."),
         (r"^(?:distilbert\.)?embeddings\.LayerNorm\.", "embeddings.norm."),
-        (_DISTIL_LAYER + r"attention\.(q|k|v)_lin\.", lambda m: f"layers.{m[1]}.attention.{_QKV[m[2]]}."),
+        (_DISTIL_LAYER + r"attention\.q_lin\.", r"layers.\1.attention.query."),
+        (_DISTIL_LAYER + r"attention\.k_lin\.", r"layers.\1.attention.key."),
+        (_DISTIL_LAYER + r"attention\.v_lin\.", r"layers.\1.attention.value."),
         (_DISTIL_LAYER + r"attention\.out_lin\.", r"layers.\1.attention.output."),
         (_DISTIL_LAYER + r"sa_layer_norm\.", r"layers.\1.attention.norm."),
         (_DISTIL_LAYER + r"ffn\.lin1\.", r"layers.\1.ffn.dense_in."),
@@ -140,7 +142,6 @@ DISTILBERT = Adapter(
         (_DISTIL_LAYER + r"output_layer_norm\.", r"layers.\1.ffn.norm."),
     ),
 )
-_QKV = {"q": "query", "k": "key", "v": "value"}
 
 # model_type (config.json) → adapter. CamemBERT is the RoBERTa layout under another name.
 ADAPTERS: dict[str, Adapter] = {

@@ -1,6 +1,8 @@
 """`make demo`: split fine-tuning end to end on this machine, with real model and real text.
 
-Exports the packaged MiniLM (6 layers) split at layer 3 with a rank-8 compression head,
+Exports the packaged MiniLM (6 layers) split at layer 3 with a rank-8 compression head
+(sft-export's defaults: the portable onnx edge engine, and mean pooling because the MiniLM is a
+sentence-transformers checkpoint whose 1_Pooling/config.json says so),
 starts `sft-cloud` on localhost, fine-tunes with `sft-edge` on the movie-review snippets
 (a fixed-seed 90/10 train/test split; positive when the mean sentiment > 0), prints test
 accuracy and the bytes per step each way, then measures the vanilla split (no
@@ -124,7 +126,8 @@ def summarize(sft: dict, vanilla: dict, predictions: Path, seconds: float) -> No
     sft_down = sum(d for _, d in sft["step_bytes"][same]) / VANILLA_STEPS
     van_up = sum(u for u, _ in vanilla["step_bytes"][same]) / VANILLA_STEPS
     van_down = sum(d for _, d in vanilla["step_bytes"][same]) / VANILLA_STEPS
-    print("\n=== splitft demo: MiniLM-L6 split at layer 3, SVD rank 8, link elimination, fp32 on the wire ===")
+    print("\n=== splitft demo: MiniLM-L6 split at layer 3, SVD rank 8, link elimination, fp32 on the wire, "
+          "onnx edge engine, mean pooling ===")
     print(f"trained {sft['last_step']} steps of 32 reviews in {sft['seconds']:.0f} s; "
           f"loss {sum(sft['losses'][:20]) / 20:.3f} (first 20 steps) -> {sum(sft['losses'][-20:]) / 20:.3f} (last 20)")
     print(f"test accuracy {metrics['accuracy']:.4f}  (macro-F1 {metrics['macro_f1']:.4f}, "
