@@ -6,7 +6,7 @@ checked (``cloud_backend.auth``) before anything else is looked at, then the con
 welcomed or refused with a typed error, then sends numbered requests, one at a time, that
 are validated against the bundle before any tensor is touched. Training and prediction run
 on one worker thread (the GPU when present), so the loop keeps answering pings and other
-sessions meanwhile. Each session id owns an isolated ``CloudSession``; a resent step is
+sessions meanwhile, and sessions share it fairly by compute time (``cloud_backend.fair_compute``). Each session id owns an isolated ``CloudSession``; a resent step is
 answered from its replay cache.
 
 Limits, each refused with a typed error frame and a clean close, without disturbing other
@@ -34,10 +34,9 @@ import logging
 import os
 import ssl as ssl_module
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable
 
 import torch
 from websockets.asyncio.server import ServerConnection, serve
@@ -45,6 +44,7 @@ from websockets.exceptions import ConnectionClosed
 
 from cloud_backend.atomic import remove_stale_temp_files
 from cloud_backend.auth import TokenStore
+from cloud_backend.fair_compute import FairCompute
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S, SendGuard
 from cloud_backend.model import pick_device
 from cloud_backend.session import SNAPSHOTS, CloudSession, StepResult, checkpoint_path, saved_step, session_key
@@ -68,9 +68,6 @@ DEFAULT_SESSION_TTL_S = 3600.0  # a disconnected session older than this gives i
 DEFAULT_MAX_STATE_BYTES = 10 << 30  # 10 GiB: about 100 MiniLM or 10 bert-base sessions
 RECEIVE_QUEUE_FRAMES = 2  # frames the websocket layer buffers per connection before TCP pushes back
 CLOSE_POLICY = 1008  # websocket close code "policy violation": sent after an error frame
-
-T = TypeVar("T")
-
 
 def checked_reply(build: Callable[[], bytes], parse: Callable[[Frame], Any]) -> bytes:
     """The reply ``build`` makes, after ``parse`` has read it back exactly as the edge will: what
@@ -148,10 +145,7 @@ class CloudServer:
         self.stats = ServerStats()
         self.url = ""
         self._opening = asyncio.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-cloud-compute")
-
-    async def _compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        self.compute = FairCompute(thread_name="sft-cloud-compute")
 
     # ------------------------------------------------------------------ connections
 
@@ -292,8 +286,8 @@ class CloudServer:
                 self._forget_latest(hello.session_id)
                 log_event("restored", session=hello.session_id, step=session.step)
             else:
-                session = await self._compute(CloudSession, session_id=hello.session_id, bundle=self.bundle,
-                                              config=hello.config, device=self.device)
+                session = await self.compute.run(hello.session_id, CloudSession, session_id=hello.session_id,
+                                                 bundle=self.bundle, config=hello.config, device=self.device)
                 log_event("new_session", session=hello.session_id, device=str(self.device))
             live = self.sessions[hello.session_id] = LiveSession.of(session)
             return live
@@ -308,7 +302,7 @@ class CloudServer:
 
     async def _restore(self, path: Path) -> CloudSession | None:
         try:
-            return await self._compute(CloudSession.restore, path, bundle=self.bundle, device=self.device)
+            return await self.compute.run(path.name, CloudSession.restore, path, bundle=self.bundle, device=self.device)
         except CheckpointCorrupt as exc:
             self._set_aside(path, exc)
             return None
@@ -346,7 +340,7 @@ class CloudServer:
         path = self._snapshot(session_id, "latest")
         if path is not None:
             async with live.lock:
-                await self._compute(live.session.save, path)
+                await self.compute.run(session_id, live.session.save, path)
         del self.sessions[session_id]
         setattr(self.stats, why, getattr(self.stats, why) + 1)
         log_event(why, session=session_id, step=live.session.step, saved=path is not None,
@@ -448,14 +442,14 @@ class CloudServer:
                                  lambda reply: Gradient.from_frame(reply, codec=live.gradient, shape=request.z.shape,
                                                                    lengths=request.lengths))
 
-        reply = await self._compute(session.train, request, digest=digest, answer=answer)
+        reply = await self.compute.run(session.session_id, session.train, request, digest=digest, answer=answer)
         self.stats.steps += 1
         return reply
 
     async def _predict(self, live: LiveSession, frame: Frame) -> bytes:
         self.stats.tensor_frames += 1
         request = Predict.from_frame(frame, limits=self.limits, codec=live.activation)
-        logits = await self._compute(live.session.predict, request)
+        logits = await self.compute.run(live.session.session_id, live.session.predict, request)
         return checked_reply(lambda: encode(Prediction(frame.step, logits).to_frame(session=frame.session)),
                              lambda reply: Prediction.from_frame(reply, batch=logits.shape[0],
                                                                  num_labels=self.limits.num_labels))
@@ -467,7 +461,7 @@ class CloudServer:
                                  f"is at step {session.step}")
         path = self._snapshot(session.session_id, "requested")
         if path is not None:
-            await self._compute(session.save, path)
+            await self.compute.run(session.session_id, session.save, path)
             self._trim_state()
         return encode(Checkpointed(frame.step, path is not None).to_frame(session=frame.session))
 
@@ -477,10 +471,10 @@ class CloudServer:
             path = self._snapshot(session_id, "latest")
             if path is not None:
                 async with live.lock:
-                    await self._compute(live.session.save, path)
+                    await self.compute.run(session_id, live.session.save, path)
                 log_event("saved", session=session_id, step=live.session.step)
         self._trim_state(keep_live=False)
-        self._executor.shutdown(wait=True)
+        self.compute.shutdown()
 
 
 @contextlib.asynccontextmanager
