@@ -43,6 +43,7 @@ def library_chatter() -> Iterator[io.StringIO]:
     """While inside, the ``CHATTY_LOGGERS``' records go to the yielded buffer; ERROR and worse also to stderr."""
     from transformers.utils import logging as transformers_logging
 
+    transformers_logging.get_logger()  # installs transformers' own handler now, so that it is the one set aside
     buffer = io.StringIO()
     to_buffer = logging.StreamHandler(buffer)
     to_buffer.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

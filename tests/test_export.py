@@ -144,3 +144,18 @@ def test_export_of_the_packaged_minilm_is_quiet_and_keeps_the_chatter_in_the_bun
     log = (out / "export.log").read_text()
     assert "nn_module_stack" in log  # the torch exporter's per-node notices, kept out of the terminal
     assert load_bundle(out).manifest["engine"] == "onnx"  # the default engine
+
+
+def test_library_chatter_is_collected_and_errors_still_reach_stderr(capfd):
+    import logging
+
+    from exporter.progress import library_chatter
+
+    with library_chatter() as chatter:
+        logging.getLogger("torch.onnx._internal.exporter._core").warning("nn_module_stack not found for node 'x'")
+        logging.getLogger("transformers.modeling_utils").error("a real problem")
+    err = capfd.readouterr().err
+    assert "nn_module_stack" in chatter.getvalue() and "a real problem" in chatter.getvalue()
+    assert "nn_module_stack" not in err and "a real problem" in err
+    logging.getLogger("torch.onnx").warning("after the export")
+    assert "after the export" not in chatter.getvalue()  # outside, the libraries' own handlers are back
