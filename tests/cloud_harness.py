@@ -18,13 +18,19 @@ import os
 import random
 import shutil
 import signal
+import socket
+import ssl as ssl_module
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlparse
 
 import numpy as np
+from websockets.client import ClientProtocol
+from websockets.uri import parse_uri
 
 from edge_runtime.client import Backoff, CloudClient
 from edge_runtime.data import Columns, TextData, infer_label_map, read_table, table_texts
@@ -186,6 +192,43 @@ class CuttingProxy:
             await writer.drain()
             if budget[0] == 0:
                 return
+
+
+class NeverReader:
+    """A websocket client on a raw socket with a tiny receive buffer: it does the opening
+    handshake, optionally says hello, then floods pings and never reads another byte.
+    ``cut_after_s`` is how long the server let it live (``None``: still connected)."""
+
+    def __init__(self, url: str, *, hello: bytes | None, ssl: ssl_module.SSLContext | None) -> None:
+        self.url, self.hello, self.ssl = url, hello, ssl
+        self.cut_after_s: float | None = None
+
+    async def run(self, flood_for_s: float) -> None:
+        parsed = urlparse(self.url)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (parsed.hostname, parsed.port))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=self.ssl,
+                                                       server_hostname=parsed.hostname if self.ssl else None)
+        protocol = ClientProtocol(parse_uri(self.url))
+        protocol.send_request(protocol.connect())
+        writer.write(b"".join(protocol.data_to_send()))
+        protocol.receive_data(await reader.readuntil(b"\r\n\r\n"))  # the handshake answer: the last read
+        if self.hello is not None:
+            protocol.send_binary(self.hello)
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < flood_for_s:
+                for _ in range(200):
+                    protocol.send_ping(b"ping")
+                writer.write(b"".join(protocol.data_to_send()))
+                await writer.drain()
+                await asyncio.sleep(0.005)
+        except (ConnectionError, ssl_module.SSLError):
+            self.cut_after_s = time.monotonic() - started
+        finally:
+            writer.transport.abort()
 
 
 # ---------------------------------------------------------------------------- one edge session

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import ssl as ssl_module
-import time
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-from cloud_harness import SCHEDULE, SEED, hello_frame, tiny_dropout_bundle, train_steps
-from websockets.client import ClientProtocol
-from websockets.uri import parse_uri
+from cloud_harness import SCHEDULE, SEED, NeverReader, hello_frame, tiny_dropout_bundle, train_steps
 
 from cloud_backend.auth import TokenStore
 from cloud_backend.server import CLOSE_GRACE_S, serve_cloud
@@ -48,43 +43,6 @@ async def connect_good(url: str, bundle, session_id: str, *, token: str | None, 
 
 
 # ---------------------------------------------------------------------------- a peer that never reads
-
-
-class NeverReader:
-    """A websocket client on a raw socket with a tiny receive buffer: it does the opening
-    handshake, optionally says hello, then floods pings and never reads another byte.
-    ``cut_after_s`` is how long the server let it live (``None``: still connected)."""
-
-    def __init__(self, url: str, *, hello: bytes | None, ssl: ssl_module.SSLContext | None) -> None:
-        self.url, self.hello, self.ssl = url, hello, ssl
-        self.cut_after_s: float | None = None
-
-    async def run(self, flood_for_s: float) -> None:
-        parsed = urlparse(self.url)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (parsed.hostname, parsed.port))
-        reader, writer = await asyncio.open_connection(sock=sock, ssl=self.ssl,
-                                                       server_hostname=parsed.hostname if self.ssl else None)
-        protocol = ClientProtocol(parse_uri(self.url))
-        protocol.send_request(protocol.connect())
-        writer.write(b"".join(protocol.data_to_send()))
-        protocol.receive_data(await reader.readuntil(b"\r\n\r\n"))  # the handshake answer: the last read
-        if self.hello is not None:
-            protocol.send_binary(self.hello)
-        started = time.monotonic()
-        try:
-            while time.monotonic() - started < flood_for_s:
-                for _ in range(200):
-                    protocol.send_ping(b"ping")
-                writer.write(b"".join(protocol.data_to_send()))
-                await writer.drain()
-                await asyncio.sleep(0.005)
-        except (ConnectionError, ssl_module.SSLError):
-            self.cut_after_s = time.monotonic() - started
-        finally:
-            writer.transport.abort()
 
 
 @pytest.mark.parametrize("tokens,tls", [(False, False), (True, False), (True, True)],
