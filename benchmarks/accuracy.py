@@ -32,7 +32,7 @@ import torch
 from benchmarks.report import BENCH_DIR, write_section, save_plot
 from benchmarks.traffic import payload_bytes
 from edge_runtime.data import Columns, TextData, holdout_split, infer_label_map, read_table, table_texts
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import training_batches
 from models import SplitSpec, build_full, build_split, load_encoder
 from splitwire.codecs import Carries, codec_for

@@ -213,7 +213,7 @@ async def edge_child(args: argparse.Namespace) -> None:
     from benchmarks.traffic import review_batches
     from edge_runtime.client import CloudClient
     from edge_runtime.engine import open_engine
-    from edge_runtime.tokenize import EdgeTokenizer
+    from edge_runtime.tokenizer import EdgeTokenizer
     from splitwire.bundle import load_bundle
     from splitwire.schedule import Schedule
 

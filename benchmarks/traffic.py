@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bert-base's config is a built-in preset: no hub needed
 
-    from edge_runtime.tokenize import EdgeTokenizer
+    from edge_runtime.tokenizer import EdgeTokenizer
 
     tokenizer = EdgeTokenizer(minilm_dir() / "tokenizer.json", max_length=MAX_LENGTH, pad_id=0)
     acts = activations(review_batches(tokenizer, args.batches))

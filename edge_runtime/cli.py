@@ -34,7 +34,7 @@ from edge_runtime.data import (
 )
 from edge_runtime.doctor import NotReady, add_arguments as add_doctor_arguments, doctor_command
 from edge_runtime.engine import EdgeEngine, open_engine
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import (
     Checkpoint,
     CheckpointDir,

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from edge_runtime import metrics
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import EdgeBatch, EdgeEngine
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 from splitwire.bundle import sha256_file
 from splitwire.errors import CheckpointCorrupt, SessionRewound
 from splitwire.schedule import Schedule

@@ -14,7 +14,7 @@ top half. To serve the fine-tuned model anywhere onnxruntime runs, this module
   ``attention_mask`` input to the cloud half's inputs.
 
 The assembled model takes ``input_ids``, ``attention_mask``, ``token_type_ids`` and
-``position_ids`` (int64, ``B×L``, as ``edge_runtime.tokenize`` makes them) and returns
+``position_ids`` (int64, ``B×L``, as ``edge_runtime.tokenizer`` makes them) and returns
 ``logits`` (``B×num_labels``): the same numbers as split inference (``engine.infer`` then the
 cloud's prediction). The edge checkpoint and the cloud state must come from the same run and
 step; both are checked against the bundle.

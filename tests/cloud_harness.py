@@ -35,7 +35,7 @@ from websockets.uri import parse_uri
 from edge_runtime.client import Backoff, CloudClient
 from edge_runtime.data import Columns, TextData, infer_label_map, read_table, table_texts
 from edge_runtime.engine import open_engine
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import (
     CheckpointDir, Checkpointing, RunConfig, TrainBatch, TrainResult, restore_checkpoint, resume_point,
     rewind_to_checkpoint, train, training_batches,

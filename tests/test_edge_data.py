@@ -19,7 +19,7 @@ from edge_runtime.data import (
     table_texts,
     write_rows,
 )
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

@@ -18,7 +18,7 @@ from bundles import export_cached, padded_batch, tiny_options, upstream_gradient
 from conftest import minilm_path, movie_reviews_path
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import open_engine
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import (
     Checkpoint,
     CheckpointDir,

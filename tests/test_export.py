@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from bundles import cli_args, export_cached, minilm_bundle, tiny_options  # noqa: F401 (fixture)
 from edge_runtime.engine import open_engine
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 from exporter.bundle_writer import staged_bundle
 from exporter.cli import main
 from models import CloudPart, EncoderSpec, SplitSpec

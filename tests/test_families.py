@@ -20,7 +20,7 @@ from families import FAMILIES, NEW_FAMILIES, family_model_dir, family_options, m
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from bundles import export_cached
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 from exporter.cli import main
 from models import SplitSpec, build_split, load_encoder
 from splitwire.bundle import load_bundle

@@ -200,7 +200,7 @@ def test_good_input_with_an_over_long_text_trains_and_makes_state(cloud_process,
     """The control for the test above: the same command on good data reaches the cloud and checkpoints;
     a text far longer than the bundle's max_length is truncated to it, as the help says."""
     from edge_runtime.cli import build_parser, main
-    from edge_runtime.tokenize import EdgeTokenizer
+    from edge_runtime.tokenizer import EdgeTokenizer
 
     data = _reviews_tsv(tmp_path / "train.tsv", 8)
     long_text = " ".join(["unforgettable"] * 5000)
