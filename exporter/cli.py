@@ -17,6 +17,7 @@ from exporter.bundle_writer import ExportError
 from exporter.export import EXPORT_LOG, export_bundle
 from exporter.progress import library_chatter
 from models.loading import POOLING_CHOICES
+from models.spec import HEADS
 from splitwire.bundle import ENGINES
 
 
@@ -36,6 +37,8 @@ EXAMPLES = """examples:
   sft-export --model bert-base-uncased --init random --tokenizer ./minilm --split 4 --out bundles/bert-dims
       (offline: bert-base dims with random weights; any uncased BERT vocabulary as tokenizer)
   sft-export --model bert-base-uncased --split 4 --no-compression --out bundles/vanilla   (the baseline)
+  sft-export --model bert-base-uncased --split 4 --head principal --calibration-text public.txt --heal-steps 300 \
+      --out bundles/principal   (a calibrated head, healed; public text only, never the fine-tuning data)
 
 A device needs manifest.json and edge/ of the bundle directory; sft-cloud needs manifest.json and cloud/.
 Supported families: BERT (and MiniLM), RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA.
@@ -67,6 +70,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=POOLING_CHOICES, default="auto",
                    help="sentence vector for the classifier: auto (mean where the checkpoint's sentence-transformers "
                         "1_Pooling/config.json says so, else the family's head on the first token), cls, or mean")
+    p.add_argument("--head", choices=HEADS, default="svd",
+                   help="how the compression head is made: svd (the paper's: SVD of the split layer's W1; the "
+                        "default), activation-svd (SVD of W1 whitened by its input's covariance on the calibration "
+                        "text), principal (the top principal directions of that input, residual rebuilt on the "
+                        "cloud); all send the same B x L x rank values")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="public text (plain lines, or a column of CSV/TSV/JSONL with --calibration-column), never "
+                        "the fine-tuning data: fits activation-svd/principal, heals, and gives the fidelity report")
+    p.add_argument("--calibration-column", metavar="NAME", help="the text column of a CSV/TSV/JSONL --calibration-text")
+    p.add_argument("--heal-steps", type=int, default=0,
+                   help="steps of export-time distillation of the head and the cloud's split FFN toward the "
+                        "original layer on the calibration text (default 0; a few hundred)")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
@@ -97,7 +112,8 @@ def _export(args: argparse.Namespace, chatter: io.StringIO | None) -> Path:
         model=args.model, split=args.split, rank=None if args.no_compression else args.rank,
         num_labels=args.num_labels, max_length=args.max_length, freeze_embeddings=args.freeze_embeddings,
         init=args.init, revision=args.revision, tokenizer=args.tokenizer, engine=args.engine, pooling=args.pooling,
-        lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps, seed=args.seed,
+        head=args.head, calibration_text=args.calibration_text, calibration_column=args.calibration_column,
+        heal_steps=args.heal_steps, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps, seed=args.seed,
         out=args.out, force=args.force, library_log=chatter,
     )
 

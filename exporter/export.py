@@ -16,6 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from exporter.bundle_writer import ExportError, check_target, save_numpy_weights, staged_bundle, write_manifest
+from exporter.calibration import Calibration, describe_source, heal_and_measure, read_calibration_text
 from exporter.progress import Log, stderr_log, timed
 from models import EDGE_INPUTS, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
 from models.loading import unreachable_message
@@ -43,6 +44,10 @@ def export_bundle(
     tokenizer: str | None = None,
     engine: str = "onnx",
     pooling: str = "auto",
+    head: str = "svd",
+    calibration_text: str | Path | None = None,
+    calibration_column: str | None = None,
+    heal_steps: int = 0,
     lr: float = 2e-5,
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -55,12 +60,15 @@ def export_bundle(
     """Export ``model`` cut at ``split`` with SVD ``rank`` (``None``: the vanilla split) into ``out``.
 
     ``library_log``: the libraries' messages collected so far, written into the bundle as ``export.log``.
+    ``head``: how the compression head is made (``models.heads``); the calibrated heads and
+    ``heal_steps`` of healing need ``calibration_text``, public text that also gives the fidelity report.
     """
     out = Path(out)
     check_target(out, force=force)
     builder = _edge_builder(engine)
     _check_numbers(max_length=max_length, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None)
+    spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None, head=head)
+    texts = _calibration_text(spec, calibration_text, calibration_column, heal_steps)
     tok = _tokenizer(tokenizer or model, revision=None if tokenizer else revision)
     with timed(log, f"loading {model} ({init} weights)"):
         loaded = _load(model, init=init, revision=revision, seed=seed, pooling=pooling)
@@ -68,9 +76,18 @@ def export_bundle(
     log(f"pooling before the classifier: {loaded.spec.pooling}" + (chosen if pooling == "auto" and
                                                                    loaded.spec.pooling == "mean" else ""))
     _check_fits(loaded, spec, max_length)
-    with timed(log, f"cutting at split {split}, {'SVD rank ' + str(rank) if rank else 'no compression'}"):
+    calibration = texts and Calibration.from_tokenizer(texts, tok, spec=loaded.spec, max_length=max_length)
+    with timed(log, f"cutting at split {split}, {f'{head} head of rank {rank}' if rank else 'no compression'}"):
         split_model = build_split(loaded.spec, loaded.weights, spec, classifier_seed=seed,
-                                  initializer_range=loaded.initializer_range)
+                                  initializer_range=loaded.initializer_range,
+                                  calibration=calibration.fit if calibration else None)
+    compression = None
+    if calibration:
+        compression = heal_and_measure(split_model, loaded.spec, loaded.weights, spec, calibration,
+                                       heal_steps=heal_steps, log=log)
+        compression["calibration"] = describe_source(calibration_text, texts, calibration_column)
+    else:
+        log("no fidelity report: it needs --calibration-text")
     tables = [name for name in EMBEDDING_TABLES if name in split_model.edge.state_dict()]  # DistilBERT: no token types
     frozen = tables if freeze_embeddings else []
     optimizer = {"name": "adamw", "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay}
@@ -84,11 +101,26 @@ def export_bundle(
             (root / EXPORT_LOG).write_text(library_log.getvalue())
         with timed(log, "hashing and writing the manifest"):
             edge_section = _edge_section(split_model, edge_files, frozen)
-            manifest = write_manifest(root, _manifest_body(loaded, spec, engine=engine, edge=edge_section,
-                                                           optimizer=optimizer, tokenizer=tokenizer_info,
-                                                           max_length=max_length))
+            body = _manifest_body(loaded, spec, engine=engine, edge=edge_section, optimizer=optimizer,
+                                  tokenizer=tokenizer_info, max_length=max_length)
+            manifest = write_manifest(root, body | ({"compression": compression} if compression else {}))
     log(f"wrote {out} ({len(manifest['files'])} files, {_size_mib(out):.1f} MiB)")
     return out
+
+
+def _calibration_text(spec: SplitSpec, path: str | Path | None, column: str | None, heal_steps: int) -> list[str]:
+    """The calibration rows (``[]`` without a file), after checking that the head and healing have what they need."""
+    if heal_steps < 0:
+        raise ExportError(f"--heal-steps must be >= 0, got {heal_steps}")
+    if heal_steps and not spec.compressed:
+        raise ExportError("--heal-steps needs a compression head; the vanilla split has none to heal")
+    if path is None:
+        if spec.head != "svd" or heal_steps:
+            what = f"--head {spec.head}" if spec.head != "svd" else "--heal-steps"
+            raise ExportError(f"{what} needs --calibration-text FILE: public text, never the fine-tuning data "
+                              "(e.g. another corpus than the task's)")
+        return []
+    return read_calibration_text(path, column=column)
 
 
 def _edge_builder(engine: str):

@@ -24,15 +24,21 @@ def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 
 class CompressionHead(nn.Module):
-    """Edge side: ``z = diag(s_r) · V_rᵀ h``; trainable ``vt`` (``r×hidden``) and ``s`` (``r``)."""
+    """Edge side: ``z = diag(s_r) · V_rᵀ h``; trainable ``vt`` (``r×hidden``) and ``s`` (``r``).
 
-    def __init__(self, hidden_size: int, rank: int) -> None:
+    ``shift`` (the principal-subspace head, ``models.heads``) adds a trainable ``r`` offset,
+    ``z = diag(s) · Pᵀ h − Pᵀ μ``: the coordinates of ``h`` around its calibration mean.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, *, shift: bool = False) -> None:
         super().__init__()
         self.vt = nn.Parameter(torch.empty(rank, hidden_size))
         self.s = nn.Parameter(torch.empty(rank))
+        self.shift = nn.Parameter(torch.zeros(rank)) if shift else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.vt) * self.s
+        z = F.linear(h, self.vt) * self.s
+        return z if self.shift is None else z + self.shift
 
 
 class Decompression(nn.Module):
@@ -53,18 +59,25 @@ class SplitFeedForward(nn.Module):
     ``LN(W2 act(U_r z + b1) + b2)``: with link elimination there is no ``+ h`` before the
     LayerNorm, because ``h`` (``B×L×hidden``) never leaves the edge. ``residual`` exists
     only to check the decomposition against the original layer in-process.
+
+    ``rebuild`` (the principal-subspace head): instead of dropping the residual, add the
+    approximation ``ĥ = μ + P z`` rebuilt from ``z`` itself (trainable ``hidden×r`` weight
+    and ``hidden`` bias), so link elimination keeps what of ``h`` the ``r`` coordinates hold.
     """
 
-    def __init__(self, spec: EncoderSpec, rank: int, *, dropout: bool = False) -> None:
+    def __init__(self, spec: EncoderSpec, rank: int, *, dropout: bool = False, rebuild: bool = False) -> None:
         super().__init__()
         self.decompression = Decompression(spec.intermediate_size, rank)
         self.act = activation(spec.hidden_act)
         self.dense_out = nn.Linear(spec.intermediate_size, spec.hidden_size)
         self.norm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.rebuild = nn.Linear(rank, spec.hidden_size) if rebuild else None
         self.p_drop = spec.hidden_dropout if dropout else 0.0
 
     def forward(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         y = dropout(self.dense_out(self.act(self.decompression(z))), self.p_drop, self.training)
+        if residual is None and self.rebuild is not None:
+            residual = self.rebuild(z)
         return self.norm(y if residual is None else y + residual)
 
 

@@ -8,12 +8,15 @@ halves so an existing training loop needs only a few changed lines (docs/USAGE.m
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from models.blocks import AttentionBlock, Embeddings, EncoderLayer, FeedForward, Pooler, attention_bias, dropout
 from models.compression import CompressionHead, SplitFeedForward, factorise_into
+from models.heads import calibrate_head, split_inputs
 from models.spec import EncoderSpec, SplitSpec
 
 EDGE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -29,7 +32,8 @@ class EdgePart(nn.Module):
         self.embeddings = Embeddings(encoder, dropout=dropout)
         self.layers = nn.ModuleList(EncoderLayer(encoder, dropout=dropout) for _ in range(split.split - 1))
         self.split_attention = AttentionBlock(encoder, dropout=dropout)
-        self.head = CompressionHead(encoder.hidden_size, split.rank) if split.compressed else None
+        self.head = (CompressionHead(encoder.hidden_size, split.rank, shift=split.rebuilds_residual)
+                     if split.compressed else None)
 
     def forward(
         self,
@@ -38,12 +42,22 @@ class EdgePart(nn.Module):
         token_type_ids: torch.Tensor,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
+        h = self.split_input(input_ids, attention_mask, token_type_ids, position_ids)
+        return h if self.head is None else self.head(h)
+
+    def split_input(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """``h``: the split layer's attention output, the FFN input the compression head reads."""
         bias = attention_bias(attention_mask, self.embeddings.norm.weight.dtype)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         for layer in self.layers:
             x = layer(x, bias)
-        h = self.split_attention(x, bias)
-        return h if self.head is None else self.head(h)
+        return self.split_attention(x, bias)
 
 
 class CloudPart(nn.Module):
@@ -55,7 +69,7 @@ class CloudPart(nn.Module):
         split.validate(encoder)
         self.spec = split
         self.split_ffn: nn.Module = (
-            SplitFeedForward(encoder, split.rank, dropout=dropout)
+            SplitFeedForward(encoder, split.rank, dropout=dropout, rebuild=split.rebuilds_residual)
             if split.compressed
             else FeedForward(encoder, dropout=dropout)
         )
@@ -72,8 +86,12 @@ class CloudPart(nn.Module):
 
     def pooled(self, z: torch.Tensor, attention_mask: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The sentence vector the classifier reads (``models.blocks.Pooler``)."""
-        bias = attention_bias(attention_mask, z.dtype)
         x = self.split_ffn(z) if residual is None else self.split_ffn(z, residual=residual)
+        return self.above_split(x, attention_mask)
+
+    def above_split(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Layers ``k..N-1`` and the pooler on the split layer's output ``x``."""
+        bias = attention_bias(attention_mask, x.dtype)
         for layer in self.layers:
             x = layer(x, bias)
         return self.pooler(x, attention_mask)
@@ -115,7 +133,7 @@ def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 # Parameters that do not come from the pretrained encoder: set by ``build_split`` itself.
-_DERIVED = ("classifier.", "head.", "split_ffn.decompression.")
+_DERIVED = ("classifier.", "head.", "split_ffn.decompression.", "split_ffn.rebuild.")
 _NEW_HEAD = ("pooler.",)  # a pooling head that is not BERT's pretrained pooler starts new, like the classifier
 
 
@@ -141,12 +159,16 @@ def build_split(
     classifier_seed: int = 0,
     initializer_range: float = 0.02,
     cloud_dropout: bool = True,
+    calibration: Iterable[dict[str, torch.Tensor]] | None = None,
 ) -> SplitModel:
     """Cut the encoder whose canonical ``weights`` are given (see ``models.adapters``).
 
     The split layer ``k-1``'s FFN input projection is factorised by SVD into the
-    compression head (edge) and decompression (cloud). The classifier is new, drawn from
-    ``N(0, initializer_range)`` with ``classifier_seed``, as Hugging Face initialises it.
+    compression head (edge) and decompression (cloud); the calibrated heads
+    (``split.head``, ``models.heads``) are fitted instead to the split layer's input on the
+    ``calibration`` batches (``EDGE_INPUTS`` → tensors of public text, never training data).
+    The classifier is new, drawn from ``N(0, initializer_range)`` with ``classifier_seed``,
+    as Hugging Face initialises it.
     """
     split.validate(encoder)
     k = split.split - 1  # index of the split layer
@@ -164,6 +186,10 @@ def build_split(
     if split.compressed:
         w, b = weights[f"layers.{k}.ffn.dense_in.weight"], weights[f"layers.{k}.ffn.dense_in.bias"]
         factorise_into(edge.head, cloud.split_ffn, w, b)
+        if split.head != "svd":
+            if calibration is None:
+                raise ValueError(f"the {split.head} head needs calibration text")
+            calibrate_head(edge.head, cloud.split_ffn, split.head, w, b, split_inputs(edge, calibration))
     generator = torch.Generator().manual_seed(classifier_seed)
     new_layers = [cloud.classifier] + ([cloud.pooler.dense] if new_head and cloud.pooler.dense is not None else [])
     with torch.no_grad():

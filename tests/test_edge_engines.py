@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bundles import (
-    bundle_batch, export_cached, minilm_options, padded_batch, reference_edge, tiny_options, upstream_gradient,
+    HEADS, bundle_batch, export_cached, head_options, minilm_options, padded_batch, reference_edge, tiny_options,
+    upstream_gradient,
 )
 from families import NEW_FAMILIES, family_model_dir, family_options
 from edge_runtime.engine import EdgeBatch, EdgeEngine, open_engine
@@ -82,11 +83,15 @@ def _check_gradients(root, shapes: list[list[int]], seed: int) -> None:
         assert touched.sum() == batch.shape[1]  # one row per position, none beyond the length
 
 
-@pytest.mark.parametrize("compression", ["rank 8", "vanilla split"])
+@pytest.mark.parametrize("compression", ["vanilla split", *HEADS])
 def test_gradients_equal_torch_for_several_batch_shapes_from_one_export(
     tmp_path_factory, tiny_model_dir, engine_name, compression
 ):
-    options = tiny_options(engine_name) | ({"no_compression": True} if compression == "vanilla split" else {})
+    """Rank 8 with every compression head (``bundles.HEADS``), and the vanilla split."""
+    if compression == "vanilla split":
+        options = tiny_options(engine_name) | {"no_compression": True}
+    else:
+        options = tiny_options(engine_name) | head_options(compression)
     root = export_cached(tmp_path_factory, tiny_model_dir, **options)
     # batch 3 × length 7 and batch 5 × length 13, rows padded differently
     _check_gradients(root, [[7, 2, 5], [13, 1, 9, 13, 4]], seed=0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundles import export_cached, reference_edge
+from bundles import HEADS, export_cached, head_options, reference_edge
 from conftest import movie_reviews_path
 from families import NEW_FAMILIES, family_model_dir, family_options
 from safetensors.torch import load_file
@@ -28,7 +28,7 @@ from cloud_backend.server import serve_cloud
 from edge_runtime.client import CloudClient
 from edge_runtime.data import Columns, infer_label_map, read_table, table_texts
 from edge_runtime.engine import open_engine
-from edge_runtime.tokenize import EdgeTokenizer
+from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import train, training_batches
 from models import CloudPart, EncoderSpec, SplitSpec
 from splitwire.bundle import ENGINES, load_bundle
@@ -51,16 +51,17 @@ def reviews():
     return table_texts(table, columns, labels)
 
 
-# The tiny BERT with each engine; every other family with the default engine (the engines' equality
-# with torch per family is tests/test_edge_engines.py's).
-CASES = [("bert", engine) for engine in ENGINES] + [(family, "onnx") for family in NEW_FAMILIES]
+# The tiny BERT with each engine and each compression head; every other family with the default engine
+# and the paper's head (the engines' equality with torch per family is tests/test_edge_engines.py's).
+CASES = [("bert", engine, head) for head in HEADS for engine in ENGINES]
+CASES += [(family, "onnx", "svd") for family in NEW_FAMILIES]
 
 
 @pytest.fixture(scope="module", params=CASES, ids="-".join)
 def bundle(request, tmp_path_factory, tiny_model_dir):
     """A tiny model with dropout 0.1 (the cloud's RNG matters), split 2, rank 4: the 4-layer BERT with the
     real uncased vocabulary, or another family's checkpoint (``families``) with its own tokenizer."""
-    family, engine = request.param
+    family, engine, head = request.param
     if family != "bert":
         return load_bundle(export_cached(tmp_path_factory, family_model_dir(tmp_path_factory, family),
                                          **family_options(engine)))
@@ -71,7 +72,7 @@ def bundle(request, tmp_path_factory, tiny_model_dir):
         config |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
         (model_dir / "config.json").write_text(json.dumps(config))
     root = export_cached(tmp_path_factory, model_dir, split=2, rank=4, init="random", max_length=48,
-                         lr=SCHEDULE.lr, engine=engine)
+                         lr=SCHEDULE.lr, engine=engine, **head_options(head))
     return load_bundle(root)
 
 
