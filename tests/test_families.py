@@ -34,6 +34,7 @@ HEAD_NAMES = {
     "bert": {"pooler.dense": "bert.pooler.dense", "classifier": "classifier"},
     "roberta": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
     "xlm-roberta": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
+    "camembert": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
     "electra": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
     "distilbert": {"pooler.dense": "pre_classifier", "classifier": "classifier"},
 }
