@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitwire.errors import AuthError
+from splitwire.errors import AuthError, UsageError
 
 TOKENS_ENV = "SFT_CLOUD_TOKENS"
 HASHED = re.compile(r"sha256:([0-9a-f]{64})")
@@ -32,8 +32,10 @@ MIN_TOKEN_CHARS = 16
 _DUMMY = hashlib.sha256(b"no such session").digest()
 
 
-class TokenFileError(ValueError):
+class TokenFileError(UsageError):
     """The token file (or ``SFT_CLOUD_TOKENS``) cannot be used as it is."""
+
+    code = "token_file"
 
 
 def token_digest(token: str) -> bytes:

@@ -28,7 +28,9 @@ from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S
 from cloud_backend.server import (
     DEFAULT_HELLO_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_STATE_BYTES, DEFAULT_SESSION_TTL_S, serve_cloud,
 )
-from splitwire.bundle import BundleError, load_bundle
+from splitwire.bundle import load_bundle
+from splitwire.errors import UsageError
+from splitwire.exit_codes import EPILOG as EXIT_STATUS, exit_code
 from splitwire.protocol import DEFAULT_MAX_BATCH
 
 
@@ -37,8 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="sft-cloud",
         description="Train the cloud half of a split fine-tuning bundle for edge devices that connect over "
                     "websockets. Each session id gets its own copy of the top part and its own optimizer.",
-        epilog="Example: sft-cloud --bundle bundles/minilm-s3-r8 --state-dir runs/cloud-state "
-               "(then point sft-edge at the printed ws:// URL).",
+        epilog="example: sft-cloud --bundle bundles/minilm-s3-r8 --state-dir runs/cloud-state\n"
+               "  (then point sft-edge at the printed ws:// URL)\n\n" + EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory written by sft-export")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
@@ -109,7 +112,7 @@ def check_exposure(args: argparse.Namespace, tokens: TokenStore | None) -> None:
     missing = [what for what, given in (("per-session tokens (--tokens FILE or $" + TOKENS_ENV + ")", tokens),
                                         ("TLS (--tls-cert and --tls-key)", args.tls_cert)) if given is None]
     if missing:
-        raise ValueError(f"--host {args.host} is reachable from the network, but {' and '.join(missing)} "
+        raise UsageError(f"--host {args.host} is reachable from the network, but {' and '.join(missing)} "
                          "are not set; give them, or pass --insecure on a trusted network")
 
 
@@ -146,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    try:
-        asyncio.run(_serve(args))
-    except (BundleError, ValueError, OSError) as exc:  # TokenFileError is a ValueError, SSLError an OSError
-        print(f"sft-cloud: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code("sft-cloud", lambda: asyncio.run(_serve(args)))
 
 
 if __name__ == "__main__":

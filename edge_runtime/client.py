@@ -39,6 +39,7 @@ from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, codec_for
 from splitwire.errors import (
     BundleMismatch, ConfigMismatch, ConnectionLost, ProtocolError, RetryableError, SessionRewound, SplitftError,
+    UsageError,
 )
 from splitwire.protocol import (
     DEFAULT_MAX_BATCH, REPLAYED, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Train,
@@ -84,7 +85,7 @@ def client_tls(url: str, ca_file: Path | None) -> ssl_module.SSLContext | None:
     (else the system's CAs) and its host name; ``ws://`` has none."""
     if not url.startswith("wss://"):
         if ca_file is not None:
-            raise ValueError(f"--ca-file is for wss:// URLs; {url} is not encrypted")
+            raise UsageError(f"--ca-file is for wss:// URLs; {url} is not encrypted")
         return None
     return ssl_module.create_default_context(cafile=ca_file)
 

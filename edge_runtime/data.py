@@ -17,12 +17,16 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from splitwire.errors import UsageError
+
 FORMATS = ("csv", "tsv", "jsonl")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data file is missing, empty or malformed, or a row does not fit the run."""
+
+    code = "data"
 
 
 @dataclass(frozen=True)
@@ -215,9 +219,9 @@ class LabelMap:
 
     def __post_init__(self) -> None:
         if self.task not in ("classification", "regression"):
-            raise ValueError(f"unknown task {self.task!r}")
+            raise UsageError(f"unknown task {self.task!r}")
         if self.task == "classification" and len(self.names) < 2:
-            raise ValueError("classification needs at least two label names")
+            raise UsageError("classification needs at least two label names")
 
     @property
     def num_labels(self) -> int:
@@ -335,7 +339,7 @@ def table_texts(table: Table, columns: Columns, label_map: LabelMap | None = Non
 def holdout_split(n: int, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed-seed split of ``range(n)`` into (train, test) indices, each in ascending order."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"the held-out fraction must lie in (0, 1), got {fraction}")
+        raise UsageError(f"the held-out fraction must lie in (0, 1), got {fraction}")
     n_test = int(round(n * fraction))
     if not 0 < n_test < n:
         raise DataError(f"holding out {fraction:.0%} of {n} rows leaves an empty train or test set")

@@ -49,7 +49,7 @@ from safetensors import safe_open
 
 from edge_runtime.client import CloudClient, client_tls
 from splitwire.bundle import Bundle, load_bundle
-from splitwire.errors import AuthError, BundleMismatch, ConnectionLost, SplitftError
+from splitwire.errors import AuthError, BundleMismatch, ConnectionLost, SplitftError, UsageError
 from splitwire.schedule import Schedule
 
 MIB = 1 << 20
@@ -288,8 +288,10 @@ async def check_cloud(url: str, bundle: Bundle, *, token: str | None, ca_file: P
 # --- the command -------------------------------------------------------------------------------------
 
 
-class NotReady(Exception):
+class NotReady(SplitftError):
     """The doctor found problems; they were printed with their fixes."""
+
+    code = "not_ready"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,7 +312,7 @@ def device_checks(bundle: Bundle, args: argparse.Namespace) -> list[Check]:
     """The checks of this device alone: runtime, cores, memory, disk."""
     length = args.max_length or bundle.max_length
     if args.batch_size < 1 or not 1 <= length <= bundle.max_length:
-        raise ValueError(f"--batch-size must be >= 1 and --max-length within 1..{bundle.max_length}")
+        raise UsageError(f"--batch-size must be >= 1 and --max-length within 1..{bundle.max_length}")
     limit, source = (args.memory_limit, "--memory-limit") if args.memory_limit else memory_available()
     size = EdgeSize.of(bundle)
     return [check_runtime(bundle.manifest["engine"]), check_cpus(),

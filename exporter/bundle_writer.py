@@ -20,10 +20,13 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from splitwire.bundle import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED_KEYS, sha256_file
+from splitwire.errors import SplitftError
 
 
-class ExportError(Exception):
+class ExportError(SplitftError):
     """The export cannot proceed as asked (bad arguments, an existing bundle, no tokenizer…)."""
+
+    code = "export"
 
 
 def check_target(out: Path, *, force: bool) -> None:

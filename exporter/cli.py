@@ -2,7 +2,8 @@
 
 Why it exists: the command-line face of ``exporter.export.export_bundle``. Mistakes the
 user can fix (a split or rank the model cannot take, an existing output directory, no
-tokenizer) end with exit status 2 and one line saying what to change, not a traceback.
+tokenizer) end with one line saying what to change and the exit status every splitft command
+gives it (``splitwire.exit_codes``), not a traceback.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import io
 import sys
 from pathlib import Path
 
-from exporter.bundle_writer import ExportError
 from exporter.export import EXPORT_LOG, export_bundle
 from exporter.progress import library_chatter
 from models.loading import POOLING_CHOICES
 from models.spec import HEADS
 from splitwire.bundle import ENGINES
+from splitwire.exit_codes import EPILOG as EXIT_STATUS, exit_code
 
 
 def _positive_int(text: str) -> int:
@@ -43,7 +44,8 @@ EXAMPLES = """examples:
 A device needs manifest.json and edge/ of the bundle directory; sft-cloud needs manifest.json and cloud/.
 Supported families: BERT (and MiniLM), RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA.
 The torch exporter's own messages go to OUT/export.log (--verbose prints them).
-"""
+
+""" + EXIT_STATUS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     with contextlib.nullcontext() if args.verbose else library_chatter() as chatter:
-        try:
-            out = _export(args, chatter)
-        except ExportError as exc:
-            p.exit(2, f"sft-export: error: {exc}\n")
-    print(out)
-    return 0
+        return exit_code("sft-export", lambda: print(_export(args, chatter)))
 
 
 def _export(args: argparse.Namespace, chatter: io.StringIO | None) -> Path:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from splitwire.errors import SplitftError
+
 FORMAT = "splitft-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -29,8 +31,10 @@ REQUIRED_KEYS = ("format", "format_version", "base_model", "encoder", "split", "
                  "edge", "cloud", "optimizer", "tokenizer", "files")
 
 
-class BundleError(Exception):
+class BundleError(SplitftError):
     """The bundle is missing, incomplete, tampered with, or of another format."""
+
+    code = "bundle"
 
 
 def sha256_file(path: Path) -> str:

@@ -5,6 +5,11 @@ Why it exists: a failure on one side must become the *same* typed exception on t
 registered for that code), and a caller must know without parsing text whether retrying
 can help: ``retryable`` errors (a dropped connection, a busy server) are worth a reconnect,
 the others (a malformed frame, another bundle, a bad token) will fail again.
+
+Every error splitft raises on purpose, on either side and in every command (a bad bundle,
+data file, checkpoint or option), derives from ``SplitftError``, so the commands can turn
+exactly these into one line and an exit code (``splitwire.exit_codes``) and let anything
+else, a bug, keep its traceback.
 """
 
 from __future__ import annotations
@@ -89,6 +94,13 @@ class CheckpointCorrupt(SplitftError):
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+class UsageError(SplitftError, ValueError):
+    """A value the user chose (an option, a file, a file's content) cannot be used; the message says what
+    to change. Raised where it is found; never sent. Also a ``ValueError``, which it is."""
+
+    code = "usage"
 
 
 class RetryableError(SplitftError):

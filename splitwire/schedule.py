@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from splitwire.errors import UsageError
+
 SCHEDULES = ("constant", "linear")
 MAX_LR = 1.0  # far above any fine-tuning rate; beyond it AdamW's steps are no longer small
 MAX_STEPS = 10**9
@@ -26,15 +28,15 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {str(self.kind)[:32]!r}")
+            raise UsageError(f"schedule must be one of {', '.join(SCHEDULES)}, got {str(self.kind)[:32]!r}")
         if not isinstance(self.lr, float) or not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
-            raise ValueError(f"lr must be a number in (0, {MAX_LR:g}], got {str(self.lr)[:32]!r}")
+            raise UsageError(f"lr must be a number in (0, {MAX_LR:g}], got {str(self.lr)[:32]!r}")
         for name in ("warmup_steps", "total_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STEPS:
-                raise ValueError(f"{name} must be a whole number in 0..{MAX_STEPS}, got {str(value)[:32]!r}")
+                raise UsageError(f"{name} must be a whole number in 0..{MAX_STEPS}, got {str(value)[:32]!r}")
         if self.kind == "linear" and self.total_steps <= self.warmup_steps:
-            raise ValueError("a linear schedule needs total_steps > warmup_steps")
+            raise UsageError("a linear schedule needs total_steps > warmup_steps")
 
     def rate(self, step: int) -> float:
         """Learning rate for 1-based training step ``step``."""
@@ -53,6 +55,6 @@ class Schedule:
         """From ``to_dict``'s output, as received: the values must already have their types (no "inf"
         strings, no booleans, no floats for step counts)."""
         if set(data) != {"lr", "kind", "warmup_steps", "total_steps"}:
-            raise ValueError("a schedule has exactly lr, kind, warmup_steps and total_steps")
+            raise UsageError("a schedule has exactly lr, kind, warmup_steps and total_steps")
         lr = data["lr"]
         return cls(float(lr) if type(lr) is int else lr, data["kind"], data["warmup_steps"], data["total_steps"])

@@ -19,6 +19,7 @@ from exporter.bundle_writer import staged_bundle
 from exporter.cli import main
 from models import CloudPart, EncoderSpec, SplitSpec
 from splitwire.bundle import load_bundle
+from splitwire.exit_codes import FAILED, USAGE
 
 SFT_EXPORT = Path(sys.executable).with_name("sft-export")
 
@@ -70,9 +71,7 @@ def test_refuses_to_overwrite_without_force(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(SystemExit) as exit_info:
-        main(_tiny_args(tiny_model_dir, out, split=2))
-    assert exit_info.value.code == 2
+    assert main(_tiny_args(tiny_model_dir, out, split=2)) == FAILED
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
 
@@ -93,19 +92,21 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "code", "message"),
     [
-        ({"split": 5}, "split 5 is outside 1..4 (the model has 4 encoder layers)"),
-        ({"split": 2, "rank": 40}, "rank 40 is outside 1..32"),
-        ({"split": 2, "max_length": 500}, "max_length 500 exceeds the model's 128 positions"),
-        ({"split": 0}, "argument --split: must be a positive integer"),
-        ({"split": 2, "rank": 4, "no_compression": True}, "not allowed with argument"),
+        ({"split": 5}, FAILED, "split 5 is outside 1..4 (the model has 4 encoder layers)"),
+        ({"split": 2, "rank": 40}, FAILED, "rank 40 is outside 1..32"),
+        ({"split": 2, "max_length": 500}, FAILED, "max_length 500 exceeds the model's 128 positions"),
+        ({"split": 0}, USAGE, "argument --split: must be a positive integer"),
+        ({"split": 2, "rank": 4, "no_compression": True}, USAGE, "not allowed with argument"),
     ],
 )
-def test_bad_arguments_are_clear_cli_errors(tiny_model_dir, tmp_path, capsys, options, message):
-    with pytest.raises(SystemExit) as exit_info:
-        main(cli_args(tiny_model_dir, tmp_path / "out", init="random", **options))
-    assert exit_info.value.code == 2
+def test_bad_arguments_are_clear_cli_errors(tiny_model_dir, tmp_path, capsys, options, code, message):
+    try:
+        returned = main(cli_args(tiny_model_dir, tmp_path / "out", init="random", **options))
+    except SystemExit as exc:  # argparse's usage errors
+        returned = exc.code
+    assert returned == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -114,7 +115,7 @@ def test_bad_arguments_are_clear_cli_errors(tiny_model_dir, tmp_path, capsys, op
 def test_the_installed_command_reports_a_bad_split_without_a_traceback(tiny_model_dir, tmp_path):
     done = subprocess.run([str(SFT_EXPORT), *_tiny_args(tiny_model_dir, tmp_path / "out", split=9)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 2
+    assert done.returncode == FAILED
     assert "sft-export: error: split 9 is outside 1..4" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -123,9 +124,7 @@ def test_random_init_without_a_tokenizer_says_to_pass_one(tmp_path, tiny_model_d
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     (config_only / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
-    with pytest.raises(SystemExit) as exit_info:
-        main(_tiny_args(config_only, tmp_path / "out", split=2))
-    assert exit_info.value.code == 2
+    assert main(_tiny_args(config_only, tmp_path / "out", split=2)) == FAILED
     assert "pass --tokenizer" in capsys.readouterr().err
     assert main(_tiny_args(config_only, tmp_path / "out", split=2, tokenizer=tiny_model_dir)) == 0
     assert load_bundle(tmp_path / "out").manifest["tokenizer"]["pad_token"] == "[PAD]"

@@ -22,6 +22,7 @@ from models import SplitSpec, build_split, load_encoder
 from models.fidelity import fidelity_report
 from models.healing import heal
 from models.heads import original_split_ffn, split_inputs
+from splitwire.exit_codes import FAILED
 
 ROWS = 96
 
@@ -92,10 +93,9 @@ def test_healing_moves_the_split_layer_toward_the_original(minilm, calibration):
 
 def _export(tmp_path, tiny_model_dir, **options) -> tuple[int, str]:
     out = tmp_path / "bundle"
-    with pytest.raises(SystemExit) as exit_info:
-        export_main(cli_args(tiny_model_dir, out, split=3, rank=8, init="random", max_length=32, **options))
+    code = export_main(cli_args(tiny_model_dir, out, split=3, rank=8, init="random", max_length=32, **options))
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))  # no bundle, no staging left behind
-    return exit_info.value.code
+    return code
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "blank lines", "not UTF-8", "a directory", "no column"])
@@ -119,12 +119,12 @@ def test_export_with_a_bad_calibration_file_fails_clearly_and_writes_no_bundle(
     message = capsys.readouterr().err
     expected = {"missing": "no such file", "empty": "no text in it", "blank lines": "no text in it",
                 "not UTF-8": "not UTF-8", "a directory": "not a file", "no column": "'text'"}[problem]
-    assert code == 2 and "--calibration-text" in message and expected in message, message
+    assert code == FAILED and "--calibration-text" in message and expected in message, message
 
 
 @pytest.mark.parametrize("options", [{"head": "principal"}, {"heal_steps": 10}])
 def test_calibrated_heads_and_healing_need_calibration_text(tmp_path, tiny_model_dir, capsys, options):
-    assert _export(tmp_path, tiny_model_dir, **options) == 2
+    assert _export(tmp_path, tiny_model_dir, **options) == FAILED
     assert "needs --calibration-text FILE" in capsys.readouterr().err
 
 
