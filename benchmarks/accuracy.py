@@ -270,9 +270,10 @@ def _findings(rows: list[dict]) -> list[str]:
         measured = [r for r in sft if r["split_cos"] is not None]
         if len(measured) >= 3:
             acc = [r["accuracy"] for r in measured]
+            rho = [spearman([r[key] for r in measured], acc) for key in ("split_cos", "pooled_cos")]
             line += (f" Spearman rank correlation of fidelity with accuracy over its {len(measured)} SFT variants: "
-                     f"split layer cosine {spearman([r['split_cos'] for r in measured], acc):+.2f}, "
-                     f"pooled cosine {spearman([r['pooled_cos'] for r in measured], acc):+.2f}.")
+                     + ("undefined (all have one accuracy or one fidelity)" if np.isnan(rho).any() else
+                        f"split layer cosine {rho[0]:+.2f}, pooled cosine {rho[1]:+.2f}") + ".")
         out.append(line)
     return out
 

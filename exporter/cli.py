@@ -38,7 +38,7 @@ EXAMPLES = """examples:
   sft-export --model bert-base-uncased --init random --tokenizer ./minilm --split 4 --out bundles/bert-dims
       (offline: bert-base dims with random weights; any uncased BERT vocabulary as tokenizer)
   sft-export --model bert-base-uncased --split 4 --no-compression --out bundles/vanilla   (the baseline)
-  sft-export --model bert-base-uncased --split 4 --head principal --calibration-text public.txt --heal-steps 300 \
+  sft-export --model bert-base-uncased --split 4 --head principal --calibration-text public.txt --heal-steps 300 \\
       --out bundles/principal   (a calibrated head, healed; public text only, never the fine-tuning data)
 
 A device needs manifest.json and edge/ of the bundle directory; sft-cloud needs manifest.json and cloud/.

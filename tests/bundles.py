@@ -73,19 +73,20 @@ def tiny_options(engine: str) -> dict[str, Any]:
     return dict(split=3, rank=8, init="random", max_length=32, engine=engine)
 
 
-# Every compression head, as sft-export options; the calibrated ones read public text (``calibration_text_path``).
-HEADS = ("svd", "activation-svd", "principal", "principal healed")
+# Every compression head, as sft-export options (named as in benchmarks/accuracy.py); the calibrated ones read
+# public text (``calibration_text_path``).
+HEADS = ("svd", "activation-svd", "principal", "principal+heal")
 
 
 def head_options(head: str) -> dict[str, Any]:
-    """``sft-export`` options for ``head`` (``HEADS``): ``"principal healed"`` adds 20 steps of healing."""
+    """``sft-export`` options for ``head`` (``HEADS``): ``"principal+heal"`` adds 20 steps of healing."""
     from conftest import calibration_text_path
 
     if head == "svd":
         return {}
-    kind, _, healed = head.partition(" ")
+    kind = head.removesuffix("+heal")
     options = dict(head=kind, calibration_text=calibration_text_path(), calibration_column="text")
-    return options | ({"heal_steps": 20} if healed else {})
+    return options | ({"heal_steps": 20} if head.endswith("+heal") else {})
 
 
 def copy_bundle(bundle: Path, to: Path) -> Path:
