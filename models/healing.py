@@ -23,7 +23,8 @@ TOKENS_PER_STEP = 1024
 
 
 def heal(model: SplitModel, original_ffn: FeedForward, h: torch.Tensor, *, steps: int, seed: int = 0,
-         lr: float = HEAL_LR, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+         lr: float = HEAL_LR, tokens_per_step: int = TOKENS_PER_STEP,
+         on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Distil ``model``'s head + split FFN toward ``original_ffn`` on tokens ``h``; the per-step MSE losses."""
     head, ffn = model.edge.head, model.cloud.split_ffn
     if head is None:
@@ -37,7 +38,7 @@ def heal(model: SplitModel, original_ffn: FeedForward, h: torch.Tensor, *, steps
     ffn.eval()  # no dropout: the target is the deterministic layer
     losses = []
     for step in range(steps):
-        idx = torch.randint(0, len(h), (min(TOKENS_PER_STEP, len(h)),), generator=generator)
+        idx = torch.randint(0, len(h), (min(tokens_per_step, len(h)),), generator=generator)
         loss = F.mse_loss(ffn(head(h[idx])), target[idx])
         optimizer.zero_grad()
         loss.backward()
