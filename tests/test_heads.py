@@ -143,3 +143,14 @@ def test_manifest_records_the_fidelity_report(tmp_path, tiny_model_dir):
     assert section["fidelity_before_healing"]["split_output"] == exact
     assert section["fidelity_before_healing"]["pooled"] == exact
     assert section["fidelity"]["rows"] == 16 and -1.0 <= section["fidelity"]["split_output"]["cosine"] <= 1.0
+
+
+
+def test_split_spec_names_its_head_and_old_manifests_mean_the_papers(minilm):
+    old = {"split": 3, "rank": 8, "num_labels": 2, "link_elimination": True}
+    assert SplitSpec.from_dict(old).head == "svd" and not SplitSpec.from_dict(old).rebuilds_residual
+    assert SplitSpec.from_dict(old | {"head": "principal"}).rebuilds_residual
+    with pytest.raises(ValueError, match="compression head 'pca' is not known"):
+        SplitSpec(3, 8, 2, head="pca").validate(minilm.spec)
+    with pytest.raises(ValueError, match="needs a rank"):
+        SplitSpec(3, None, 2, link_elimination=False, head="principal").validate(minilm.spec)
