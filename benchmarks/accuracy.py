@@ -345,7 +345,8 @@ def main() -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=["movie-reviews", "tweets"], choices=list(DATASETS),
+                        help="tasks (default the two binary ones; tweets-5: the tweets in 5 sentiment classes)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--codecs", nargs="+", default=["fp16", "int8+sr+packed", "int8-channel+sr+packed"])
