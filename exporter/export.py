@@ -20,6 +20,7 @@ from exporter.calibration import Calibration, describe_source, heal_and_measure,
 from exporter.progress import Log, stderr_log, timed
 from models import EDGE_INPUTS, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
 from models.loading import unreachable_message
+from models.split import has_fine_tuned_head
 from splitwire.bundle import ENGINES
 
 # Each engine's builder: write_edge_files(edge, *, out_dir, frozen, optimizer, max_length, log) -> role → path.
@@ -90,6 +91,8 @@ def export_bundle(
         log("no fidelity report: it needs --calibration-text")
     tables = [name for name in EMBEDDING_TABLES if name in split_model.edge.state_dict()]  # DistilBERT: no token types
     frozen = tables if freeze_embeddings else []
+    log("classifier: the checkpoint's fine-tuned head" if has_fine_tuned_head(split_model.cloud, loaded.weights)
+        else f"classifier: new, {spec.num_labels} outputs")
     optimizer = {"name": "adamw", "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay}
     with staged_bundle(out, force=force) as root:
         with timed(log, f"building the {engine} edge files"):

@@ -7,7 +7,8 @@ another family is one more small ``Adapter`` registered in ``ADAPTERS``.
 
 Canonical names: ``embeddings.{word,position,token_type,norm,project}.*``,
 ``layers.{i}.attention.{query,key,value,output,norm}.*``,
-``layers.{i}.ffn.{dense_in,dense_out,norm}.*``, ``pooler.dense.*``.
+``layers.{i}.ffn.{dense_in,dense_out,norm}.*``, ``pooler.dense.*`` (BERT's pooler, or a
+fine-tuned head's dense layer), ``classifier.*`` (a fine-tuned head's classifier).
 """
 
 from __future__ import annotations
@@ -122,13 +123,19 @@ def _bert_layout(prefix: str, *, pooler: bool) -> tuple[tuple[str, str], ...]:
     ) + (((p + r"pooler\.dense\.", "pooler.dense."),) if pooler else ())
 
 
+# A fine-tuned sequence-classification head: the dense layer before the classifier (RoBERTa's and
+# ELECTRA's ``classifier.dense``, DistilBERT's ``pre_classifier``; BERT's is its pooler) and the classifier.
+_BERT_HEAD = ((r"^classifier\.", "classifier."),)
+_ROBERTA_HEAD = ((r"^classifier\.dense\.", "pooler.dense."), (r"^classifier\.out_proj\.", "classifier."))
+_DISTIL_HEAD = ((r"^pre_classifier\.", "pooler.dense."), (r"^classifier\.", "classifier."))
+
 _DISTIL_LAYER = r"^(?:distilbert\.)?transformer\.layer\.(\d+)\."
-BERT = Adapter(spec_from_config=_bert_spec, renames=_bert_layout("bert.", pooler=True))
-ROBERTA = Adapter(spec_from_config=_roberta_spec, renames=_bert_layout("roberta.", pooler=False))
-ELECTRA = Adapter(spec_from_config=_electra_spec, renames=_bert_layout("electra.", pooler=False))
+BERT = Adapter(spec_from_config=_bert_spec, renames=_bert_layout("bert.", pooler=True) + _BERT_HEAD)
+ROBERTA = Adapter(spec_from_config=_roberta_spec, renames=_bert_layout("roberta.", pooler=False) + _ROBERTA_HEAD)
+ELECTRA = Adapter(spec_from_config=_electra_spec, renames=_bert_layout("electra.", pooler=False) + _ROBERTA_HEAD)
 DISTILBERT = Adapter(
     spec_from_config=_distilbert_spec,
-    renames=(
+    renames=_DISTIL_HEAD + (
         (r"^(?:distilbert\.)?embeddings\.word_embeddings\.", "embeddings.word."),
         (r"^(?:distilbert\.)?embeddings\.position_embeddings\.", "embeddings.position."),
         (r"^(?:distilbert\.)?embeddings\.LayerNorm\.", "embeddings.norm."),

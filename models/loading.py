@@ -4,9 +4,11 @@ Why it exists: ``sft-export`` and the in-process baselines both start from "a mo
 this is the one place that talks to ``transformers`` to turn that into an
 ``EncoderSpec`` plus canonical weights. ``init="random"`` builds the architecture from its
 config (a hub id, a local directory, or a built-in preset) so bert-base-sized
-measurements work without downloading weights. The pooling follows the checkpoint: a
-sentence-transformers checkpoint whose ``1_Pooling/config.json`` asks for mean pooling
-gets it; otherwise the family's own classification head (``models.adapters``).
+measurements work without downloading weights. A fine-tuned sequence-classification
+checkpoint keeps its head (the classifier and the dense layer before it). The pooling
+follows the checkpoint: a sentence-transformers checkpoint whose ``1_Pooling/config.json``
+asks for mean pooling gets it; otherwise the family's own classification head
+(``models.adapters``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def load_encoder(model: str, *, init: str = "pretrained", revision: str | None =
     ``pooling``: ``auto`` (what the checkpoint says, see the module docstring), ``cls`` (the
     family's classification head on the first token) or ``mean`` (over the real tokens).
     """
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
@@ -73,7 +75,8 @@ def load_encoder(model: str, *, init: str = "pretrained", revision: str | None =
     if pooling == "mean" or pooling == "auto" and sentence_transformers_pooling(model, revision) == "mean":
         spec = dataclasses.replace(spec, pooling="mean")
     if init == "pretrained":
-        hf = AutoModel.from_pretrained(model, revision=revision, attn_implementation="eager")
+        auto = AutoModelForSequenceClassification if _is_sequence_classifier(config) else AutoModel
+        hf = auto.from_pretrained(model, revision=revision, attn_implementation="eager")
         revision = revision or getattr(config, "_commit_hash", None)
     else:
         torch.manual_seed(seed)
@@ -81,6 +84,11 @@ def load_encoder(model: str, *, init: str = "pretrained", revision: str | None =
     weights = adapter.canonical_weights(hf.state_dict())
     source = {"id": model, "revision": revision, "init": init, "weights_sha256": weights_digest(weights)}
     return LoadedEncoder(spec, weights, source, float(getattr(config, "initializer_range", 0.02)))
+
+
+def _is_sequence_classifier(config) -> bool:
+    """A fine-tuned ``…ForSequenceClassification`` checkpoint: its head comes along (``models.split.build_split``)."""
+    return any(name.endswith("ForSequenceClassification") for name in getattr(config, "architectures", None) or [])
 
 
 def sentence_transformers_pooling(model: str, revision: str | None = None) -> str | None:

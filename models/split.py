@@ -167,8 +167,10 @@ def build_split(
     compression head (edge) and decompression (cloud); the calibrated heads
     (``split.head``, ``models.heads``) are fitted instead to the split layer's input on the
     ``calibration`` batches (``EDGE_INPUTS`` → tensors of public text, never training data).
-    The classifier is new, drawn from ``N(0, initializer_range)`` with ``classifier_seed``,
-    as Hugging Face initialises it.
+    The classifier (and a family's new pooling layer, ``models.blocks.Pooler``) is the
+    checkpoint's own when ``weights`` hold a fine-tuned head of this shape and the family's
+    pooling is kept; otherwise it is new, drawn from ``N(0, initializer_range)`` with
+    ``classifier_seed``, as Hugging Face initialises it.
     """
     split.validate(encoder)
     k = split.split - 1  # index of the split layer
@@ -183,6 +185,7 @@ def build_split(
                   "split_ffn.norm.": f"layers.{k}.ffn.norm.", "split_ffn.dense_in.": f"layers.{k}.ffn.dense_in."}
     new_head = encoder.pooling != "cls-pooler"
     _load(cloud, weights, cloud_map, _DERIVED + _NEW_HEAD if new_head else _DERIVED)
+    fine_tuned = has_fine_tuned_head(cloud, weights)
     if split.compressed:
         w, b = weights[f"layers.{k}.ffn.dense_in.weight"], weights[f"layers.{k}.ffn.dense_in.bias"]
         factorise_into(edge.head, cloud.split_ffn, w, b)
@@ -191,12 +194,29 @@ def build_split(
                 raise ValueError(f"the {split.head} head needs calibration text")
             calibrate_head(edge.head, cloud.split_ffn, split.head, w, b, split_inputs(edge, calibration))
     generator = torch.Generator().manual_seed(classifier_seed)
-    new_layers = [cloud.classifier] + ([cloud.pooler.dense] if new_head and cloud.pooler.dense is not None else [])
+    head_layers = {"classifier.": cloud.classifier}
+    if new_head and cloud.pooler.dense is not None:
+        head_layers["pooler.dense."] = cloud.pooler.dense
     with torch.no_grad():
-        for layer in new_layers:
-            layer.weight.normal_(0.0, initializer_range, generator=generator)
-            layer.bias.zero_()
+        for prefix, layer in head_layers.items():
+            if fine_tuned:
+                layer.load_state_dict({n: weights[prefix + n] for n in ("weight", "bias")})
+            else:
+                layer.weight.normal_(0.0, initializer_range, generator=generator)
+                layer.bias.zero_()
     return SplitModel(edge, cloud)
+
+
+def has_fine_tuned_head(cloud: "CloudPart", weights: dict[str, torch.Tensor]) -> bool:
+    """Whether ``weights`` hold a sequence-classification head that fits ``cloud``: a classifier of its
+    shape and, for a family whose head has its own dense layer, that layer (mean pooling has none: a
+    head fine-tuned on the first token's vector would not fit the mean)."""
+    if cloud.pooler.mode == "mean":
+        return False
+    needed = {"classifier.weight": cloud.classifier.weight.shape}
+    if cloud.pooler.mode != "cls-pooler":
+        needed["pooler.dense.weight"] = cloud.pooler.dense.weight.shape
+    return all(name in weights and weights[name].shape == shape for name, shape in needed.items())
 
 
 def build_full(

@@ -23,21 +23,14 @@ from bundles import export_cached
 from edge_runtime.tokenizer import EdgeTokenizer
 from exporter.cli import main
 from models import SplitSpec, build_split, load_encoder
+from models.split import has_fine_tuned_head
 from splitwire.bundle import load_bundle
+from splitwire.exit_codes import FAILED
 
 TOL = 1e-5
 TEXTS = ["A gorgeous, witty and moving film.", "Tedious.", "The cast is fine, but the script never finds its footing."]
 PAIRS = ["One of the best films of the year.", "Far too long, and the ending falls flat on its face.", "Fine."]
 SFT_EXPORT = Path(sys.executable).with_name("sft-export")
-# Our head's layers → the Hugging Face sequence-classification model's, per family.
-HEAD_NAMES = {
-    "bert": {"pooler.dense": "bert.pooler.dense", "classifier": "classifier"},
-    "roberta": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
-    "xlm-roberta": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
-    "camembert": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
-    "electra": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
-    "distilbert": {"pooler.dense": "pre_classifier", "classifier": "classifier"},
-}
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -69,17 +62,14 @@ def test_edge_tokenizer_encodes_texts_and_pairs_as_hugging_face(tmp_path_factory
 
 @torch.no_grad()
 def test_full_rank_split_with_the_residual_equals_hugging_face(tmp_path_factory, family):
-    """Split 2 of 3, SVD at full rank, residual link kept: hidden states and logits are HF's."""
+    """Split 2 of 3, SVD at full rank, residual link kept: hidden states and logits are HF's (the
+    checkpoint's fine-tuned head comes along)."""
     family_dir = family_model_dir(tmp_path_factory, family)
     loaded = load_encoder(str(family_dir))
     spec = loaded.spec
     full_rank = min(spec.hidden_size, spec.intermediate_size)
     model = build_split(spec, loaded.weights, SplitSpec(2, full_rank, 2, link_elimination=False)).eval()
     hf = AutoModelForSequenceClassification.from_pretrained(family_dir, attn_implementation="eager").eval()
-    ours = dict(model.cloud.named_modules())
-    theirs = dict(hf.named_modules())
-    for our_name, hf_name in HEAD_NAMES[family].items():  # the same new head on both sides
-        theirs[hf_name].load_state_dict(ours[our_name].state_dict())
 
     batch, _ = _edge_tokenizer(family_dir, spec).encode(TEXTS, PAIRS)
     feeds = {k: torch.from_numpy(v) for k, v in batch.feeds().items()}
@@ -97,6 +87,14 @@ def test_full_rank_split_with_the_residual_equals_hugging_face(tmp_path_factory,
     assert (seen["last"][real] - want.hidden_states[-1][real]).abs().max() <= TOL
     assert (logits - want.logits).abs().max() <= TOL
     assert logits.abs().max() > 10 * TOL  # not vacuous: the head is not zero
+
+
+def test_a_head_of_another_shape_is_drawn_new(tmp_path_factory, family):
+    loaded = load_encoder(str(family_model_dir(tmp_path_factory, family)))  # fine-tuned with 2 labels
+    model = build_split(loaded.spec, loaded.weights, SplitSpec(2, 4, 3))
+    assert has_fine_tuned_head(build_split(loaded.spec, loaded.weights, SplitSpec(2, 4, 2)).cloud, loaded.weights)
+    assert not has_fine_tuned_head(model.cloud, loaded.weights)
+    assert not model.cloud.classifier.bias.detach().any()  # zeros, Hugging Face's initialisation
 
 
 @pytest.mark.parametrize("engine", ["onnx", "ort-training"])
@@ -143,10 +141,8 @@ def test_a_sentence_transformers_checkpoint_exports_with_mean_pooling(tmp_path_f
 def test_an_unsupported_family_is_refused_naming_the_supported_ones(tmp_path_factory, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     tokenizer = family_model_dir(tmp_path_factory, "bert")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(tmp_path), "--split", "1", "--init", "random", "--tokenizer", str(tokenizer),
-              "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
+    assert main(["--model", str(tmp_path), "--split", "1", "--init", "random", "--tokenizer", str(tokenizer),
+                 "--out", str(tmp_path / "out")]) == FAILED
     err = capsys.readouterr().err
     assert "architecture 'gpt2' is not supported" in err and "Traceback" not in err
     assert all(name in err for name in ("bert", "roberta", "xlm-roberta", "distilbert", "electra"))
@@ -156,6 +152,6 @@ def test_a_hub_id_offline_without_a_cache_names_the_id(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([str(SFT_EXPORT), "--model", "roberta-base", "--split", "2", "--out", str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.returncode == FAILED and "Traceback" not in done.stderr
     assert "'roberta-base' is not a local directory and is not in the Hugging Face cache" in done.stderr
     assert "HF_HUB_OFFLINE=1" in done.stderr
