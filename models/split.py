@@ -45,13 +45,8 @@ class EdgePart(nn.Module):
         h = self.split_input(input_ids, attention_mask, token_type_ids, position_ids)
         return h if self.head is None else self.head(h)
 
-    def split_input(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-    ) -> torch.Tensor:
+    def split_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                    position_ids: torch.Tensor) -> torch.Tensor:
         """``h``: the split layer's attention output, the FFN input the compression head reads."""
         bias = attention_bias(attention_mask, self.embeddings.norm.weight.dtype)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
