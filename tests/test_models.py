@@ -136,3 +136,12 @@ def test_random_init_preset_builds_bert_base_dims_offline():
 def test_spec_round_trips_through_json():
     spec = EncoderSpec(30522, 32, 4, 4, 64, 128, 2, 1e-12, "gelu", 0, 0.1, 0.1)
     assert EncoderSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_a_manifest_written_before_the_family_fields_reads_as_bert():
+    spec = EncoderSpec(30522, 32, 4, 4, 64, 128, 2, 1e-12, "gelu", 0, 0.1, 0.1)
+    older = {k: v for k, v in spec.to_dict().items()
+             if k not in ("pooling", "head_dropout", "position_offset", "embedding_size")}
+    assert EncoderSpec.from_dict(older) == spec and spec.pooling == "cls-pooler" and spec.positions == 128
+    with pytest.raises(KeyError, match="vocab_size"):  # a field without a default stays required
+        EncoderSpec.from_dict({k: v for k, v in older.items() if k != "vocab_size"})
