@@ -1,6 +1,6 @@
 """Edge cost of one training step: the ``onnx`` engine, the ``ort-training`` engine and plain PyTorch.
 
-Why it exists: issue 7 asks whether the portable engine (ahead-of-time forward/backward
+Why it exists: it answers whether the portable engine (ahead-of-time forward/backward
 graphs on plain onnxruntime, numpy AdamW) is cheaper than onnxruntime-training's two-pass
 step and no heavier than PyTorch. Each measurement is a fresh child process that loads its
 engine, runs one warm-up step and then ``--steps`` timed steps of forward → backward(dz) →
@@ -162,18 +162,19 @@ def _torch_step(bundle_root: Path, feeds: tuple[np.ndarray, ...], threads: int):
 
     from models import EdgePart, EncoderSpec, SplitSpec
     from splitwire.bundle import load_bundle
+    from splitwire.manifest import WEIGHTS
 
     torch.set_num_threads(threads)
     bundle = load_bundle(bundle_root, parts=["edge"])
     edge = EdgePart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split))
-    edge.load_state_dict({n: torch.from_numpy(a) for n, a in load_file(str(bundle.edge_file("weights"))).items()})
-    frozen = set(bundle.manifest["edge"]["frozen"])
+    edge.load_state_dict({n: torch.from_numpy(a) for n, a in load_file(str(bundle.edge_file(WEIGHTS))).items()})
+    frozen = set(bundle.manifest.edge.frozen)
     for name, parameter in edge.named_parameters():
         parameter.requires_grad_(name not in frozen)
-    settings = bundle.manifest["optimizer"]
+    settings = bundle.manifest.optimizer
     trained = [p for p in edge.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=settings["lr"], betas=tuple(settings["betas"]),
-                                  eps=settings["eps"], weight_decay=settings["weight_decay"])
+    optimizer = torch.optim.AdamW(trained, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                  weight_decay=settings.weight_decay)
     inputs = [torch.from_numpy(a) for a in feeds]
     dz = torch.from_numpy(np.random.default_rng(1).standard_normal((*feeds[0].shape, bundle.wire_width))
                           .astype(np.float32))

@@ -1,6 +1,6 @@
 """Many devices, one cloud: training steps per second and the cloud's memory as edges are added.
 
-Why it exists: issue 6 asks what one ``sft-cloud`` process sustains. For each count of
+Why it exists: it measures what one ``sft-cloud`` process sustains. For each count of
 devices N, a fresh ``sft-cloud`` child process (one compute thread, CPU) serves N sessions
 that train at once; the N edges are real ORT engines in this process, each driving the
 trainer's ``train`` loop through its own connection (``tests/cloud_harness.py``, the same

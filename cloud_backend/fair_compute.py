@@ -3,7 +3,7 @@
 Why it exists: the cloud trains and predicts on one worker thread (one GPU stream), so that
 each session's generator swaps never race and steps stay deterministic. In plain FIFO order
 a few sessions looping large PREDICT batches make every other session wait behind all of
-their jobs (4 such loops slowed a training session 5×). Here each session's compute
+their jobs (tests/test_fair_compute.py shows it). Here each session's compute
 seconds are counted, decaying with a half-life of ``HALF_LIFE_S``, and the waiting job of
 the session that has used the least runs next (ties: first come). A session that asks for
 little, such as one training at a small batch, passes the hogs and waits for at most the

@@ -12,15 +12,15 @@ from safetensors.torch import load_file
 
 from models import CloudPart, EncoderSpec, SplitSpec
 from splitwire.bundle import Bundle, BundleError
+from splitwire.manifest import WEIGHTS
 
 
 def load_cloud_part(bundle: Bundle, *, device: torch.device) -> CloudPart:
     """A fresh ``CloudPart`` with the bundle's initial weights, in training mode, on ``device``."""
-    cloud = bundle.manifest["cloud"]
     try:
         model = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split),
-                          dropout=bool(cloud["dropout"]))
-        model.load_state_dict(load_file(bundle.path(cloud["files"]["weights"])))
+                          dropout=bundle.manifest.cloud.dropout)
+        model.load_state_dict(load_file(bundle.cloud_file(WEIGHTS)))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise BundleError(f"bundle {bundle.root} has no usable cloud half: {str(exc)[:500]}") from None
     return model.to(device).train()

@@ -21,6 +21,7 @@ from typing import ClassVar
 import numpy as np
 
 from splitwire.bundle import Bundle, BundleError
+from splitwire.manifest import EDGE_INPUTS
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,8 @@ class EdgeBatch:
     position_ids: np.ndarray
 
     def feeds(self) -> dict[str, np.ndarray]:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "token_type_ids": self.token_type_ids,
-            "position_ids": self.position_ids,
-        }
+        """By the graphs' input names (``splitwire.manifest.EDGE_INPUTS``, which these fields are)."""
+        return {name: getattr(self, name) for name in EDGE_INPUTS}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -145,7 +142,7 @@ ENGINE_MODULES = {"ort-training": "edge_runtime.engines.ort_training", "onnx": "
 
 def open_engine(bundle: Bundle, *, threads: int | None = None) -> EdgeEngine:
     """The engine the bundle was exported for, initialised from the bundle's weights."""
-    name = bundle.manifest["engine"]
+    name = bundle.manifest.engine
     module = importlib.import_module(ENGINE_MODULES[name])
     try:
         return module.Engine(bundle, threads=threads)

@@ -3,8 +3,9 @@
 Why it exists: with the ``onnxruntime-training`` build, ``import onnxruntime`` runs a
 package check that imports ``onnxruntime.training.ortmodule`` (hence torch, when installed),
 and ``onnxruntime.training``'s own ``__init__`` imports torch-dependent modules, so
-``import onnxruntime.training.api`` fails without torch (upstream issue 22070) and pulls
-torch in with it. The edge must never load torch. The route (DESIGN.md): mark
+``import onnxruntime.training.api`` fails without torch (onnxruntime's GitHub issue 22070)
+and pulls torch in with it. The edge must never load torch. The route, which
+tests/test_bundle.py runs in a process where torch cannot load: mark
 ``ortmodule`` as absent, register an empty ``onnxruntime.training`` package whose search
 path is the real directory (its ``__init__`` never runs), then import ``.api`` from it,
 which needs only numpy and the compiled core.

@@ -44,8 +44,8 @@ class EdgeTokenizer:
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "EdgeTokenizer":
         """From the manifest's ``tokenizer`` section: ``file`` and ``pad_id``; ``max_length`` is the bundle's."""
-        settings = bundle.manifest["tokenizer"]
-        return cls(bundle.path(settings["file"]), max_length=bundle.max_length, pad_id=int(settings["pad_id"]),
+        settings = bundle.manifest.tokenizer
+        return cls(bundle.path(settings.file), max_length=bundle.max_length, pad_id=settings.pad_id,
                    token_types=int(bundle.encoder["type_vocab_size"]) > 1)
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> tuple[EdgeBatch, np.ndarray]:

@@ -3,7 +3,7 @@
 Why it exists: onnxruntime-training is deprecated (no aarch64 or Python ≥ 3.12 wheels) and
 cannot back-propagate an upstream gradient, so its step recomputes the forward. Plain,
 maintained onnxruntime runs a training step if the edge part's forward and backward are
-two ordinary ONNX graphs (issue 7):
+two ordinary ONNX graphs:
 
 - ``edge/forward.onnx``: parameters + ``EDGE_INPUTS`` → ``z`` and the activations the
   backward needs (``saved.N``);
@@ -11,8 +11,8 @@ two ordinary ONNX graphs (issue 7):
   reads, and ``dz`` (``dL/dz``) → ``grad.<name>`` for every trainable parameter (a frozen
   parameter gets no gradient and none of its work is in the graph);
 - ``edge/infer.onnx``: the forward with ``z`` as its only output, for evaluation, so that
-  no activation outlives its last use (the saved activations of a training forward are
-  192 MiB at bert-base split 4, batch 8 × 128, and grow with the batch).
+  no activation outlives its last use (the saved activations of a training forward grow
+  with the batch).
 
 How: AOTAutograd traces the joint forward+backward of ``EdgePart`` once (through
 ``torch.compile`` with a backend that only captures), decomposing to the ATen operators
@@ -32,11 +32,10 @@ tensors only. Because a shape-specialised graph would be silently wrong at other
 the export runs the graphs with onnxruntime at a second shape (``max_length``, with
 padding) and compares ``z`` and every gradient with PyTorch autograd.
 
-Cost of that choice, measured at bert-base dims, split 4, rank 8 (``benchmarks/edge_engines.py``):
-the three graph files are 272 + 430 + 256 KiB, shape-independent; building them took 39–72 s
-on a loaded 2-core machine (the symbolic trace dominates; ort-training's files, 8 s); a step costs what its
-own shape costs: an 8 × 96 batch takes 0.75× the CPU time of an 8 × 128 one, where a
-128-token bucket would charge the full 1×.
+Cost of that choice: the graph files are small and shape-independent, the export is slower
+than ort-training's (the symbolic trace dominates), and a step costs what its own shape
+costs, where a bucket would charge its full length (``benchmarks/edge_engines.py`` measures
+the steps, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -55,10 +54,11 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec
 from torch.export.graph_signature import TensorArgument
 
-from edge_runtime.engines.onnx_engine import BACKWARD_ROLE, DZ, FORWARD_ROLE, GRAD, INFER_ROLE, SAVED, Z, AotGraphs
-from models import EDGE_INPUTS, EdgePart
+from edge_runtime.engines.onnx_engine import AotGraphs
+from models import EdgePart
+from splitwire.manifest import BACKWARD, DZ, EDGE_DIR, EDGE_INPUTS, ENGINE_FILES, FORWARD, GRAD, INFER, SAVED, Z
 
-FILES = {FORWARD_ROLE: "edge/forward.onnx", BACKWARD_ROLE: "edge/backward.onnx", INFER_ROLE: "edge/infer.onnx"}
+FILES = ENGINE_FILES["onnx"]
 CAPTURE_SHAPE = (2, 3)  # B ≠ L, both > 1: sizes 0 and 1 would be specialised, equal sizes merged
 CHECK_ROWS = 3
 CHECK_TOLERANCE = 1e-3  # gross-error check: max |ort − torch| ≤ tol · max |torch| (+ tol · gradient scale)
@@ -79,9 +79,9 @@ def write_edge_files(
     capture = capture_graphs(edge, frozen=frozen, decompositions=translator.decompositions)
     log(f"captured forward ({len(capture.forward.graph.nodes)} nodes) and backward "
         f"({len(capture.backward.graph.nodes)} nodes) with symbolic batch and length")
-    (out_dir / "edge").mkdir(parents=True, exist_ok=True)
-    graphs = {FORWARD_ROLE: forward_graph(capture, saved=True), BACKWARD_ROLE: backward_graph(capture),
-              INFER_ROLE: forward_graph(capture, saved=False)}
+    (out_dir / EDGE_DIR).mkdir(parents=True, exist_ok=True)
+    graphs = {FORWARD: forward_graph(capture, saved=True), BACKWARD: backward_graph(capture),
+              INFER: forward_graph(capture, saved=False)}
     for role, graph in graphs.items():
         translator.save(graph, out_dir / FILES[role])
     error = check_graphs(capture.edge, out_dir, length=max_length)
@@ -330,7 +330,7 @@ def check_graphs(edge: EdgePart, out_dir: Path, *, length: int) -> float:
     want = {n: p.grad.numpy() for n, p in edge.named_parameters() if p.requires_grad}
     edge.zero_grad(set_to_none=True)
     params = {n: p.detach().numpy() for n, p in edge.named_parameters()}
-    graphs = AotGraphs(*(out_dir / FILES[role] for role in (FORWARD_ROLE, BACKWARD_ROLE, INFER_ROLE)), threads=1)
+    graphs = AotGraphs(*(out_dir / FILES[role] for role in (FORWARD, BACKWARD, INFER)), threads=1)
     batch = {n: t.numpy() for n, t in example.items()}
     got_z = graphs.forward(params | batch, keep=True)
     inferred_z = graphs.forward(params | batch, keep=False)

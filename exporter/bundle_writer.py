@@ -20,8 +20,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from splitwire.atomic import publish_directory
-from splitwire.bundle import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED_KEYS, sha256_file
+from splitwire.bundle import sha256_file
 from splitwire.errors import SplitftError
+from splitwire.manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest
 
 
 class ExportError(SplitftError):
@@ -85,8 +86,6 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         if path.is_file() and path.name != MANIFEST
     }
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise ValueError(f"manifest lacks {missing}")
+    Manifest.parse(manifest, root / MANIFEST)  # what the readers will accept, or a BundleError now
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -18,7 +18,7 @@ from exporter.export import EXPORT_LOG, export_bundle
 from exporter.progress import library_chatter
 from models.loading import POOLING_CHOICES
 from models.spec import HEADS
-from splitwire.bundle import ENGINES
+from splitwire.manifest import ENGINES
 from splitwire.exit_codes import EPILOG as EXIT_STATUS, exit_code
 
 

@@ -18,17 +18,16 @@ from safetensors.torch import save_file
 from exporter.bundle_writer import ExportError, check_target, save_numpy_weights, staged_bundle, write_manifest
 from exporter.calibration import Calibration, describe_source, heal_and_measure, read_calibration_text
 from exporter.progress import Log, stderr_log, timed
-from models import EDGE_INPUTS, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
+from models import LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
 from models.loading import unreachable_message
 from models.split import has_fine_tuned_head
-from splitwire.bundle import ENGINES
+from splitwire.manifest import (
+    CLOUD_WEIGHTS, EDGE_WEIGHTS, EMBEDDING_TABLES, ENGINES, TOKENIZER, WEIGHTS, CloudSection, EdgeSection, Optimizer,
+    TokenizerSettings,
+)
 
 # Each engine's builder: write_edge_files(edge, *, out_dir, frozen, optimizer, max_length, log) -> role → path.
 EDGE_BUILDERS = {"ort-training": "exporter.ort_artifacts", "onnx": "exporter.aot_graphs"}
-EMBEDDING_TABLES = ("embeddings.word.weight", "embeddings.position.weight", "embeddings.token_type.weight")
-CLOUD_WEIGHTS = "cloud/weights.safetensors"
-EDGE_WEIGHTS = "edge/edge_weights.safetensors"
-TOKENIZER = "edge/tokenizer.json"
 EXPORT_LOG = "export.log"  # the libraries' messages during the export (``exporter.progress.library_chatter``)
 
 def export_bundle(
@@ -93,7 +92,7 @@ def export_bundle(
     frozen = tables if freeze_embeddings else []
     log("classifier: the checkpoint's fine-tuned head" if has_fine_tuned_head(split_model.cloud, loaded.weights)
         else f"classifier: new, {spec.num_labels} outputs")
-    optimizer = {"name": "adamw", "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay}
+    optimizer = Optimizer(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay).to_dict()
     with staged_bundle(out, force=force) as root:
         with timed(log, f"building the {engine} edge files"):
             edge_files = builder.write_edge_files(split_model.edge, out_dir=root, frozen=frozen,
@@ -192,8 +191,7 @@ def _write_tokenizer(tok, root: Path, *, loaded: LoadedEncoder, max_length: int)
     tok.enable_truncation(max_length)
     (root / TOKENIZER).parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(root / TOKENIZER))
-    return {"file": TOKENIZER, "max_length": max_length, "pad_id": pad_id, "pad_token": tok.id_to_token(pad_id),
-            "pad_type_id": 0}
+    return TokenizerSettings(TOKENIZER, max_length, pad_id, tok.id_to_token(pad_id)).to_dict()
 
 
 def _write_weights(model: SplitModel, root: Path) -> None:
@@ -204,13 +202,8 @@ def _write_weights(model: SplitModel, root: Path) -> None:
 
 def _edge_section(model: SplitModel, files: dict[str, str], frozen: list[str]) -> dict:
     names = list(model.edge.state_dict())
-    return {
-        "files": {**files, "weights": EDGE_WEIGHTS},
-        "trainable": [n for n in names if n not in frozen],
-        "frozen": frozen,
-        "inputs": list(EDGE_INPUTS),
-        "dropout": 0,
-    }
+    return EdgeSection({**files, WEIGHTS: EDGE_WEIGHTS}, tuple(n for n in names if n not in frozen),
+                       tuple(frozen)).to_dict()
 
 
 def _manifest_body(loaded: LoadedEncoder, spec: SplitSpec, *, engine: str, edge: dict, optimizer: dict,
@@ -221,14 +214,12 @@ def _manifest_body(loaded: LoadedEncoder, spec: SplitSpec, *, engine: str, edge:
         "base_model": loaded.source,
         "encoder": loaded.spec.to_dict(),
         "split": spec.to_dict(),
-        "task": "regression" if spec.num_labels == 1 else "classification",
         "max_length": max_length,
         "engine": engine,
         "edge": edge,
-        "cloud": {"files": {"weights": CLOUD_WEIGHTS}, "dropout": True},
+        "cloud": CloudSection({WEIGHTS: CLOUD_WEIGHTS}, dropout=True).to_dict(),
         "optimizer": optimizer,
         "tokenizer": tokenizer,
-        "wire": {"dtype": "float32"},
     }
 
 

@@ -41,14 +41,16 @@ from safetensors.numpy import load_file
 
 from cloud_backend.session import CloudSession
 from edge_runtime.engine import open_engine
-from edge_runtime.engines import onnx_engine, ort_training
+from edge_runtime.engines import ort_training
 from edge_runtime.ort_import import training_api
 from edge_runtime.trainer import CheckpointDir
 from exporter.bundle_writer import ExportError
-from models import EDGE_INPUTS, CloudPart
+from models import CloudPart
+from splitwire import manifest
+from splitwire.manifest import EDGE_INPUTS
 from splitwire.bundle import Bundle, BundleError, load_bundle
 
-Z, MASK, LOGITS = "z", "attention_mask", "logits"
+Z, MASK, LOGITS = manifest.Z, "attention_mask", "logits"
 MASK_FOR_CLOUD = "edge.attention_mask"  # the edge graph passes its mask input on under this name
 
 
@@ -56,17 +58,18 @@ def edge_inference_graph(bundle: Bundle, engine_dir: Path) -> onnx.ModelProto:
     """The edge half with the parameters saved in ``engine_dir`` (an engine checkpoint): inputs → ``z``."""
     engine = open_engine(bundle, threads=1)
     engine.restore(engine_dir)  # refuses a checkpoint of another engine or bundle
-    if bundle.manifest["engine"] == "ort-training":
+    if bundle.manifest.engine == "ort-training":
         return _exported_for_inferencing(bundle, engine_dir / ort_training.CHECKPOINT)
-    frozen = load_file(str(bundle.edge_file("weights")))
-    values = {name: frozen[name] for name in bundle.manifest["edge"]["frozen"]} | engine.parameters()
-    return bind_parameters(onnx.load(str(bundle.edge_file(onnx_engine.INFER_ROLE))), values)
+    frozen = load_file(str(bundle.edge_file(manifest.WEIGHTS)))
+    values = {name: frozen[name] for name in bundle.manifest.edge.frozen} | engine.parameters()
+    return bind_parameters(onnx.load(str(bundle.edge_file(manifest.INFER))), values)
 
 
 def _exported_for_inferencing(bundle: Bundle, checkpoint: Path) -> onnx.ModelProto:
     api = training_api()
     state = api.CheckpointState.load_checkpoint(str(checkpoint))
-    module = api.Module(str(bundle.edge_file("training_model")), state, str(bundle.edge_file("eval_model")))
+    module = api.Module(str(bundle.edge_file(manifest.TRAINING_MODEL)), state,
+                        str(bundle.edge_file(manifest.EVAL_MODEL)))
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "edge.onnx"
         module.export_model_for_inferencing(str(path), [Z])

@@ -1,8 +1,8 @@
 """Trace the edge half (``EdgePart``) into a plain ONNX forward graph.
 
 Why it exists: both edge engines start from the same traced graph of embeddings …
-compression head. The recipe is the one DESIGN.md records as giving correct training
-gradients: the TorchScript exporter (``dynamo=False``) at opset 17 in training mode without
+compression head. The recipe is the one that gives correct training gradients (the
+engine tests compare them with torch's): the TorchScript exporter (``dynamo=False``) at opset 17 in training mode without
 constant folding (an eval-mode or optimising export folds parameters together), dynamic
 batch and length axes, and ``position_ids`` as an explicit input (with dynamic axes the
 position-embedding gradient is otherwise silently wrong). Graph initialisers keep the
@@ -17,10 +17,10 @@ import warnings
 import onnx
 import torch
 
-from models import EDGE_INPUTS, EdgePart
+from models import EdgePart
+from splitwire.manifest import EDGE_INPUTS, Z as OUTPUT
 
 OPSET = 17
-OUTPUT = "z"
 _DUMMY_SHAPE = (2, 8)  # batch × length of the example input; both axes are dynamic
 
 

@@ -1,13 +1,14 @@
 """Build the ``ort-training`` engine's edge files with onnxruntime-training's artifact generator.
 
 Why it exists: onnxruntime-training can train an ONNX graph on the device, but has no
-"back-propagate this upstream gradient" call (upstream issue 16232). The checked recipe
-(DESIGN.md) turns the traced edge graph into training artifacts anyway:
+"back-propagate this upstream gradient" call (onnxruntime's GitHub issue 16232). This
+recipe, whose gradients tests/test_edge_engines.py compares with torch's, turns the traced
+edge graph into training artifacts anyway:
 
 - the loss is ``ReduceSum(z · g)`` with ``g`` a graph input shaped like ``z``, so its
   parameter gradients are exactly ``J(z)ᵀ g``, the chain rule with the cloud's ``dL/dz``;
 - LayerNorm's optional ``Mean``/``InvStdDev`` outputs are exposed first (the gradient
-  builder needs them, upstream issue 19427);
+  builder needs them, onnxruntime's GitHub issue 19427);
 - AdamW is built with torch semantics (``adam_mode=0``; the stock block hard-codes the
   Hugging Face variant) and the manifest's eps and weight decay; the optimizer graph is
   stamped with IR version 10, which onnxruntime 1.19 accepts;
@@ -32,17 +33,13 @@ from onnxruntime.training.onnxblock.optim.optim import AdamWOptimizer
 from exporter.onnx_graph import OUTPUT, trace_edge
 from exporter.progress import timed
 from models import EdgePart
+from splitwire import manifest
 
-EDGE_DIR = "edge"
 UPSTREAM_GRADIENT = "g"
 OPTIMIZER_IR_VERSION = 10
 _NATIVE_INFO = re.compile(r"\[[IV]:onnxruntime:")
-ROLES = {  # role → file written by generate_artifacts
-    "training_model": "training_model.onnx",
-    "eval_model": "eval_model.onnx",
-    "optimizer_model": "optimizer_model.onnx",
-    "checkpoint": "checkpoint",
-}
+FILES = manifest.ENGINE_FILES["ort-training"]  # role → bundle path, named as generate_artifacts names them
+NAMES = {role: Path(path).name for role, path in FILES.items()}
 
 
 class UpstreamGradientLoss(onnxblock.Block):
@@ -111,7 +108,7 @@ def write_edge_files(
         model = trace_edge(edge, max_length=max_length)
     log(f"traced {len(model.graph.node)} nodes; "
         f"{expose_layer_norm_statistics(model)} LayerNorms expose their statistics")
-    target = Path(out_dir) / EDGE_DIR
+    target = Path(out_dir) / manifest.EDGE_DIR
     target.mkdir(parents=True, exist_ok=True)
     names = list(edge.state_dict())
     unknown = sorted(set(frozen) - set(names))
@@ -132,18 +129,18 @@ def write_edge_files(
             )
         _finish(Path(scratch), target)
     log(f"{len(names) - len(frozen)} trainable and {len(frozen)} frozen tensors")
-    return {role: f"{EDGE_DIR}/{file}" for role, file in ROLES.items()}
+    return dict(FILES)
 
 
 def _finish(scratch: Path, target: Path) -> None:
     """Cut the eval graph, stamp the optimizer's IR version, move everything into ``target``."""
-    eval_model = cut_to_forward(onnx.load(scratch / ROLES["eval_model"]))
-    onnx.save(eval_model, target / ROLES["eval_model"])
-    optimizer_model = onnx.load(scratch / ROLES["optimizer_model"])
+    eval_model = cut_to_forward(onnx.load(scratch / NAMES[manifest.EVAL_MODEL]))
+    onnx.save(eval_model, target / NAMES[manifest.EVAL_MODEL])
+    optimizer_model = onnx.load(scratch / NAMES[manifest.OPTIMIZER_MODEL])
     optimizer_model.ir_version = OPTIMIZER_IR_VERSION
-    onnx.save(optimizer_model, target / ROLES["optimizer_model"])
-    for role in ("training_model", "checkpoint"):
-        (scratch / ROLES[role]).replace(target / ROLES[role])
+    onnx.save(optimizer_model, target / NAMES[manifest.OPTIMIZER_MODEL])
+    for role in (manifest.TRAINING_MODEL, manifest.CHECKPOINT):
+        (scratch / NAMES[role]).replace(target / NAMES[role])
 
 
 @contextmanager

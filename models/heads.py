@@ -1,8 +1,8 @@
 """Calibrated compression heads: made from where the split layer's input ``h`` really lies.
 
 Why it exists: the paper's head keeps the top-``r`` right singular directions of ``W1``
-(the split layer's FFN input projection), which hold little of ``h``'s variance (3.8 % at
-MiniLM split 3, rank 8), and link elimination drops the residual, so the split model
+(the split layer's FFN input projection), which need not hold much of ``h``'s variance,
+and link elimination drops the residual, so the split model
 starts far from the pretrained one. The heads here send the same ``B×L×r`` tensor but are
 fitted to statistics of ``h`` on *calibration text*: public text, never the fine-tuning
 data, read on the exporting machine.

@@ -19,8 +19,6 @@ from models.compression import CompressionHead, SplitFeedForward, factorise_into
 from models.heads import calibrate_head, split_inputs
 from models.spec import EncoderSpec, SplitSpec
 
-EDGE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
 
 class EdgePart(nn.Module):
     """Embeddings, encoder layers ``0..k-2``, the attention block of layer ``k-1`` and the
@@ -161,7 +159,7 @@ def build_split(
     The split layer ``k-1``'s FFN input projection is factorised by SVD into the
     compression head (edge) and decompression (cloud); the calibrated heads
     (``split.head``, ``models.heads``) are fitted instead to the split layer's input on the
-    ``calibration`` batches (``EDGE_INPUTS`` → tensors of public text, never training data).
+    ``calibration`` batches (``splitwire.manifest.EDGE_INPUTS`` → tensors of public text, never training data).
     The classifier (and a family's new pooling layer, ``models.blocks.Pooler``) is the
     checkpoint's own when ``weights`` hold a fine-tuned head of this shape and the family's
     pooling is kept; otherwise it is new, drawn from ``N(0, initializer_range)`` with

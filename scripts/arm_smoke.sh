@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ARM smoke test (issue 7): the portable `onnx` edge engine trains on aarch64, under emulation,
+# ARM smoke test: the portable `onnx` edge engine trains on aarch64, under emulation,
 # against a real sft-cloud on this host, and ends with the same edge weights as the x86 run.
 #
 # Why: plain onnxruntime is what lets the edge run on a Raspberry Pi; this checks the whole

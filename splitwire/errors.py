@@ -103,6 +103,12 @@ class UsageError(SplitftError, ValueError):
     code = "usage"
 
 
+class BundleError(SplitftError):
+    """The bundle is missing, incomplete, tampered with, or of another format."""
+
+    code = "bundle"
+
+
 class RetryableError(SplitftError):
     """Worth retrying after a reconnect."""
 

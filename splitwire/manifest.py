@@ -126,11 +126,6 @@ class Manifest(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self.raw)
 
-    @property
-    def regression(self) -> bool:
-        """One output: the head regresses a number instead of classifying."""
-        return self.split["num_labels"] == 1
-
     @classmethod
     def parse(cls, raw: Any, where: Path | str) -> "Manifest":
         """Check ``raw`` (the parsed JSON) field by field; ``BundleError`` says which field is wrong."""

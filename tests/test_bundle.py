@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import subprocess
@@ -13,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bundles import copy_bundle, export_cached, tiny_options
-from splitwire.bundle import MANIFEST, REQUIRED_KEYS, BundleError, load_bundle
+from splitwire.bundle import MANIFEST, BundleError, load_bundle
+from splitwire.manifest import EDGE_INPUTS, REQUIRED_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,12 +94,38 @@ def test_another_bundles_manifest_is_refused(bundle, tmp_path_factory, tiny_mode
          "names edge file 'edge/unlisted.onnx', which is not under edge/ in its hash table"),
         (lambda m: m["cloud"]["files"].update(weights="edge/checkpoint"), "names cloud file 'edge/checkpoint'"),
         (lambda m: m["tokenizer"].update(file="/etc/passwd"), "names edge file '/etc/passwd'"),
+        (lambda m: m["edge"]["files"].pop("eval_model"), "the ort-training engine needs edge files for eval_model"),
+        (lambda m: m["cloud"]["files"].pop("weights"), "cloud.files must map roles to files, 'weights' among them"),
+        (lambda m: m["edge"].update(frozen="embeddings"), "edge.frozen must be a list of parameter names"),
+        (lambda m: m["cloud"].update(dropout=1), "cloud.dropout must be true or false"),
+        (lambda m: m["optimizer"].update(name="sgd"), "run AdamW, the manifest asks for 'sgd'"),
+        (lambda m: m["optimizer"].update(betas=[0.9, 1.5]), r"optimizer.betas must be two numbers in \[0, 1\)"),
+        (lambda m: m["optimizer"].update(lr="2e-5"), "optimizer.lr must be a positive number"),
+        (lambda m: m["tokenizer"].update(pad_id=-1), "tokenizer.pad_id must be a whole number >= 0"),
     ],
 )
 def test_an_edited_manifest_is_refused(bundle, edit, message):
     _edit_manifest(bundle, edit)
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle)
+
+
+def test_a_format_1_manifest_reads_the_same_its_dead_fields_ignored(bundle):
+    """Format 2 only stopped writing fields that nothing read; bundles exported before it still load."""
+    current = load_bundle(bundle).manifest
+    _edit_manifest(bundle, lambda m: (m.update(format_version=1, task="classification", wire={"dtype": "float32"}),
+                                      m["edge"].update(inputs=list(EDGE_INPUTS), dropout=0)))
+    old = load_bundle(bundle).manifest
+    assert (old.engine, old.edge, old.cloud, old.optimizer, old.tokenizer, old.files) == (
+        current.engine, current.edge, current.cloud, current.optimizer, current.tokenizer, current.files)
+
+
+def test_the_edge_inputs_are_one_list_the_engine_batch_and_the_torch_model_share():
+    from edge_runtime.engine import EdgeBatch
+    from models import EDGE_INPUTS as MODEL_INPUTS, EdgePart
+
+    assert tuple(f.name for f in dataclasses.fields(EdgeBatch)) == EDGE_INPUTS == MODEL_INPUTS
+    assert tuple(inspect.signature(EdgePart.forward).parameters)[1:] == EDGE_INPUTS
 
 
 @pytest.mark.parametrize("engine", ["onnx", "ort-training"])

@@ -147,7 +147,7 @@ def test_the_movie_review_snippets_load_with_a_threshold():
     assert table.columns == ("id", "sentiment", "text")
     label_map = infer_label_map(table, column="sentiment", num_labels=2, threshold=0.0)
     data = table_texts(table, Columns("text", label="sentiment"), label_map)
-    assert len(data) == 10605  # DESIGN.md says 10,604; `wc -l` misses the unterminated last line
+    assert len(data) == 10605  # `wc -l` says 10,604: it misses the unterminated last line
     assert int(data.labels.sum()) == 5242  # sentiment > 0, counted with awk
     assert data.texts[7872].endswith('into a 9" black and white portable TV.')
 

@@ -31,7 +31,8 @@ from edge_runtime.engine import open_engine
 from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import train, training_batches
 from models import CloudPart, EncoderSpec, SplitSpec
-from splitwire.bundle import ENGINES, load_bundle
+from splitwire.bundle import load_bundle
+from splitwire.manifest import ENGINES
 from splitwire.schedule import Schedule
 
 SEED = 5

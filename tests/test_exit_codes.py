@@ -46,12 +46,19 @@ def test_every_command_exits_failed_with_one_line_for_a_missing_bundle_or_model(
         assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
 
 
-def test_every_command_exits_usage_for_a_bad_command_line(capsys):
+def test_every_command_exits_usage_for_a_bad_command_line_and_its_help_lists_the_codes(capsys):
     for run in (lambda: edge_main(["train"]), lambda: cloud_main([]), lambda: export_main(["--split", "0"])):
         with pytest.raises(SystemExit) as exit_info:
             run()
         assert exit_info.value.code == USAGE
         assert "usage:" in capsys.readouterr().err
+    for main, argv in ((edge_main, ["--help"]), (edge_main, ["eval", "--help"]), (cloud_main, ["--help"]),
+                       (export_main, ["--help"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == OK
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert f"exit status: {OK} done; {FAILED} failed" in help_text and f"{TRY_AGAIN} the cloud" in help_text
 
 
 def test_an_unreachable_cloud_exits_try_again(tiny_bundle, tmp_path, capsys):

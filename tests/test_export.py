@@ -29,10 +29,11 @@ def test_minilm_bundle_runs_one_split_training_step(minilm_bundle, minilm_dir):
     manifest = bundle.manifest
     assert manifest["split"] == {"split": 3, "rank": 8, "num_labels": 2, "link_elimination": True, "head": "svd"}
     assert manifest["base_model"]["id"] == str(minilm_dir) and manifest["base_model"]["init"] == "pretrained"
-    assert manifest["task"] == "classification" and manifest["wire"] == {"dtype": "float32"}
+    assert manifest["format_version"] == 2 and not {"task", "wire"} & set(manifest)  # format 2: no dead fields
     assert manifest["optimizer"] == {"name": "adamw", "lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
                                      "weight_decay": 0.01}
-    assert manifest["edge"]["frozen"] == [] and manifest["edge"]["dropout"] == 0
+    assert manifest["edge"]["frozen"] == [] and set(manifest["edge"]) == {"files", "trainable", "frozen"}
+    assert manifest.optimizer.betas == (0.9, 0.999) and manifest.cloud.dropout
 
     cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=False)
     cloud.load_state_dict(load_file(str(bundle.path(manifest["cloud"]["files"]["weights"]))))

@@ -28,7 +28,8 @@ from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import CheckpointDir
 from exporter.bundle_writer import ExportError
 from exporter.inference import LOGITS, Z, assemble, edge_inference_graph
-from splitwire.bundle import ENGINES, load_bundle
+from splitwire.bundle import load_bundle
+from splitwire.manifest import ENGINES
 from splitwire.protocol import Predict
 
 SESSION, STEPS = "reviews", 4

@@ -18,8 +18,9 @@ are inputs; a step is
 No forward is recomputed. The graphs have symbolic batch and length, so every batch runs
 at its own shape (no buckets, no padding beyond the batch's longest row). The saved
 activations stay until the next ``forward`` (``backward`` may be repeated).
-Sessions run with the CPU memory arena off: at bert-base split 4, batch 8 × 128, 1 thread,
-a step peaks at 1,365 MiB RSS instead of 1,569 MiB with the arena, at no measurable time cost.
+Sessions run with the CPU memory arena off: the arena keeps a step's freed buffers in its
+own pool, which raises the peak memory; without it they go back to malloc (the edge budget
+in docs/BENCHMARKS.md is measured so).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from edge_runtime.adamw import AdamW, FlatParameters
 from edge_runtime.engine import EdgeBatch, EdgeEngine, checked_dz, checked_feeds, cpu_session_options, input_limits
 from edge_runtime.ort_import import onnxruntime
 from splitwire.bundle import Bundle, BundleError
+from splitwire.manifest import BACKWARD, DZ, FORWARD, GRAD, INFER, WEIGHTS, Z
 
-FORWARD_ROLE, BACKWARD_ROLE, INFER_ROLE, WEIGHTS_ROLE = "forward", "backward", "infer", "weights"
-Z, DZ, SAVED, GRAD = "z", "dz", "saved.", "grad."  # graph value names; gradients are "grad.<parameter>"
 STATE = "edge_state.safetensors"
 
 
@@ -109,20 +109,18 @@ class Engine(EdgeEngine):
         self._bundle = bundle
         self._width = bundle.wire_width
         self._limits = input_limits(bundle)
-        self._graphs = AotGraphs(*(bundle.edge_file(r) for r in (FORWARD_ROLE, BACKWARD_ROLE, INFER_ROLE)),
+        self._graphs = AotGraphs(*(bundle.edge_file(r) for r in (FORWARD, BACKWARD, INFER)),
                                  threads=threads)
-        weights = _read_weights(bundle.edge_file(WEIGHTS_ROLE))
-        frozen = set(bundle.manifest["edge"]["frozen"])
+        weights = _read_weights(bundle.edge_file(WEIGHTS))
+        frozen = set(bundle.manifest.edge.frozen)
         _check_layout(self._graphs, weights, frozen)
         self._params = FlatParameters({n: w for n, w in weights.items() if n not in frozen})
         self._frozen = {n: w for n, w in weights.items() if n in frozen}
         self._grad_buffer = np.zeros_like(self._params.buffer)
         self._grads = self._params.split(self._grad_buffer)
-        settings = bundle.manifest["optimizer"]
-        if settings.get("name") != "adamw":
-            raise BundleError(f"the onnx engine runs AdamW, the bundle asks for {settings.get('name')!r}")
-        self._adamw = AdamW(self._params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
-                            weight_decay=settings["weight_decay"])
+        settings = bundle.manifest.optimizer
+        self._adamw = AdamW(self._params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                            weight_decay=settings.weight_decay)
         self._batch: dict[str, np.ndarray] | None = None
         self._has_gradients = False
 

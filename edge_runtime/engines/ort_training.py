@@ -19,9 +19,10 @@ import numpy as np
 
 from edge_runtime.engine import EdgeBatch, EdgeEngine, checked_dz, checked_feeds, cpu_session_options, input_limits
 from edge_runtime.ort_import import onnxruntime, training_api
+from splitwire import manifest
 from splitwire.bundle import Bundle, BundleError
 
-CHECKPOINT = "checkpoint"
+CHECKPOINT = "checkpoint"  # in a saved engine directory
 STAMP = "engine.json"
 
 
@@ -31,24 +32,24 @@ class Engine(EdgeEngine):
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self._bundle = bundle
         self._width = bundle.wire_width
-        self._trainable = list(bundle.manifest["edge"]["trainable"])
+        self._trainable = list(bundle.manifest.edge.trainable)
         self._limits = input_limits(bundle)
         self._options = cpu_session_options(onnxruntime(), threads)
         self._batch: EdgeBatch | None = None
         self._has_gradients = False
-        self._load(bundle.edge_file("checkpoint"))
-        self.set_learning_rate(bundle.manifest["optimizer"]["lr"])
+        self._load(bundle.edge_file(manifest.CHECKPOINT))
+        self.set_learning_rate(bundle.manifest.optimizer.lr)
 
     def _load(self, checkpoint: Path) -> None:
         api = training_api()
         self._state = api.CheckpointState.load_checkpoint(str(checkpoint))
         self._module = api.Module(
-            str(self._bundle.edge_file("training_model")),
+            str(self._bundle.edge_file(manifest.TRAINING_MODEL)),
             self._state,
-            str(self._bundle.edge_file("eval_model")),
+            str(self._bundle.edge_file(manifest.EVAL_MODEL)),
             session_options=self._options,
         )
-        self._optimizer = api.Optimizer(str(self._bundle.edge_file("optimizer_model")), self._module)
+        self._optimizer = api.Optimizer(str(self._bundle.edge_file(manifest.OPTIMIZER_MODEL)), self._module)
         missing = [n for n in self._trainable if n not in self._state.parameters]
         if missing:
             raise BundleError(f"{checkpoint} lacks the trainable parameters {missing} that the manifest names")
