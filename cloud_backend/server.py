@@ -42,13 +42,13 @@ import torch
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from cloud_backend.atomic import remove_stale_temp_files
 from cloud_backend.auth import TokenStore
 from cloud_backend.fair_compute import FairCompute
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S, SendGuard
 from cloud_backend.model import pick_device
 from cloud_backend.session import SNAPSHOTS, CloudSession, StepResult, checkpoint_path, saved_step, session_key
 from cloud_backend.state_budget import trim, used_bytes
+from splitwire.atomic import remove_stale_temp_files
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, Codec, codec_for
 from splitwire.errors import (

@@ -36,8 +36,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cloud_backend.atomic import write_atomically
 from cloud_backend.model import load_cloud_part
+from splitwire.atomic import write_atomically
 from splitwire.bundle import Bundle
 from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite, StepOrderError
 from splitwire.protocol import Predict, SessionConfig, Train
