@@ -31,6 +31,7 @@ docs/bench/link_speed.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import contextlib
 import ctypes
@@ -51,7 +52,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from benchmarks.assets import minilm_path
 from benchmarks.report import BENCH_DIR, ROOT, write_section, save_plot
+from cloud_backend.launch import CloudDidNotStart, cloud_command, read_url, start_cloud
 
 EDGE_IP, CLOUD_IP, PORT, TUN = "10.77.0.1", "10.77.0.2", 8765, "sftls0"
 SPLIT, RANK, SEED = 3, 8, 0
@@ -207,20 +210,20 @@ async def edge_child(args: argparse.Namespace) -> None:
     """In the edge namespace: one warm-up step, then for each phase the same batches, timed.
 
     Between phases it prints ``{"ready": phase}`` and waits for a line on stdin (the parent
-    changes the link meanwhile). The step is the trainer's ``split_step`` with a clock
-    between its parts.
+    changes the link meanwhile). The step is the trainer's ``split_step``, which times its parts.
     """
     from benchmarks.traffic import review_batches
     from edge_runtime.client import CloudClient
     from edge_runtime.engine import open_engine
     from edge_runtime.tokenizer import EdgeTokenizer
+    from edge_runtime.trainer import StepTimes, split_step
     from splitwire.bundle import load_bundle
     from splitwire.schedule import Schedule
 
     bundle = load_bundle(args.bundle, parts=("edge",))
     engine = open_engine(bundle, threads=1)
     batches = review_batches(EdgeTokenizer.from_bundle(bundle), args.batches, batch_size=BATCH)
-    schedule = Schedule(lr=float(bundle.manifest["optimizer"]["lr"]))
+    schedule = Schedule(lr=bundle.manifest.optimizer.lr)
     client = await CloudClient.connect(args.url, bundle=bundle, session_id=args.session, schedule=schedule,
                                        seed=SEED, codec=args.codec)
     step = 0
@@ -228,18 +231,12 @@ async def edge_child(args: argparse.Namespace) -> None:
     async def timed_step(batch) -> dict[str, Any]:
         nonlocal step
         step += 1
-        start = time.perf_counter()
-        z = engine.forward(batch.inputs)
-        sent = time.perf_counter()
-        reply = await client.train_step(step, z, batch.lengths, batch.labels)
-        received = time.perf_counter()
-        engine.backward(reply.dz)
-        engine.set_learning_rate(schedule.rate(step))
-        engine.optimizer_step()
-        done = time.perf_counter()
+        times = StepTimes()
+        await split_step(engine=engine, client=client, batch=dataclasses.replace(batch, step=step), schedule=schedule,
+                         times=times)
         up, down = client.last_step_bytes
-        return {"step": step, "wall": done - start, "edge": (sent - start) + (done - received),
-                "wait": received - sent, "up": up, "down": down}
+        return {"step": step, "wall": times.forward + times.wait + times.update,
+                "edge": times.forward + times.update, "wait": times.wait, "up": up, "down": down}
 
     async with client:
         await timed_step(batches[0])
@@ -254,10 +251,9 @@ async def edge_child(args: argparse.Namespace) -> None:
 
 def export_bundles(out: Path) -> dict[int | None, Path]:
     """MiniLM (pretrained) split 3: rank 8 and the vanilla split."""
-    from benchmarks.traffic import minilm_dir
     from exporter.export import export_bundle
 
-    return {rank: export_bundle(model=str(minilm_dir()), split=SPLIT, rank=rank, out=out / f"r{rank}")
+    return {rank: export_bundle(model=str(minilm_path()), split=SPLIT, rank=rank, out=out / f"r{rank}")
             for rank in (RANK, None)}
 
 
@@ -269,14 +265,14 @@ def _env() -> dict[str, str]:
 def cloud(link: EmulatedLink, bundle: Path, log_path: Path) -> Iterator[subprocess.Popen]:
     """``sft-cloud`` in the cloud namespace (CPU, one thread), its log lines written to ``log_path``."""
     with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*link.exec_in(link.cloud_ns), sys.executable, "-m", "cloud_backend.cli", "--bundle", str(bundle),
-             "--host", CLOUD_IP, "--port", str(PORT), "--device", "cpu", "--insecure"],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=_env(), cwd=ROOT)
+        process = start_cloud(cloud_command("--bundle", str(bundle), "--host", CLOUD_IP, "--port", str(PORT),
+                                            "--device", "cpu", "--insecure", prefix=link.exec_in(link.cloud_ns)),
+                              log=log, env=_env(), cwd=str(ROOT))
         try:
-            line = process.stdout.readline()
-            if "listening" not in line:
-                raise RuntimeError(f"sft-cloud did not start: {line!r}; see {log_path}")
+            try:
+                read_url(process)
+            except CloudDidNotStart as exc:
+                raise CloudDidNotStart(f"{exc}; see {log_path}") from None
             yield process
         finally:
             process.terminate()

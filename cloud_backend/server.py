@@ -52,11 +52,10 @@ from splitwire.atomic import remove_stale_temp_files
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, Codec, codec_for
 from splitwire.errors import (
-    BundleMismatch, CheckpointCorrupt, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, StepOrderError,
-    TooManyInFlight,
+    BundleMismatch, CheckpointCorrupt, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, TooManyInFlight,
 )
 from splitwire.protocol import (
-    DEFAULT_MAX_BATCH, REPLAYED, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Train,
+    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Train,
     Welcome, WireLimits, decode, encode, session_tag,
 )
 
@@ -204,6 +203,7 @@ class CloudServer:
                 if frame.session != where["session"]:
                     raise ProtocolError("frame for another session on this connection")
                 if frame.kind == Kind.BYE:
+                    Bye.from_frame(frame)
                     return
                 answering = asyncio.ensure_future(self._answer(live, frame, data))
                 receiving = asyncio.ensure_future(ws.recv())
@@ -366,8 +366,7 @@ class CloudServer:
         where the cloud is and the edge decides.
         """
         session = live.session
-        replayable = session.replay is not None and session.replay.step == session.step == resume_from + 1
-        if session.step == resume_from or replayable:
+        if session.steps.meets(resume_from):
             return
         path = self._saved(session.session_id).get(resume_from)
         restored = None if path is None else await self._restore(path)
@@ -424,14 +423,11 @@ class CloudServer:
 
     async def _train(self, live: LiveSession, frame: Frame, digest: str) -> bytes:
         session = live.session
-        cached = session.replay
-        if cached is not None and frame.step == cached.step == session.step:
+        cached = session.steps.cached_reply(frame.step)
+        if cached is not None:
             self.stats.replays += 1
             log_event("replay", session=session.session_id, step=frame.step, same_request=digest == cached.digest)
             return encode(dataclasses.replace(decode(cached.reply), flags=REPLAYED))
-        if frame.step != session.step + 1:
-            raise StepOrderError(f"session {session.session_id!r} is at step {session.step}; "
-                                 f"expected step {session.step + 1}, got {frame.step}")
         self.stats.tensor_frames += 1
         request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
 
@@ -456,9 +452,7 @@ class CloudServer:
 
     async def _save(self, live: LiveSession, frame: Frame) -> bytes:
         session = live.session
-        if frame.step != session.step:
-            raise StepOrderError(f"checkpoint of step {frame.step} asked, but session {session.session_id!r} "
-                                 f"is at step {session.step}")
+        session.steps.check_checkpoint(CheckpointRequest.from_frame(frame).step)
         path = self._snapshot(session.session_id, "requested")
         if path is not None:
             await self.compute.run(session.session_id, session.save, path)

@@ -39,23 +39,15 @@ from safetensors.torch import save_file
 from cloud_backend.model import load_cloud_part
 from splitwire.atomic import write_atomically
 from splitwire.bundle import Bundle
-from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite, StepOrderError
+from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite
 from splitwire.protocol import Predict, SessionConfig, Train
+from splitwire.steps import CloudSteps, Replay
 
 CHECKPOINT_FORMAT = "splitft-cloud-session"
 CHECKPOINT_VERSION = 2  # 2: the metadata carries the tensors' checksum
 SNAPSHOTS = ("requested", "latest")
 # Beyond this a gradient's square overflows AdamW's float32 second moment, which then stays inf.
 MAX_GRADIENT = 1e18
-
-
-@dataclass(frozen=True)
-class Replay:
-    """The one-entry replay cache: the last step's request digest and the exact reply frame."""
-
-    step: int
-    digest: str
-    reply: bytes
 
 
 @dataclass(frozen=True)
@@ -132,16 +124,15 @@ class CloudSession:
         self.config = config
         self.device = device
         self.model = load_cloud_part(bundle, device=device)
-        opt = bundle.manifest["optimizer"]
+        opt = bundle.manifest.optimizer
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.schedule.rate(1), betas=tuple(opt["betas"]),
-            eps=float(opt["eps"]), weight_decay=float(opt["weight_decay"]),
+            self.model.parameters(), lr=config.schedule.rate(1), betas=opt.betas, eps=opt.eps,
+            weight_decay=opt.weight_decay,
         )
         with self._forked_rng():
             torch.manual_seed(config.seed)
             self.rng = _get_rng(device)
-        self.step = 0
-        self.replay: Replay | None = None
+        self.steps = CloudSteps(session_id)  # step order and the replay cache (``splitwire.steps``)
 
     @contextlib.contextmanager
     def _forked_rng(self) -> Iterator[None]:
@@ -163,8 +154,7 @@ class CloudSession:
         optimizer step. The reply is cached with the step under the request's ``digest``, so a
         resend is answered from the cache and never finds the one without the other.
         """
-        if request.step != self.step + 1:
-            raise StepOrderError(f"session {self.session_id} is at step {self.step}; cannot apply step {request.step}")
+        self.steps.check_next(request.step)
         z, mask = self._inputs(request.z, request.lengths)
         z.requires_grad_(True)
         labels = torch.tensor(request.labels, device=self.device)
@@ -186,9 +176,18 @@ class CloudSession:
             group["lr"] = self.config.schedule.rate(request.step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not kept between steps: memory
-        self.rng, self.step = rng, request.step
-        self.replay = Replay(request.step, digest, reply)
+        self.rng = rng
+        self.steps.applied(request.step, digest, reply)
         return reply
+
+    @property
+    def step(self) -> int:
+        """The last training step applied."""
+        return self.steps.step
+
+    @property
+    def replay(self) -> Replay | None:
+        return self.steps.replay
 
     def _check_finite(self, step: int, loss: torch.Tensor, dz: torch.Tensor) -> None:
         """Refuse step ``step`` unless its loss, ``dz`` and every gradient are finite and in range."""
@@ -268,8 +267,9 @@ class CloudSession:
                 state.setdefault(int(index), {})[name] = value
         session.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         session.rng = tensors["rng"]
-        session.step = int(meta["step"])
+        replay = None
         if meta["replay"] is not None:
             reply = tensors["replay.reply"].numpy().tobytes()
-            session.replay = Replay(int(meta["replay"]["step"]), meta["replay"]["digest"], reply)
+            replay = Replay(int(meta["replay"]["step"]), meta["replay"]["digest"], reply)
+        session.steps = CloudSteps(session.session_id, step=int(meta["step"]), replay=replay)
         return session

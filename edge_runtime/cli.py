@@ -11,17 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, Sequence
 
-from edge_runtime.client import Backoff, CloudClient, client_tls
+from edge_runtime.api import EdgeTrainer
+from edge_runtime.client import Backoff, CloudClient, client_tls, session_token
 from edge_runtime.data import (
     Columns,
-    DataError,
     LabelMap,
     Table,
     TextData,
@@ -32,30 +30,18 @@ from edge_runtime.data import (
     table_texts,
     write_rows,
 )
-from edge_runtime.doctor import NotReady, add_arguments as add_doctor_arguments, doctor_command
-from edge_runtime.engine import EdgeEngine, open_engine
-from edge_runtime.tokenizer import EdgeTokenizer
+from edge_runtime.doctor import add_arguments as add_doctor_arguments, doctor_command
 from edge_runtime.trainer import (
-    Checkpoint,
     CheckpointDir,
-    Checkpointing,
     ResumeError,
     RunConfig,
-    TrainBatch,
     TrainResult,
-    evaluate,
     planned_steps,
-    predict_logits,
     prediction_rows,
-    restore_checkpoint,
-    resume_point,
-    rewind_to_checkpoint,
-    train,
-    training_batches,
 )
 from splitwire.bundle import Bundle, BundleError, load_bundle, sha256_file
 from splitwire.codecs import CODEC_NAMES
-from splitwire.errors import SplitftError
+from splitwire.exit_codes import EPILOG as EXIT_STATUS, exit_code
 from splitwire.schedule import SCHEDULES, Schedule
 
 DEFAULTS = {"seed": 0, "batch_size": 32, "epochs": 3, "schedule": "constant", "warmup": 0, "session": "default",
@@ -77,7 +63,8 @@ example (the movie-review snippets: tab-separated id, sentiment, text; positive 
 Checkpoints go to runs/<session> (--checkpoint-dir). Rerun the same `train` command after an
 interruption and it resumes at the step the cloud has applied, with the same data order.
 The token for the cloud comes from --token-file or the SFT_TOKEN environment variable.
-"""
+
+""" + EXIT_STATUS
 
 
 def _positive(text: str) -> int:
@@ -153,19 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help="steps between checkpoints (default 200)")
     train_cmd.add_argument("--report", type=Path, help="also write a JSON summary (losses, bytes, metrics) here")
 
-    eval_cmd = commands.add_parser("eval", help="accuracy/F1/MCC (or Pearson/Spearman) on a labelled local file")
+    eval_cmd = commands.add_parser("eval", help="accuracy/F1/MCC (or Pearson/Spearman) on a labelled local file",
+                                   epilog=EXIT_STATUS)
     _common(eval_cmd)
     eval_cmd.add_argument("--eval-file", required=True, type=Path, help="labelled test file")
     _columns(eval_cmd, labels=True)
 
-    predict_cmd = commands.add_parser("predict", help="write predicted labels for an unlabelled local file")
+    predict_cmd = commands.add_parser("predict", help="write predicted labels for an unlabelled local file",
+                                      epilog=EXIT_STATUS)
     _common(predict_cmd)
     predict_cmd.add_argument("--input", required=True, type=Path, help="file with the texts to label")
     predict_cmd.add_argument("--out", required=True, type=Path, help="predictions: .csv or .jsonl")
     _columns(predict_cmd, labels=False)
 
     doctor_cmd = commands.add_parser("doctor", help="check this device before a long run: runtime, cores, memory "
-                                     "for the batch, disk, and (with --cloud) the cloud's bundle; exit 1 if not ready")
+                                     "for the batch, disk, and (with --cloud) the cloud's bundle; exit 1 if not ready",
+                                     epilog=EXIT_STATUS)
     add_doctor_arguments(doctor_cmd)
     return parser
 
@@ -189,7 +179,7 @@ def run_config(args: argparse.Namespace, *, bundle: Bundle, table_columns: Colum
     holdout = _pick(args.holdout, old.get("holdout"))
     num_train = num_examples if holdout is None else len(holdout_split(num_examples, fraction=holdout, seed=seed)[0])
     schedule = Schedule(
-        lr=_pick(args.lr, old_schedule.get("lr"), float(bundle.manifest["optimizer"]["lr"])),
+        lr=_pick(args.lr, old_schedule.get("lr"), bundle.manifest.optimizer.lr),
         kind=_pick(args.schedule, old_schedule.get("kind"), DEFAULTS["schedule"]),
         warmup_steps=_pick(args.warmup, old_schedule.get("warmup_steps"), DEFAULTS["warmup"]),
         total_steps=planned_steps(num_train, batch_size=batch_size, epochs=epochs, max_steps=max_steps),
@@ -209,15 +199,6 @@ def run_config(args: argparse.Namespace, *, bundle: Bundle, table_columns: Colum
         group_by_length=_pick(args.group_by_length, old.get("group_by_length"), False),
         codec=_pick(args.codec, old.get("codec"), DEFAULTS["codec"]),
     )
-
-
-def check_same_run(config: RunConfig, saved: RunConfig, where: Path) -> None:
-    """Refuse to resume a run with a different config: it would not be the same training."""
-    changed = [name for name, value in asdict(config).items() if asdict(saved)[name] != value]
-    if changed:
-        details = "; ".join(f"{name}: was {asdict(saved)[name]!r}, now {asdict(config)[name]!r}" for name in changed)
-        raise ResumeError(f"{where} holds a run with another config ({details}); "
-                          "pass the same options, or a fresh --checkpoint-dir to start a new run")
 
 
 def _train_columns(args: argparse.Namespace, saved: RunConfig | None) -> Columns:
@@ -242,26 +223,11 @@ def _checkpoint_dir(args: argparse.Namespace) -> CheckpointDir:
     return CheckpointDir(args.checkpoint_dir or Path("runs") / (args.session or DEFAULTS["session"]))
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file is not None:
-        return args.token_file.read_text().strip()
-    return os.environ.get("SFT_TOKEN") or None
-
-
-@asynccontextmanager
-async def _connected(args: argparse.Namespace, bundle: Bundle, config: RunConfig,
-                     saved: list[Checkpoint]) -> AsyncIterator[CloudClient]:
-    """The session, the cloud asked to rewind to the latest edge checkpoint if it is ahead of it."""
-    client = await CloudClient.connect(args.cloud, bundle=bundle, session_id=config.session, token=_token(args),
-                                       schedule=Schedule.from_dict(config.schedule), seed=config.seed,
-                                       codec=config.codec, ssl=client_tls(args.cloud, args.ca_file),
-                                       retry=Backoff(give_up_after_s=args.reconnect_for) if args.reconnect_for > 0
-                                       else None,
-                                       resume_from=saved[-1].step if saved else None)
-    try:
-        yield client
-    finally:
-        await client.close()
+def _edge_trainer(args: argparse.Namespace, bundle: Bundle, directory: CheckpointDir) -> EdgeTrainer:
+    return EdgeTrainer(bundle, cloud=args.cloud, checkpoint_dir=directory.root, token=session_token(args.token_file),
+                       ssl=client_tls(args.cloud, args.ca_file), threads=args.threads,
+                       retry=Backoff(give_up_after_s=args.reconnect_for) if args.reconnect_for > 0 else None,
+                       progress=args.progress)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -278,31 +244,14 @@ async def train_command(args: argparse.Namespace) -> dict[str, Any]:
     data = table_texts(table, columns, label_map)
     config = run_config(args, bundle=bundle, table_columns=columns, label_map=label_map, num_examples=len(data),
                         saved=previous)
-    if previous:
-        check_same_run(config, previous, directory.root)
     train_data, held_out = _holdout(data, config.holdout, seed=config.seed)
     eval_data = _labelled(args.eval_file, args, columns, label_map)  # every input checked before any state is made
-    schedule = Schedule.from_dict(config.schedule)
-    tokenizer = EdgeTokenizer.from_bundle(bundle)
-    engine = open_engine(bundle, threads=args.threads)
-
-    def batches_after(step: int) -> Iterable[TrainBatch]:
-        return training_batches(train_data, tokenizer, batch_size=config.batch_size, epochs=config.epochs,
-                                seed=config.seed, max_steps=config.max_steps, after_step=step,
-                                group_by_length=config.group_by_length)
-
-    async with _connected(args, bundle, config, saved) as client:
-        start_step = restore_checkpoint(engine, resume_point(client.resume_step, saved))
-        result = await train(engine=engine, client=client, batches=batches_after(start_step), schedule=schedule,
-                             total_steps=schedule.total_steps, start_step=start_step,
-                             checkpointing=Checkpointing(directory, config, args.checkpoint_every),
-                             rewind=rewind_to_checkpoint(engine, directory, batches_after), progress=args.progress)
-        summary = _train_summary(result, start_step=start_step, total=schedule.total_steps, client=client)
+    async with _edge_trainer(args, bundle, directory) as trainer:
+        result = await trainer.train(train_data, config, checkpoint_every=args.checkpoint_every)
+        summary = _train_summary(result, total=config.schedule["total_steps"], client=trainer.client)
         for name, test in (("holdout", held_out), ("eval_file", eval_data)):
             if test is not None:
-                summary[f"{name}_metrics"] = await evaluate(engine=engine, client=client, data=test,
-                                                            tokenizer=tokenizer, batch_size=config.batch_size,
-                                                            progress=args.progress)
+                summary[f"{name}_metrics"] = await trainer.evaluate(test, batch_size=config.batch_size)
     _print_train(summary, directory)
     if args.report:
         args.report.write_text(json.dumps(summary, indent=2) + "\n")
@@ -320,12 +269,12 @@ def _labelled(path: Path | None, args: argparse.Namespace, columns: Columns, lab
     return None if path is None else table_texts(read_table(path, fmt=args.format), columns, label_map)
 
 
-def _train_summary(result: TrainResult, *, start_step: int, total: int, client: CloudClient) -> dict[str, Any]:
+def _train_summary(result: TrainResult, *, total: int, client: CloudClient) -> dict[str, Any]:
     """What the run did, as JSON: per-step losses, and bytes per step as the transport counted them."""
     ran = len(result.steps)
     summary: dict[str, Any] = {
-        "first_step": start_step + 1,
-        "last_step": result.last_step or start_step,
+        "first_step": result.start_step + 1,
+        "last_step": result.last_step or result.start_step,
         "total_steps": total,
         "seconds": round(result.seconds, 3),
         "losses": result.losses,
@@ -382,22 +331,6 @@ def _saved_run(args: argparse.Namespace) -> tuple[Bundle, RunConfig]:
     return bundle, replace(config, batch_size=_pick(args.batch_size, config.batch_size))
 
 
-@asynccontextmanager
-async def _trained_run(args: argparse.Namespace, bundle: Bundle, config: RunConfig) -> AsyncIterator[
-        tuple[EdgeEngine, CloudClient]]:
-    """The run's edge, restored at the step the cloud's session is at, and its connection."""
-    directory = _checkpoint_dir(args)
-    saved = directory.all()
-    engine = open_engine(bundle, threads=args.threads)
-    async with _connected(args, bundle, config, saved) as client:
-        match = [c for c in saved if c.step == client.resume_step]
-        if not match:
-            raise ResumeError(f"the cloud's session is at step {client.resume_step}, the checkpoints in "
-                              f"{directory.root} at {', '.join(str(c.step) for c in saved)}: resume training first")
-        engine.restore(match[-1].engine_dir)
-        yield engine, client
-
-
 def _run_columns(args: argparse.Namespace, config: RunConfig, *, labels: bool) -> Columns:
     return Columns(
         text=_pick(args.text_column, config.columns["text"]),
@@ -410,9 +343,8 @@ async def eval_command(args: argparse.Namespace) -> dict[str, float]:
     bundle, config = _saved_run(args)
     data = table_texts(read_table(args.eval_file, fmt=args.format), _run_columns(args, config, labels=True),
                        LabelMap.from_dict(config.label_map))
-    async with _trained_run(args, bundle, config) as (engine, client):
-        values = await evaluate(engine=engine, client=client, data=data, tokenizer=EdgeTokenizer.from_bundle(bundle),
-                                batch_size=config.batch_size, progress=args.progress)
+    async with _edge_trainer(args, bundle, _checkpoint_dir(args)) as trainer:
+        values = await trainer.evaluate(data, batch_size=config.batch_size)
     print(f"{args.eval_file} ({len(data)} rows): {_format_metrics(values)}")
     return values
 
@@ -421,10 +353,8 @@ async def predict_command(args: argparse.Namespace) -> None:
     bundle, config = _saved_run(args)
     data = table_texts(read_table(args.input, fmt=args.format), _run_columns(args, config, labels=False))
     output_format(args.out)
-    async with _trained_run(args, bundle, config) as (engine, client):
-        logits = await predict_logits(engine=engine, client=client, data=data,
-                                      tokenizer=EdgeTokenizer.from_bundle(bundle), batch_size=config.batch_size,
-                                      progress=args.progress)
+    async with _edge_trainer(args, bundle, _checkpoint_dir(args)) as trainer:
+        logits = await trainer.predict(data, batch_size=config.batch_size)
     rows = prediction_rows(data, logits, LabelMap.from_dict(config.label_map))
     columns = ["text"] + (["text_pair"] if data.pairs is not None else []) + ["label", "score"]
     write_rows(args.out, rows, columns=columns)
@@ -436,16 +366,8 @@ COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_com
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        asyncio.run(COMMANDS[args.command](args))
-    except (DataError, BundleError, ResumeError, SplitftError, OSError, ValueError, NotReady) as exc:
-        print(f"sft-edge {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"sft-edge {args.command}: interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
-        return 130
-    return 0
+    return exit_code(f"sft-edge {args.command}", lambda: asyncio.run(COMMANDS[args.command](args)),
+                     interrupted="interrupted; rerun the same command to resume from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl as ssl_module
 import time
@@ -38,16 +39,18 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, codec_for
 from splitwire.errors import (
-    BundleMismatch, ConfigMismatch, ConnectionLost, ProtocolError, RetryableError, SessionRewound, SplitftError,
+    BundleMismatch, ConfigMismatch, ConnectionLost, ProtocolError, RetryableError, SplitftError,
     UsageError,
 )
 from splitwire.protocol import (
-    DEFAULT_MAX_BATCH, REPLAYED, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Train,
+    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Train,
     Welcome, WireLimits, decode, encode, session_tag,
 )
 from splitwire.schedule import Schedule
+from splitwire.steps import EdgeSteps
 
 T = TypeVar("T")
+TOKEN_ENV = "SFT_TOKEN"  # the session token, when no --token-file is given
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +81,16 @@ class Dial:
     limits: WireLimits
     ssl: ssl_module.SSLContext | None
     open_timeout: float
+
+
+def session_token(token_file: Path | None) -> str | None:
+    """The session's token: ``token_file``'s text, else ``$SFT_TOKEN``; ``None`` without either."""
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        return token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the token file {token_file}: {exc}") from None
 
 
 def client_tls(url: str, ca_file: Path | None) -> ssl_module.SSLContext | None:
@@ -114,8 +127,7 @@ class CloudClient:
         self._limits = dial.limits
         self._request = 0
         self.session_id = dial.session_id
-        self.resume_step = 0  # the last training step the cloud had applied when the connection opened
-        self.step = 0  # the last training step both sides have applied, as far as this client knows
+        self.steps = EdgeSteps(dial.session_id)  # step order, resume and resend rules (``splitwire.steps``)
         self.reconnects = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -150,8 +162,18 @@ class CloudClient:
                     open_timeout)
         client = cls(dial, retry=retry, rng=rng)
         await client._retrying(lambda: client._open(resume_from), what="connecting")
-        client.step = client.resume_step
+        client.steps.applied(client.resume_step)
         return client
+
+    @property
+    def resume_step(self) -> int:
+        """The last training step the cloud had applied when the connection (re)opened."""
+        return self.steps.resume_step
+
+    @property
+    def step(self) -> int:
+        """The last training step both halves have applied, as far as this client knows."""
+        return self.steps.step
 
     async def _open(self, resume_from: int | None) -> None:
         """Open a connection and say hello; on return ``resume_step`` is where the cloud's session is."""
@@ -178,7 +200,7 @@ class CloudClient:
         except SplitftError:
             await self._ws.close()
             raise
-        self.resume_step = welcome.resume_step
+        self.steps.welcomed(welcome.resume_step)
         self._limits = replace(dial.limits, max_batch=min(dial.limits.max_batch, welcome.max_batch))
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], *, what: str) -> T:
@@ -208,10 +230,7 @@ class CloudClient:
         async def reopen_and_resend() -> T:
             await self._open(resume_from)
             self.reconnects += 1
-            if self.resume_step not in accept:
-                self.step = self.resume_step
-                raise SessionRewound(f"the cloud came back at step {self.resume_step} of session "
-                                     f"{self.session_id!r}; the edge is at step {resume_from}", step=self.resume_step)
+            self.steps.check_resend(edge_step=resume_from, accept=accept)
             return await self._exchange_once(data, step, read)
 
         try:
@@ -257,8 +276,8 @@ class CloudClient:
         Train.from_frame(decode(data), limits=self._limits, codec=self._activation)
         gradient, flags = await self._exchange(data, step, lambda reply: (
             Gradient.from_frame(reply, codec=self._gradient, shape=z.shape, lengths=lengths), reply.flags),
-            resume_from=step - 1, accept=(step - 1, step))
-        self.step = step
+            resume_from=step - 1, accept=self.steps.train_accept(step))
+        self.steps.applied(step)
         self.last_step_bytes = self._last
         return StepReply(step, np.array(gradient.dz), gradient.loss, gradient.metrics, bool(flags & REPLAYED))
 
@@ -273,13 +292,13 @@ class CloudClient:
 
     async def checkpoint(self, step: int) -> bool:
         """Ask the cloud to persist the session as it is after ``step``; False if it keeps no state dir."""
-        reply = await self._exchange(encode(Frame(Kind.CHECKPOINT, self._tag, step)), step, Checkpointed.from_frame,
-                                     resume_from=step, accept=(step,))
+        reply = await self._exchange(encode(CheckpointRequest(step).to_frame(session=self._tag)), step,
+                                     Checkpointed.from_frame, resume_from=step, accept=(step,))
         return reply.persisted
 
     async def close(self) -> None:
         """Say bye and close the connection."""
-        bye = encode(Frame(Kind.BYE, self._tag))
+        bye = encode(Bye().to_frame(session=self._tag))
         try:
             await self._ws.send(bye)
             self.bytes_sent += len(bye)

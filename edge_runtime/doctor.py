@@ -29,8 +29,8 @@ layer. ``runtime``, ``e`` and ``c`` are calibrated per engine by ``benchmarks/ed
 on measured peak RSS (bert-base splits 2/4/6, with and without frozen embeddings, and MiniLM
 split 3, batch 8 × length 128, 1 and 2 threads, glibc's default allocator): least squares,
 then ``runtime`` raised until no measured peak exceeds its estimate, so the estimate errs
-high (by up to ~80 MiB on the measured cases: onnxruntime-training's memory arena grows in
-steps, not linearly). The ``B·L·H`` term is linear in the length; attention's ``L²`` part is
+high (onnxruntime-training's memory arena grows in steps, not linearly; docs/BENCHMARKS.md
+lists each estimate beside its measured peak). The ``B·L·H`` term is linear in the length; attention's ``L²`` part is
 folded in at ``L`` = 128, so much longer sequences are underestimated somewhat.
 """
 
@@ -47,14 +47,15 @@ from typing import Callable
 
 from safetensors import safe_open
 
-from edge_runtime.client import CloudClient, client_tls
+from edge_runtime.cgroup import memory_limit
+from edge_runtime.client import CloudClient, client_tls, session_token
 from splitwire.bundle import Bundle, load_bundle
+from splitwire.manifest import EMBEDDING_TABLES, WEIGHTS
 from splitwire.errors import AuthError, BundleMismatch, ConnectionLost, SplitftError, UsageError
 from splitwire.schedule import Schedule
 
 MIB = 1 << 20
 # What `sft-export --freeze-embeddings` freezes (word table first).
-EMBEDDING_TABLES = ("embeddings.word.weight", "embeddings.position.weight", "embeddings.token_type.weight")
 DOCTOR_SESSION = "splitft-doctor"  # the one session id the doctor's hello opens on the cloud
 CHECKPOINTS_ON_DISK = 3  # the trainer keeps two and writes the next beside them
 DEFAULT_BATCH_SIZE = 32  # sft-edge train's default
@@ -93,11 +94,11 @@ class EdgeSize:
     @classmethod
     def of(cls, bundle: Bundle) -> "EdgeSize":
         """From the manifest and the edge weights file's header (no tensor is read)."""
-        with safe_open(str(bundle.edge_file("weights")), framework="np") as f:
+        with safe_open(str(bundle.edge_file(WEIGHTS)), framework="np") as f:
             sizes = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}
-        trained = {name: n for name, n in sizes.items() if name not in set(bundle.manifest["edge"]["frozen"])}
+        trained = {name: n for name, n in sizes.items() if name not in set(bundle.manifest.edge.frozen)}
         return cls(
-            engine=bundle.manifest["engine"],
+            engine=bundle.manifest.engine,
             parameters=sum(sizes.values()),
             trained=sum(trained.values()),
             embeddings_trained=sum(trained.get(name, 0) for name in EMBEDDING_TABLES),
@@ -176,7 +177,7 @@ def check_cpus() -> Check:
 def memory_available() -> tuple[int, str]:
     """Bytes this process may still use: ``MemAvailable``, or its cgroup's limit when lower."""
     available, source = _meminfo_available(), "MemAvailable in /proc/meminfo"
-    limit = _cgroup_limit()
+    limit = memory_limit()
     if limit is not None and limit < available:
         return limit, "this cgroup's memory limit"
     return available, source
@@ -187,29 +188,6 @@ def _meminfo_available() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     raise OSError("/proc/meminfo has no MemAvailable line")
-
-
-def _cgroup_limit() -> int | None:
-    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
-        elif "memory" in controllers.split(","):
-            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
-        else:
-            continue
-        try:
-            text = candidate.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:  # "max" or a huge number: unlimited
-            return int(text)
-    return None
 
 
 def check_memory(size: EdgeSize, *, batch: int, length: int, limit: int, source: str) -> Check:
@@ -264,7 +242,7 @@ async def check_cloud(url: str, bundle: Bundle, *, token: str | None, ca_file: P
     """Say hello as session ``splitft-doctor`` with this bundle's hash; a mismatch is refused by either side.
 
     The cloud keeps that one small session (the same id on every run of the doctor)."""
-    schedule = Schedule(lr=float(bundle.manifest["optimizer"]["lr"]))
+    schedule = Schedule(lr=bundle.manifest.optimizer.lr)
     try:
         client = await CloudClient.connect(url, bundle=bundle, session_id=DOCTOR_SESSION, token=token,
                                            schedule=schedule, ssl=client_tls(url, ca_file),
@@ -315,7 +293,7 @@ def device_checks(bundle: Bundle, args: argparse.Namespace) -> list[Check]:
         raise UsageError(f"--batch-size must be >= 1 and --max-length within 1..{bundle.max_length}")
     limit, source = (args.memory_limit, "--memory-limit") if args.memory_limit else memory_available()
     size = EdgeSize.of(bundle)
-    return [check_runtime(bundle.manifest["engine"]), check_cpus(),
+    return [check_runtime(bundle.manifest.engine), check_cpus(),
             check_memory(size, batch=args.batch_size, length=length, limit=limit, source=source),
             check_disk(size, args.checkpoint_dir)]
 
@@ -335,8 +313,8 @@ async def doctor_command(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.bundle, parts=("edge",))
     checks = device_checks(bundle, args)
     if args.cloud:
-        token = args.token_file.read_text().strip() if args.token_file else os.environ.get("SFT_TOKEN") or None
-        checks.append(await check_cloud(args.cloud, bundle, token=token, ca_file=args.ca_file))
+        checks.append(await check_cloud(args.cloud, bundle, token=session_token(args.token_file),
+                                        ca_file=args.ca_file))
     print(report(checks))
     failed = [c.name for c in checks if not c.ok]
     if failed:

@@ -22,13 +22,12 @@ import asyncio
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -37,8 +36,9 @@ from edge_runtime import metrics
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import EdgeBatch, EdgeEngine
 from edge_runtime.tokenizer import EdgeTokenizer
+from splitwire.atomic import publish_directory
 from splitwire.bundle import sha256_file
-from splitwire.errors import CheckpointCorrupt, SessionRewound
+from splitwire.errors import CheckpointCorrupt, SessionRewound, SplitftError
 from splitwire.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -51,8 +51,10 @@ ENGINE_DIR = "edge"
 CHECKPOINT_PREFIX = "step-"
 
 
-class ResumeError(Exception):
+class ResumeError(SplitftError):
     """The checkpoints on the device and the cloud's session cannot be brought to one step."""
+
+    code = "resume"
 
 
 # --- data order ------------------------------------------------------------------------------
@@ -177,6 +179,15 @@ class RunConfig:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING})
 
 
+def check_same_run(config: RunConfig, saved: RunConfig, where: Path) -> None:
+    """Refuse to resume a run with a different config: it would not be the same training."""
+    changed = [name for name, value in asdict(config).items() if asdict(saved)[name] != value]
+    if changed:
+        details = "; ".join(f"{name}: was {asdict(saved)[name]!r}, now {asdict(config)[name]!r}" for name in changed)
+        raise ResumeError(f"{where} holds a run with another config ({details}); "
+                          "pass the same options, or a fresh checkpoint dir (--checkpoint-dir) to start a new run")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
@@ -245,12 +256,10 @@ class CheckpointDir:
             state = {"step": step, "epoch": epoch, "config": asdict(config),
                      "files": _engine_files(staging / ENGINE_DIR)}
             (staging / RUN_FILE).write_text(json.dumps(state, indent=2) + "\n")
-            _fsync_tree(staging)  # on disk before it is named: a crash leaves the old checkpoint or the new one
             final = self.root / f"{CHECKPOINT_PREFIX}{step:08d}"
             if final.exists():
                 shutil.rmtree(final)
-            os.rename(staging, final)
-            _fsync_dir(self.root)
+            publish_directory(staging, final)  # a crash leaves the old checkpoint or the new one
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -260,23 +269,6 @@ class CheckpointDir:
     def _prune(self) -> None:
         for old in self.all()[:-self.keep]:
             shutil.rmtree(old.path)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root``."""
-    for directory, _, names in os.walk(root):
-        for name in names:
-            with open(Path(directory) / name, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(directory))
-
-
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def resume_point(cloud_step: int, saved: list[Checkpoint]) -> Checkpoint | None:
@@ -328,6 +320,36 @@ def rewind_to_checkpoint(engine: EdgeEngine, directory: CheckpointDir,
 # --- the loop --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback hears after a step: the step, its loss and metrics, and the frames' bytes."""
+
+    step: int
+    total_steps: int
+    loss: float
+    metrics: dict[str, float]
+    bytes_up: int
+    bytes_down: int
+
+
+class TrainerCallback:
+    """Hooks into ``train`` and ``EdgeTrainer``, in the manner of Hugging Face's ``TrainerCallback``:
+    subclass it and override what you need. ``on_step_begin`` runs before step ``n`` is computed,
+    every time it is (a rewind trains steps again)."""
+
+    def on_step_begin(self, step: int) -> None:
+        """Before the edge's forward pass of ``step``."""
+
+    def on_step_end(self, info: StepInfo) -> None:
+        """After both halves applied ``info.step``."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """After the edge (and the cloud, when it keeps a state dir) checkpointed ``step`` at ``path``."""
+
+    def on_evaluate(self, metrics: dict[str, float]) -> None:
+        """After an evaluation on labelled data."""
+
+
 @dataclass
 class TrainResult:
     """Per step of this call: step number, loss, batch shape ``(B, L)``, (up, down) bytes the transport counted."""
@@ -337,6 +359,7 @@ class TrainResult:
     shapes: list[tuple[int, int]] = field(default_factory=list)
     step_bytes: list[tuple[int, int]] = field(default_factory=list)
     seconds: float = 0.0
+    start_step: int = 0  # the step the call started after (restored from a checkpoint)
 
     @property
     def last_step(self) -> int | None:
@@ -358,24 +381,42 @@ class Checkpointing:
     every: int
     cloud_persists: bool = True  # False once the cloud said it keeps no state dir
 
-    async def save(self, engine: EdgeEngine, client: "CloudClient", *, step: int, epoch: int) -> None:
+    async def save(self, engine: EdgeEngine, client: "CloudClient", *, step: int, epoch: int,
+                   callbacks: Sequence[TrainerCallback] = ()) -> None:
         """The edge's checkpoint first, then the cloud's: a resume finds the edge at or ahead of the cloud."""
-        self.directory.save(engine, step=step, epoch=epoch, config=self.config)
+        saved = self.directory.save(engine, step=step, epoch=epoch, config=self.config)
         if not await client.checkpoint(step) and self.cloud_persists:
             self.cloud_persists = False
             log.warning("the cloud keeps no state dir: this run resumes only while sft-cloud keeps running")
+        for callback in callbacks:
+            callback.on_checkpoint(step, saved.path)
 
 
-async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainBatch, schedule: Schedule):
+@dataclass
+class StepTimes:
+    """Where one step's wall time went, in seconds (filled by ``split_step`` when given)."""
+
+    forward: float = 0.0
+    wait: float = 0.0  # for the cloud: up, the cloud's step, down
+    update: float = 0.0  # backward and AdamW
+
+
+async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainBatch, schedule: Schedule,
+                     times: StepTimes | None = None):
     """One training step of the split model; returns the cloud's reply (``dz``, loss, metrics).
 
     Engine compute runs in a worker thread so the event loop keeps answering the
     connection's pings during a long step on a slow device.
     """
+    started = time.perf_counter()
     z = await asyncio.to_thread(engine.forward, batch.inputs)
+    sent = time.perf_counter()
     reply = await client.train_step(batch.step, z, batch.lengths, batch.labels)
+    received = time.perf_counter()
     engine.set_learning_rate(schedule.rate(batch.step))
     await asyncio.to_thread(_update, engine, reply.dz)
+    if times is not None:
+        times.forward, times.wait, times.update = sent - started, received - sent, time.perf_counter() - received
     return reply
 
 
@@ -395,6 +436,7 @@ async def train(
     checkpointing: Checkpointing | None = None,
     rewind: Rewind | None = None,
     progress: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Run every batch as one split step; ``batches`` continue from ``start_step + 1``.
 
@@ -402,15 +444,16 @@ async def train(
     is met at a checkpoint and the steps after it are trained again; without, that raises
     ``SessionRewound``.
     """
-    result = TrainResult()
+    result = TrainResult(start_step=start_step)
     started = time.perf_counter()
     with tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress, dynamic_ncols=True) as bar:
         if checkpointing and start_step == 0:
-            await checkpointing.save(engine, client, step=0, epoch=0)
+            await checkpointing.save(engine, client, step=0, epoch=0, callbacks=callbacks)
         while True:
             try:
                 await _train_batches(engine=engine, client=client, batches=batches, schedule=schedule,
-                                     start_step=start_step, checkpointing=checkpointing, result=result, bar=bar)
+                                     start_step=start_step, total_steps=total_steps, checkpointing=checkpointing,
+                                     result=result, bar=bar, callbacks=callbacks)
                 break
             except SessionRewound as exc:
                 if rewind is None:
@@ -426,14 +469,16 @@ async def train(
 
 
 async def _train_batches(*, engine: EdgeEngine, client: "CloudClient", batches: Iterable[TrainBatch],
-                         schedule: Schedule, start_step: int, checkpointing: Checkpointing | None,
-                         result: TrainResult, bar: tqdm) -> None:
+                         schedule: Schedule, start_step: int, total_steps: int, checkpointing: Checkpointing | None,
+                         result: TrainResult, bar: tqdm, callbacks: Sequence[TrainerCallback]) -> None:
     last: TrainBatch | None = None
     for batch in batches:
         expected = (last.step if last else start_step) + 1
         if batch.step != expected:
             raise ValueError(f"steps must be consecutive from {start_step + 1}: "
                              f"expected {expected}, got {batch.step}")
+        for callback in callbacks:
+            callback.on_step_begin(batch.step)
         reply = await split_step(engine=engine, client=client, batch=batch, schedule=schedule)
         last = batch
         result.steps.append(batch.step)
@@ -443,10 +488,13 @@ async def _train_batches(*, engine: EdgeEngine, client: "CloudClient", batches: 
         bar.update(1)
         bar.set_postfix({"loss": f"{reply.loss:.4f}", "up": _size(client.bytes_sent),
                          "down": _size(client.bytes_received)}, refresh=False)
+        info = StepInfo(batch.step, total_steps, float(reply.loss), reply.metrics, *client.last_step_bytes)
+        for callback in callbacks:
+            callback.on_step_end(info)
         if checkpointing and batch.step % checkpointing.every == 0:
-            await checkpointing.save(engine, client, step=batch.step, epoch=batch.epoch)
+            await checkpointing.save(engine, client, step=batch.step, epoch=batch.epoch, callbacks=callbacks)
     if checkpointing and last is not None and last.step % checkpointing.every:
-        await checkpointing.save(engine, client, step=last.step, epoch=last.epoch)
+        await checkpointing.save(engine, client, step=last.step, epoch=last.epoch, callbacks=callbacks)
 
 
 def _size(n: int) -> str:

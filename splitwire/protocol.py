@@ -507,6 +507,36 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class CheckpointRequest:
+    """The edge asks the cloud to persist the session as it is after ``step``."""
+
+    step: int
+
+    def to_frame(self, *, session: int) -> Frame:
+        return Frame(Kind.CHECKPOINT, session, self.step)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> "CheckpointRequest":
+        expect(frame, Kind.CHECKPOINT)
+        only(frame, set())
+        return cls(frame.step)
+
+
+@dataclass(frozen=True)
+class Bye:
+    """The edge ends the connection politely; the session stays on the cloud."""
+
+    def to_frame(self, *, session: int) -> Frame:
+        return Frame(Kind.BYE, session)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> "Bye":
+        expect(frame, Kind.BYE)
+        only(frame, set())
+        return cls()
+
+
+@dataclass(frozen=True)
 class Checkpointed:
     """The cloud's answer to a ``CHECKPOINT`` request for ``step``."""
 

@@ -21,25 +21,27 @@ import signal
 import socket
 import ssl as ssl_module
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 from urllib.parse import urlparse
 
 import numpy as np
 from websockets.client import ClientProtocol
 from websockets.uri import parse_uri
 
+from cloud_backend.launch import CloudDidNotStart, cloud_command, read_url, start_cloud
+from edge_runtime.api import EdgeTrainer
 from edge_runtime.client import Backoff, CloudClient
-from edge_runtime.data import Columns, TextData, infer_label_map, read_table, table_texts
-from edge_runtime.engine import open_engine
-from edge_runtime.tokenizer import EdgeTokenizer
-from edge_runtime.trainer import (
-    CheckpointDir, Checkpointing, RunConfig, TrainBatch, TrainResult, restore_checkpoint, resume_point,
-    rewind_to_checkpoint, train, training_batches,
+from edge_runtime.data import (
+    Columns,
+    TextData,
+    infer_label_map,
+    read_table,
+    table_texts,
 )
+from edge_runtime.trainer import TrainerCallback, TrainResult
 from splitwire.bundle import Bundle
 from splitwire.codecs import Carries, Fp32Codec
 from splitwire.protocol import Hello, SessionConfig, Train, encode, session_tag
@@ -78,20 +80,19 @@ class CloudProcess:
     def start(self, *, wait: bool = True) -> "CloudProcess":
         """Start on ``self.port`` (0 at first: a free one). ``wait``: until it listens."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
-        command = [sys.executable, "-m", "cloud_backend.cli", "--bundle", str(self.bundle_root), "--port",
-                   str(self.port), "--device", "cpu", "--state-dir", str(self.state_dir), *self.extra]
+        command = cloud_command("--bundle", str(self.bundle_root), "--port", str(self.port), "--device", "cpu",
+                                "--state-dir", str(self.state_dir), *self.extra)
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            self.proc = start_cloud(command, log=log, env=env)
         if wait:
             self.wait_listening()
         return self
 
     def wait_listening(self) -> None:
-        line = self.proc.stdout.readline()
-        if not line.startswith("sft-cloud listening on "):
-            self.proc.kill()
-            raise RuntimeError(f"sft-cloud did not start: {line!r}\n{self.log_path.read_text()[-3000:]}")
-        self.url = line.split()[-1]
+        try:
+            self.url = read_url(self.proc)
+        except CloudDidNotStart as exc:
+            raise CloudDidNotStart(f"{exc}\n{self.log_path.read_text()[-3000:]}") from None
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def kill9(self) -> None:
@@ -257,45 +258,30 @@ class EdgeOutcome:
     bytes_received: int
 
 
-def schedule_of(run: EdgeSession) -> Schedule:
-    return Schedule(lr=run.lr, kind="linear", warmup_steps=1, total_steps=run.steps)
+class _BeforeStep(TrainerCallback):
+    def __init__(self, hook: Callable[[int], None]) -> None:
+        self.hook = hook
+
+    def on_step_begin(self, step: int) -> None:
+        self.hook(step)
 
 
 async def train_edge(run: EdgeSession, url: str, checkpoint_dir: Path, *, token: str | None = None,
                      retry: Backoff | None = FAST_RETRY, before_step: Callable[[int], None] | None = None,
                      ssl=None) -> EdgeOutcome:
-    """Train ``run`` against the cloud at ``url`` with the real engine and ``train`` loop,
-    resuming from ``checkpoint_dir`` like ``sft-edge train`` does. ``before_step(n)`` runs
-    before step ``n`` is computed (every time it is: also when a rewind replays it)."""
-    engine = open_engine(run.bundle, threads=1)
-    tokenizer = EdgeTokenizer.from_bundle(run.bundle)
-    schedule = schedule_of(run)
-    directory = CheckpointDir(checkpoint_dir)
-    saved = directory.all()
-
-    def batches_after(step: int) -> Iterator[TrainBatch]:
-        for batch in training_batches(run.data, tokenizer, batch_size=run.batch_size, epochs=100, seed=run.seed,
-                                      max_steps=run.steps, after_step=step):
-            if before_step is not None:
-                before_step(batch.step)
-            yield batch
-
-    config = RunConfig(session=run.session, bundle_hash=run.bundle.hash, data_sha256="-", columns={},
-                       label_map={}, seed=run.seed, batch_size=run.batch_size, epochs=100, max_steps=run.steps,
-                       holdout=None, schedule=schedule.to_dict())
-    client = await CloudClient.connect(url, bundle=run.bundle, session_id=run.session, token=token,
-                                       schedule=schedule, seed=run.seed, retry=retry, ssl=ssl,
-                                       resume_from=saved[-1].step if saved else None)
-    async with client:
-        start = restore_checkpoint(engine, resume_point(client.resume_step, saved))
-        checkpoints = run.checkpoint_every is not None
-        result = await train(engine=engine, client=client, batches=batches_after(start), schedule=schedule,
-                             total_steps=run.steps, start_step=start,
-                             checkpointing=Checkpointing(directory, config, run.checkpoint_every) if checkpoints
-                             else None,
-                             rewind=rewind_to_checkpoint(engine, directory, batches_after) if checkpoints else None,
-                             progress=False)
-    return EdgeOutcome(result, engine.parameters(), client.reconnects, client.bytes_sent, client.bytes_received)
+    """Train ``run`` against the cloud at ``url`` through the library API (``EdgeTrainer``), resuming
+    from ``checkpoint_dir`` like ``sft-edge train`` does. ``before_step(n)`` runs before step ``n``
+    is computed (every time it is: also when a rewind replays it)."""
+    trainer = EdgeTrainer(run.bundle, cloud=url, session=run.session, checkpoint_dir=checkpoint_dir, token=token,
+                          ssl=ssl, threads=1, retry=retry)
+    config = trainer.run_config(run.data, batch_size=run.batch_size, epochs=100, max_steps=run.steps, lr=run.lr,
+                                schedule="linear", warmup_steps=1, seed=run.seed)
+    async with trainer:
+        result = await trainer.train(run.data, config, checkpoint_every=run.checkpoint_every,
+                                     callbacks=[_BeforeStep(before_step)] if before_step else ())
+        client = trainer.client
+    return EdgeOutcome(result, trainer.engine.parameters(), client.reconnects, client.bytes_sent,
+                       client.bytes_received)
 
 
 # ---------------------------------------------------------------------------- synthetic steps
