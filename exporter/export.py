@@ -76,13 +76,13 @@ def export_bundle(
     log(f"pooling before the classifier: {loaded.spec.pooling}" + (chosen if pooling == "auto" and
                                                                    loaded.spec.pooling == "mean" else ""))
     _check_fits(loaded, spec, max_length)
-    calibration = texts and Calibration.from_tokenizer(texts, tok, spec=loaded.spec, max_length=max_length)
+    calibration = Calibration.from_tokenizer(texts, tok, spec=loaded.spec, max_length=max_length) if texts else None
     with timed(log, f"cutting at split {split}, {f'{head} head of rank {rank}' if rank else 'no compression'}"):
         split_model = build_split(loaded.spec, loaded.weights, spec, classifier_seed=seed,
                                   initializer_range=loaded.initializer_range,
-                                  calibration=calibration.fit if calibration else None)
+                                  calibration=None if calibration is None else calibration.fit)
     compression = None
-    if calibration:
+    if calibration is not None:
         compression = heal_and_measure(split_model, loaded.spec, loaded.weights, spec, calibration,
                                        heal_steps=heal_steps, log=log)
         compression["calibration"] = describe_source(calibration_text, texts, calibration_column)
