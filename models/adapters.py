@@ -104,23 +104,26 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _bert_layout(prefix: str, *, pooler: bool) -> tuple[tuple[str, str], ...]:
-    """BERT's parameter names, under the base-model ``prefix`` of a task checkpoint (``bert.``, ``roberta.``…)."""
+def _prefixed(prefix: str, layer: str, embeddings: dict[str, str],
+              layers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Renames under the base-model ``prefix`` of a task checkpoint (``bert.``, ``roberta.``…): embeddings
+    ``name → ours``, and per-layer ``name → ours`` under ``layer`` (a pattern that captures the layer index)."""
     p = rf"^(?:{re.escape(prefix)})?"
-    layer = p + r"encoder\.layer\.(\d+)\."
-    return (
-        (p + r"embeddings\.word_embeddings\.", "embeddings.word."),
-        (p + r"embeddings\.position_embeddings\.", "embeddings.position."),
-        (p + r"embeddings\.token_type_embeddings\.", "embeddings.token_type."),
-        (p + r"embeddings\.LayerNorm\.", "embeddings.norm."),
-        (p + r"embeddings_project\.", "embeddings.project."),
-        (layer + r"attention\.self\.(query|key|value)\.", r"layers.\1.attention.\2."),
-        (layer + r"attention\.output\.dense\.", r"layers.\1.attention.output."),
-        (layer + r"attention\.output\.LayerNorm\.", r"layers.\1.attention.norm."),
-        (layer + r"intermediate\.dense\.", r"layers.\1.ffn.dense_in."),
-        (layer + r"output\.dense\.", r"layers.\1.ffn.dense_out."),
-        (layer + r"output\.LayerNorm\.", r"layers.\1.ffn.norm."),
-    ) + (((p + r"pooler\.dense\.", "pooler.dense."),) if pooler else ())
+    return tuple((p + re.escape(src) + r"\.", f"{dst}.") for src, dst in embeddings.items()) + tuple(
+        (p + layer + src + r"\.", rf"layers.\1.{dst}.") for src, dst in layers.items())
+
+
+def _bert_layout(prefix: str, *, pooler: bool) -> tuple[tuple[str, str], ...]:
+    """BERT's parameter names, under the base-model ``prefix`` of a task checkpoint."""
+    return _prefixed(prefix, r"encoder\.layer\.(\d+)\.", {
+        "embeddings.word_embeddings": "embeddings.word", "embeddings.position_embeddings": "embeddings.position",
+        "embeddings.token_type_embeddings": "embeddings.token_type", "embeddings.LayerNorm": "embeddings.norm",
+        "embeddings_project": "embeddings.project", **({"pooler.dense": "pooler.dense"} if pooler else {}),
+    }, {
+        r"attention\.self\.(query|key|value)": r"attention.\2", r"attention\.output\.dense": "attention.output",
+        r"attention\.output\.LayerNorm": "attention.norm", r"intermediate\.dense": "ffn.dense_in",
+        r"output\.dense": "ffn.dense_out", r"output\.LayerNorm": "ffn.norm",
+    })
 
 
 # A fine-tuned sequence-classification head: the dense layer before the classifier (RoBERTa's and
@@ -129,26 +132,19 @@ _BERT_HEAD = ((r"^classifier\.", "classifier."),)
 _ROBERTA_HEAD = ((r"^classifier\.dense\.", "pooler.dense."), (r"^classifier\.out_proj\.", "classifier."))
 _DISTIL_HEAD = ((r"^pre_classifier\.", "pooler.dense."), (r"^classifier\.", "classifier."))
 
-_DISTIL_LAYER = r"^(?:distilbert\.)?transformer\.layer\.(\d+)\."
 BERT = Adapter(spec_from_config=_bert_spec, renames=_bert_layout("bert.", pooler=True) + _BERT_HEAD)
 ROBERTA = Adapter(spec_from_config=_roberta_spec, renames=_bert_layout("roberta.", pooler=False) + _ROBERTA_HEAD)
 ELECTRA = Adapter(spec_from_config=_electra_spec, renames=_bert_layout("electra.", pooler=False) + _ROBERTA_HEAD)
-DISTILBERT = Adapter(
-    spec_from_config=_distilbert_spec,
-    renames=_DISTIL_HEAD + (
-        (r"^(?:distilbert\.)?embeddings\.word_embeddings\.", "embeddings.word."),
-        (r"^(?:distilbert\.)?embeddings\.position_embeddings\.", "embeddings.position."),
-        (r"^(?:distilbert\.)?embeddings\.LayerNorm\.", "embeddings.norm."),
-        (_DISTIL_LAYER + r"attention\.q_lin\.", r"layers.\1.attention.query."),
-        (_DISTIL_LAYER + r"attention\.k_lin\.", r"layers.\1.attention.key."),
-        (_DISTIL_LAYER + r"attention\.v_lin\.", r"layers.\1.attention.value."),
-        (_DISTIL_LAYER + r"attention\.out_lin\.", r"layers.\1.attention.output."),
-        (_DISTIL_LAYER + r"sa_layer_norm\.", r"layers.\1.attention.norm."),
-        (_DISTIL_LAYER + r"ffn\.lin1\.", r"layers.\1.ffn.dense_in."),
-        (_DISTIL_LAYER + r"ffn\.lin2\.", r"layers.\1.ffn.dense_out."),
-        (_DISTIL_LAYER + r"output_layer_norm\.", r"layers.\1.ffn.norm."),
-    ),
-)
+DISTILBERT = Adapter(spec_from_config=_distilbert_spec, renames=_DISTIL_HEAD + _prefixed(
+    "distilbert.", r"transformer\.layer\.(\d+)\.", {
+        "embeddings.word_embeddings": "embeddings.word", "embeddings.position_embeddings": "embeddings.position",
+        "embeddings.LayerNorm": "embeddings.norm",
+    }, {
+        r"attention\.q_lin": "attention.query", r"attention\.k_lin": "attention.key",
+        r"attention\.v_lin": "attention.value", r"attention\.out_lin": "attention.output",
+        r"sa_layer_norm": "attention.norm", r"ffn\.lin1": "ffn.dense_in", r"ffn\.lin2": "ffn.dense_out",
+        r"output_layer_norm": "ffn.norm",
+    }))
 
 # model_type (config.json) → adapter. CamemBERT is the RoBERTa layout under another name.
 ADAPTERS: dict[str, Adapter] = {
