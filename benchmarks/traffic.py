@@ -56,7 +56,7 @@ def movie_reviews():
 
 def review_batches(tokenizer, steps: int, *, batch_size: int = BATCH) -> list:
     """The first ``steps`` ``TrainBatch``es of a training run on the reviews (seeded order)."""
-    from edge_runtime.trainer import training_batches
+    from edge_runtime.batches import training_batches
 
     return list(training_batches(movie_reviews(), tokenizer, batch_size=batch_size, epochs=1, seed=SEED,
                                  max_steps=steps))
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def epoch_padding(tokenizer) -> dict[str, float]:
     """Real vs padded tokens per step over a whole epoch, in training order and grouped by length."""
-    from edge_runtime.trainer import epoch_batches
+    from edge_runtime.batches import epoch_batches
 
     data = movie_reviews()
     lengths = tokenizer.lengths(data.texts)

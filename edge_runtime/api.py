@@ -21,13 +21,26 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from edge_runtime import metrics as task_metrics
+from edge_runtime.batches import TrainBatch, planned_steps, training_batches
+from edge_runtime.checkpoints import (
+    CheckpointDir,
+    ResumeError,
+    RunConfig,
+    check_same_run,
+    restore_checkpoint,
+    resume_point,
+    rewind_to_checkpoint,
+)
 from edge_runtime.client import Backoff, CloudClient
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import open_engine
 from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import (
-    Checkpointing, CheckpointDir, ResumeError, RunConfig, TrainBatch, TrainerCallback, TrainResult, check_same_run,
-    planned_steps, predict_logits, restore_checkpoint, resume_point, rewind_to_checkpoint, train, training_batches,
+    Checkpointing,
+    TrainerCallback,
+    TrainResult,
+    predict_logits,
+    train,
 )
 from splitwire.bundle import Bundle, load_bundle
 from splitwire.schedule import Schedule

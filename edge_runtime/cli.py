@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edge_runtime.api import EdgeTrainer
+from edge_runtime.batches import planned_steps
+from edge_runtime.checkpoints import CheckpointDir, ResumeError, RunConfig
 from edge_runtime.client import Backoff, CloudClient, client_tls, session_token
 from edge_runtime.data import (
     Columns,
@@ -30,18 +32,13 @@ from edge_runtime.data import (
     table_texts,
     write_rows,
 )
-from edge_runtime.doctor import add_arguments as add_doctor_arguments, doctor_command
-from edge_runtime.trainer import (
-    CheckpointDir,
-    ResumeError,
-    RunConfig,
-    TrainResult,
-    planned_steps,
-    prediction_rows,
-)
+from edge_runtime.doctor import add_arguments as add_doctor_arguments
+from edge_runtime.doctor import doctor_command
+from edge_runtime.trainer import TrainResult, prediction_rows
 from splitwire.bundle import Bundle, BundleError, load_bundle, sha256_file
 from splitwire.codecs import CODEC_NAMES
-from splitwire.exit_codes import EPILOG as EXIT_STATUS, exit_code
+from splitwire.exit_codes import EPILOG as EXIT_STATUS
+from splitwire.exit_codes import exit_code
 from splitwire.schedule import SCHEDULES, Schedule
 
 DEFAULTS = {"seed": 0, "batch_size": 32, "epochs": 3, "schedule": "constant", "warmup": 0, "session": "default",

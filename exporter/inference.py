@@ -43,7 +43,7 @@ from cloud_backend.session import CloudSession
 from edge_runtime.engine import open_engine
 from edge_runtime.engines import ort_training
 from edge_runtime.ort_import import training_api
-from edge_runtime.trainer import CheckpointDir
+from edge_runtime.checkpoints import CheckpointDir
 from exporter.bundle_writer import ExportError
 from models import CloudPart
 from splitwire import manifest

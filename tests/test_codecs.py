@@ -365,7 +365,7 @@ def test_the_cloud_refuses_an_unknown_codec_and_checkpoints_the_one_it_trains_wi
 def test_sft_edge_train_codec_reaches_the_cloud_and_is_fixed_for_the_run(tiny, tmp_path, capsys):
     from conftest import movie_reviews_path
     from edge_runtime.cli import main
-    from edge_runtime.trainer import CheckpointDir
+    from edge_runtime.checkpoints import CheckpointDir
 
     data = tmp_path / "train.tsv"
     data.write_text("\n".join(movie_reviews_path().read_text(encoding="utf-8").splitlines()[:17]) + "\n")

@@ -19,18 +19,9 @@ from conftest import minilm_path, movie_reviews_path
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import open_engine
 from edge_runtime.tokenizer import EdgeTokenizer
-from edge_runtime.trainer import (
-    Checkpoint,
-    CheckpointDir,
-    ResumeError,
-    RunConfig,
-    batch_plan,
-    epoch_order,
-    planned_steps,
-    prediction_rows,
-    resume_point,
-    training_batches,
-)
+from edge_runtime.batches import batch_plan, epoch_order, planned_steps, training_batches
+from edge_runtime.checkpoints import Checkpoint, CheckpointDir, ResumeError, RunConfig, resume_point
+from edge_runtime.trainer import prediction_rows
 from splitwire.bundle import load_bundle
 from splitwire.schedule import Schedule
 # --- data order and resume point (edge_runtime.trainer, no server needed) -------------------------
@@ -154,7 +145,7 @@ def test_a_corrupt_edge_checkpoint_is_refused_with_its_path_and_a_cut_save_leave
     """Every engine file is checksummed in run.json: an overwritten, missing or added file makes
     the restore fail with ``CheckpointCorrupt`` naming the checkpoint, before the engine reads
     it. The staging dir of a save cut by a crash is removed by the next save."""
-    from edge_runtime.trainer import restore_checkpoint
+    from edge_runtime.checkpoints import restore_checkpoint
     from splitwire.errors import CheckpointCorrupt
 
     directory = CheckpointDir(tmp_path / "run")

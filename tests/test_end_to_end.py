@@ -14,7 +14,6 @@ import asyncio
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +28,8 @@ from edge_runtime.client import CloudClient
 from edge_runtime.data import Columns, infer_label_map, read_table, table_texts
 from edge_runtime.engine import open_engine
 from edge_runtime.tokenizer import EdgeTokenizer
-from edge_runtime.trainer import train, training_batches
+from edge_runtime.batches import training_batches
+from edge_runtime.trainer import train
 from models import CloudPart, EncoderSpec, SplitSpec
 from splitwire.bundle import load_bundle
 from splitwire.manifest import ENGINES

@@ -31,7 +31,7 @@ from conftest import movie_reviews_path
 
 from cloud_backend.server import serve_cloud
 from edge_runtime.client import Backoff, CloudClient
-from edge_runtime.trainer import CheckpointDir
+from edge_runtime.checkpoints import CheckpointDir
 from splitwire.bundle import load_bundle
 from splitwire.errors import ConnectionLost
 

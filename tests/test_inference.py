@@ -25,7 +25,7 @@ from cloud_backend.session import CloudSession, checkpoint_path
 from edge_runtime.engine import open_engine
 from edge_runtime.ort_import import onnxruntime
 from edge_runtime.tokenizer import EdgeTokenizer
-from edge_runtime.trainer import CheckpointDir
+from edge_runtime.checkpoints import CheckpointDir
 from exporter.bundle_writer import ExportError
 from exporter.inference import LOGITS, Z, assemble, edge_inference_graph
 from splitwire.bundle import load_bundle

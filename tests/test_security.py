@@ -13,11 +13,10 @@ import hashlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from cloud_harness import (
-    SCHEDULE, SEED, CloudProcess, hello_frame, tiny_dropout_bundle, train_frame, train_request, train_steps,
+    SCHEDULE, SEED, CloudProcess, hello_frame, tiny_dropout_bundle, train_frame, train_steps,
 )
 from conftest import movie_reviews_path
 from websockets.asyncio.client import connect
