@@ -43,7 +43,7 @@ from benchmarks.traffic import payload_bytes
 from edge_runtime.data import Columns, TextData, holdout_split, infer_label_map, read_table, table_texts
 from edge_runtime.metrics import macro_f1, spearman
 from edge_runtime.tokenizer import EdgeTokenizer
-from edge_runtime.trainer import training_batches
+from edge_runtime.batches import training_batches
 from exporter.calibration import Calibration, read_calibration_text
 from models import SplitSpec, build_full, build_split, load_encoder
 from models.fidelity import fidelity_report
