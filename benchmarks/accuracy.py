@@ -48,7 +48,7 @@ from exporter.calibration import Calibration, read_calibration_text
 from models import SplitSpec, build_full, build_split, load_encoder
 from models.fidelity import fidelity_report
 from models.healing import heal
-from models.heads import original_split_ffn, split_inputs
+from models.heads import original_split_ffn, split_inputs, variance_held
 from splitwire.codecs import Carries, codec_for
 from splitwire.schedule import Schedule
 
@@ -317,6 +317,33 @@ def summarize(runs: list[dict], settings: dict, *, name: str = "accuracy",
     write_section(name, title=title, command=command, settings=settings, body=body, results=results)
 
 
+def fidelity_table(chosen: list[Variant], settings: dict, *, name: str, command: str, threads: int) -> None:
+    """Each head and rank of ``chosen`` before any training: the fidelity report, and the share of ``h``'s
+    centred variance in the span of the directions the edge projects on (the rows of ``head.vt``)."""
+    _start_worker(threads, settings["test_rows"], settings["pooling"])
+    calibration = _WORKER["calibration"]
+    lines = ["| head | rank | variance of h held | split layer cos | split layer rel. err | pooled cos "
+             "| pooled rel. err |", "|---|---|---|---|---|---|---|"]
+    results = []
+    seen = set()
+    for v in chosen:
+        if v.rank is None or (v.head, v.rank, v.heal_steps) in seen:
+            continue
+        seen.add((v.head, v.rank, v.heal_steps))
+        model, report = build_variant(v, encoder=_WORKER["encoder"], num_labels=2, seed=0, calibration=calibration)
+        held = variance_held(split_inputs(model.edge, calibration.fit), model.edge.head.vt.detach())
+        head = v.head + (f" + {v.heal_steps} healing steps" if v.heal_steps else "")
+        s, p = report["split_output"], report["pooled"]
+        lines.append(f"| {head} | {v.rank} | {100 * held:.1f} % | {s['cosine']:.3f} | {s['relative_error']:.3f} "
+                     f"| {p['cosine']:.3f} | {p['relative_error']:.3f} |")
+        results.append({"head": v.head, "rank": v.rank, "heal_steps": v.heal_steps, "variance_held": held, **report})
+        print(lines[-1], flush=True)
+    body = ("\n".join(lines) + "\n\nBefore any training, on held-out calibration rows (`models.fidelity`): the split "
+            "model's split layer output and pooled sentence vector against the pretrained model's.\n")
+    write_section(name, title="Fidelity of the compression heads (MiniLM-L6, split 3, before training)",
+                  command=command, settings=settings, body=body, results=results)
+
+
 _WORKER: dict = {}
 
 
@@ -369,13 +396,16 @@ def main() -> None:
     parser.add_argument("--tag", help="a separate study: docs/bench/accuracy-TAG.{md,png} and its own run log")
     parser.add_argument("--summarize-only", action="store_true",
                         help="write the table and plot from the run log, train nothing")
+    parser.add_argument("--fidelity-only", action="store_true",
+                        help="write the fidelity report of each head and rank of the grid (docs/bench/NAME-fidelity.md), "
+                             "train nothing")
     args = parser.parse_args()
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     name = f"accuracy-{args.tag}" if args.tag else "accuracy"
     log = BENCH_DIR / f"{name}_runs.jsonl"
-    shown = [a for a in sys.argv[1:] if a not in ("--resume", "--summarize-only")]
+    shown = [a for a in sys.argv[1:] if a not in ("--resume", "--summarize-only", "--fidelity-only")]
     command = f"python -m benchmarks.accuracy {shlex.join(shown)}" if args.tag else "make bench-accuracy"
-    keep = args.resume or args.summarize_only
+    keep = args.resume or args.summarize_only or args.fidelity_only
     done = [json.loads(line) for line in log.read_text().splitlines()] if keep and log.exists() else []
     if not keep:
         log.write_text("")
@@ -397,6 +427,9 @@ def main() -> None:
     planned = len(args.seeds) * len(args.datasets) * len(chosen)
     if args.summarize_only:
         summarize(done, settings, name=name, command=command, planned=planned)
+        return
+    if args.fidelity_only:
+        fidelity_table(chosen, settings, name=f"{name}-fidelity", command=command, threads=args.threads)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads already run
     with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_start_worker,
