@@ -7,15 +7,10 @@ the real programs talk over a real TCP connection through an emulated link: ``sf
 runs in one network namespace, the edge (the ``ort-training`` engine, ``CloudClient``, the
 trainer's step) in another, and nothing else is reachable from either.
 
-The link: this kernel has no ``netem`` qdisc (``tc qdisc add … netem`` answers "unknown
-qdisc kind"), but it has the token-bucket shaper ``tbf``. Each namespace gets a point-to-point
-TUN device (10.77.0.1 ↔ 10.77.0.2, addresses that exist only inside the two namespaces);
-``tc tbf`` shapes each device's egress in the kernel (the bandwidth, a 1 s queue), and a
-delay line in this process moves every packet from one device to the other after RTT/2
-(the propagation delay, at packet level, so TCP sees the real RTT: slow start, ACK clocking
-and the queue all behave as on a real path). Before the shaped phases every system runs once
-with no shaping and no delay: that is its compute time (plus an unshaped local hop); the
-rest of a shaped step is transfer.
+The link (``benchmarks.netem``): shaped TUN devices joined by a packet delay line, so TCP
+sees the real RTT. Before the shaped phases every system runs once with no shaping and no
+delay: that is its compute time (plus an unshaped local hop); the rest of a shaped step is
+transfer.
 
 Per step the edge times its own compute (forward, then backward and AdamW) and the wait for
 the gradient; the cloud logs its own time per request (``ms``); transfer is the wait minus
@@ -34,18 +29,11 @@ import argparse
 import dataclasses
 import asyncio
 import contextlib
-import ctypes
-import fcntl
-import heapq
 import json
 import os
-import select
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,30 +42,17 @@ import numpy as np
 
 from benchmarks.assets import minilm_path
 from benchmarks.report import BENCH_DIR, ROOT, write_section, save_plot
+from benchmarks.netem import CLOUD_IP, UNSHAPED, EmulatedLink, Link
 from cloud_backend.launch import CloudDidNotStart, cloud_command, read_url, start_cloud
 
-EDGE_IP, CLOUD_IP, PORT, TUN = "10.77.0.1", "10.77.0.2", 8765, "sftls0"
+PORT = 8765
 SPLIT, RANK, SEED = 3, 8, 0
 # Batch 16: a vanilla-split frame (16 × L × 384 float32, about 1.5 MB) must cross 1 Mbit/s within the
 # websocket keepalive's 20 s ping timeout, or the connection is dropped (see the report).
 BATCH = 16
-QUEUE_S = 1.0  # tbf queue: a second of traffic at the link's rate
 KEEPALIVE_S = 20.0  # websockets' default ping timeout, on both ends
 
 
-@dataclass(frozen=True)
-class Link:
-    """An emulated link: bandwidth each way (None: unshaped) and round-trip time."""
-
-    mbit: float | None
-    rtt_ms: float
-
-    @property
-    def label(self) -> str:
-        return "unshaped (compute)" if self.mbit is None else f"{self.mbit:g} Mbit/s, {self.rtt_ms:g} ms RTT"
-
-
-UNSHAPED = Link(None, 0.0)
 LINKS = (Link(100, 20), Link(10, 20), Link(10, 50), Link(1, 50))
 
 
@@ -92,115 +67,6 @@ class System:
 
 SYSTEMS = (System("vanilla split", None, "fp32"), System("SFT rank 8", RANK, "fp32"),
            System("SFT rank 8, int8+packed", RANK, "int8+packed"))
-
-
-# ---------------------------------------------------------------------------- the emulated link
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET, TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x40000000, 0x400454CA, 0x0001, 0x1000
-
-
-def _run(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-def _open_tun(namespace: str) -> int:
-    """Attach to the TUN device of ``namespace`` (the calling thread moves into that namespace)."""
-    ns = os.open(f"/var/run/netns/{namespace}", os.O_RDONLY)
-    try:
-        if _LIBC.setns(ns, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {namespace}")
-    finally:
-        os.close(ns)
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", TUN.encode(), IFF_TUN | IFF_NO_PI))
-    return fd
-
-
-class DelayLine(threading.Thread):
-    """Moves every packet between the two TUN devices, each after ``delay`` seconds (RTT/2)."""
-
-    def __init__(self, edge_ns: str, cloud_ns: str) -> None:
-        super().__init__(daemon=True, name="delay-line")
-        self.namespaces = (edge_ns, cloud_ns)
-        self.delay = 0.0
-        self.opened = threading.Event()
-        self.stopping = threading.Event()
-        self.packets = 0
-
-    def run(self) -> None:
-        edge, cloud = (_open_tun(ns) for ns in self.namespaces)  # this thread ends up in the cloud namespace
-        self.opened.set()
-        other = {edge: cloud, cloud: edge}
-        queue: list[tuple[float, int, int, bytes]] = []
-        while not self.stopping.is_set():
-            timeout = max(0.0, queue[0][0] - time.monotonic()) if queue else 0.05
-            ready, _, _ = select.select([edge, cloud], [], [], timeout)
-            now = time.monotonic()
-            for fd in ready:
-                for packet in _drain(fd):
-                    self.packets += 1
-                    heapq.heappush(queue, (now + self.delay, self.packets, other[fd], packet))
-            while queue and queue[0][0] <= time.monotonic():
-                _, _, fd, packet = heapq.heappop(queue)
-                os.write(fd, packet)
-        os.close(edge)
-        os.close(cloud)
-
-
-def _drain(fd: int) -> Iterator[bytes]:
-    while True:
-        try:
-            yield os.read(fd, 65536)
-        except BlockingIOError:
-            return
-
-
-class EmulatedLink:
-    """Two network namespaces joined by shaped TUN devices and a delay line; ``set`` changes the link."""
-
-    def __init__(self) -> None:
-        tag = os.getpid()
-        self.edge_ns, self.cloud_ns = f"sftls-edge-{tag}", f"sftls-cloud-{tag}"
-        self.delay_line = DelayLine(self.edge_ns, self.cloud_ns)
-
-    def __enter__(self) -> "EmulatedLink":
-        try:
-            for ns, mine, peer in ((self.edge_ns, EDGE_IP, CLOUD_IP), (self.cloud_ns, CLOUD_IP, EDGE_IP)):
-                _run("ip", "netns", "add", ns)
-                _run("ip", "-n", ns, "link", "set", "lo", "up")
-                _run("ip", "-n", ns, "tuntap", "add", "dev", TUN, "mode", "tun")
-                _run("ip", "-n", ns, "addr", "add", mine, "peer", peer, "dev", TUN)
-                _run("ip", "-n", ns, "link", "set", TUN, "up")
-            self.delay_line.start()
-            if not self.delay_line.opened.wait(10):
-                raise RuntimeError("the delay line could not open the TUN devices")
-            self.set(UNSHAPED)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def set(self, link: Link) -> None:
-        """Shape both directions: ``tbf`` at the link's rate (or a plain FIFO) and RTT/2 of delay each way."""
-        for ns in (self.edge_ns, self.cloud_ns):
-            if link.mbit is None:
-                shaper = ["pfifo", "limit", "10000"]
-            else:
-                burst = max(3000, int(link.mbit * 1e6 / 8 * 0.002))  # 2 ms of traffic, at least two packets
-                shaper = ["tbf", "rate", f"{link.mbit:g}mbit", "burst", str(burst), "latency", f"{QUEUE_S * 1000:g}ms"]
-            _run("tc", "-n", ns, "qdisc", "replace", "dev", TUN, "root", *shaper)
-        self.delay_line.delay = link.rtt_ms / 2000
-
-    def exec_in(self, ns: str) -> list[str]:
-        return ["ip", "netns", "exec", ns]
-
-    def __exit__(self, *exc: object) -> None:
-        self.delay_line.stopping.set()
-        if self.delay_line.is_alive():
-            self.delay_line.join(5)
-        for ns in (self.edge_ns, self.cloud_ns):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 # ---------------------------------------------------------------------------- the edge (child process)
