@@ -244,7 +244,7 @@ def measure(case: Case) -> dict:
 
 def features(case: Case) -> dict[str, float]:
     """The doctor's estimate and the terms the calibration fits, for batch × length."""
-    from edge_runtime.doctor import EdgeSize
+    from edge_runtime.memory_model import EdgeSize
     from splitwire.bundle import load_bundle
 
     size = EdgeSize.of(load_bundle(BUNDLES / case.bundle_name, parts=("edge",)))

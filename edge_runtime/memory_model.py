@@ -1,0 +1,98 @@
+"""The edge's peak memory in a training step, estimated from the bundle alone.
+
+Why it exists: a small board fails late and badly when the edge half does not fit (the
+kernel kills the process mid-epoch); ``sft-edge doctor`` and ``benchmarks/edge_budget.py``
+answer before a run, from the manifest and the weight shapes, without loading the engine.
+
+The memory estimate, in bytes, for ``B`` rows of ``L`` tokens, ``H`` hidden units and ``k``
+edge layers (``split``; the last one is its attention block only)::
+
+    peak ≈ runtime + 4·(P + 3·T) + e·4·W + c·B·L·H·k
+
+``P`` edge parameters (float32), ``T`` of them trained (gradient + two AdamW moments each),
+``W`` elements of the word-embedding table when it is trained (backward scratch for its
+dense gradient: the ``onnx`` engine materialises it), ``runtime`` the interpreter,
+onnxruntime and the sessions, ``c`` activation bytes saved and worked on per ``B·L·H`` per
+layer. ``runtime``, ``e`` and ``c`` are calibrated per engine by ``benchmarks/edge_budget.py``
+on measured peak RSS (bert-base splits 2/4/6, with and without frozen embeddings, and MiniLM
+split 3, batch 8 × length 128, 1 and 2 threads, glibc's default allocator): least squares,
+then ``runtime`` raised until no measured peak exceeds its estimate, so the estimate errs
+high (onnxruntime-training's memory arena grows in steps, not linearly; docs/BENCHMARKS.md
+lists each estimate beside its measured peak). The ``B·L·H`` term is linear in the length; attention's ``L²`` part is
+folded in at ``L`` = 128, so much longer sequences are underestimated somewhat.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from safetensors import safe_open
+
+from splitwire.bundle import Bundle
+from splitwire.manifest import EMBEDDING_TABLES, WEIGHTS
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One engine's constants of the peak-memory estimate (see the module docstring)."""
+
+    runtime_bytes: int
+    activation: float  # c: bytes per B·L·H per edge layer
+    embedding_scratch: float  # e: float32 copies of the trained word-embedding table in backward
+
+
+# Fitted by `python -m benchmarks.edge_budget` (docs/bench/edge_budget.md; rounded up); update from its output.
+CALIBRATION = {
+    "ort-training": Calibration(runtime_bytes=188 * MIB, activation=99.0, embedding_scratch=0.75),
+    "onnx": Calibration(runtime_bytes=128 * MIB, activation=134.0, embedding_scratch=1.6),
+}
+
+
+@dataclass(frozen=True)
+class EdgeSize:
+    """What the edge half holds in memory: its parameters and the shape of its activations."""
+
+    engine: str
+    parameters: int
+    trained: int
+    embeddings_trained: int  # elements of the EMBEDDING_TABLES that are trained
+    word_embeddings_trained: int
+    hidden: int
+    layers: int
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> "EdgeSize":
+        """From the manifest and the edge weights file's header (no tensor is read)."""
+        with safe_open(str(bundle.edge_file(WEIGHTS)), framework="np") as f:
+            sizes = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}
+        trained = {name: n for name, n in sizes.items() if name not in set(bundle.manifest.edge.frozen)}
+        return cls(
+            engine=bundle.manifest.engine,
+            parameters=sum(sizes.values()),
+            trained=sum(trained.values()),
+            embeddings_trained=sum(trained.get(name, 0) for name in EMBEDDING_TABLES),
+            word_embeddings_trained=trained.get(EMBEDDING_TABLES[0], 0),
+            hidden=int(bundle.encoder["hidden_size"]),
+            layers=int(bundle.split["split"]),
+        )
+
+    def with_frozen_embeddings(self) -> "EdgeSize":
+        """The same edge exported with ``--freeze-embeddings``."""
+        return replace(self, trained=self.trained - self.embeddings_trained, embeddings_trained=0,
+                       word_embeddings_trained=0)
+
+    def peak_bytes(self, *, batch: int, length: int) -> int:
+        """Estimated peak resident memory of one training step at ``batch × length``."""
+        c = CALIBRATION[self.engine]
+        weights = 4 * (self.parameters + 3 * self.trained)
+        scratch = c.embedding_scratch * 4 * self.word_embeddings_trained
+        activations = c.activation * batch * length * self.hidden * self.layers
+        return int(c.runtime_bytes + weights + scratch + activations)
+
+    def checkpoint_bytes(self) -> int:
+        """One edge checkpoint: ``onnx`` saves trained parameters and moments, ``ort-training`` all parameters too."""
+        kept = 3 * self.trained if self.engine == "onnx" else self.parameters + 2 * self.trained
+        return 4 * kept
