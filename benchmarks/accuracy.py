@@ -403,7 +403,7 @@ def main() -> None:
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     name = f"accuracy-{args.tag}" if args.tag else "accuracy"
     log = BENCH_DIR / f"{name}_runs.jsonl"
-    shown = [a for a in sys.argv[1:] if a not in ("--resume", "--summarize-only", "--fidelity-only")]
+    shown = [a for a in sys.argv[1:] if a not in ("--resume", "--summarize-only")]
     command = f"python -m benchmarks.accuracy {shlex.join(shown)}" if args.tag else "make bench-accuracy"
     keep = args.resume or args.summarize_only or args.fidelity_only
     done = [json.loads(line) for line in log.read_text().splitlines()] if keep and log.exists() else []
