@@ -175,7 +175,9 @@ def test_a_corrupt_edge_checkpoint_is_refused_with_its_path_and_a_cut_save_leave
 # --- sft-edge end to end: a real cloud on localhost, the edge in a process where torch cannot be imported ---
 
 NO_TORCH = """
-import sys
+import signal, sys
+# Ctrl-C as in a terminal: a runner started as a background job (`make test &`) passes SIGINT on ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 class _Refuse:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "transformers"):
@@ -215,11 +217,6 @@ def _final_edge_weights(bundle, directory: Path) -> dict[str, np.ndarray]:
     return engine.parameters()
 
 
-# 20 steps an epoch; the interrupt comes after step 10, so the run must still be going then: at 2 epochs a
-# loaded machine let the whole run finish (1.1 s) before the test's poll saw step 10 and sent SIGINT.
-EPOCHS = 6
-
-
 def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_bundle, tmp_path):
     from cloud_backend.server import serve_cloud
 
@@ -228,7 +225,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
     def train_args(url: str, name: str) -> list[str]:
         return ["train", "--bundle", str(tiny_bundle.root), "--cloud", url, "--session", name,
                 "--checkpoint-dir", str(tmp_path / name), "--data", str(train_file), "--label-column", "sentiment",
-                "--label-threshold", "0", "--batch-size", "8", "--epochs", str(EPOCHS), "--lr", "1e-3", "--seed", "3",
+                "--label-threshold", "0", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--seed", "3",
                 "--checkpoint-every", "5", "--threads", "1", "--no-progress", "--report", str(tmp_path / f"{name}.json")]
 
     async def scenario() -> dict[str, tuple[int, str]]:
@@ -255,8 +252,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
     assert runs["resumed"][0] == 0, runs["resumed"][1]
     whole = json.loads((tmp_path / "whole.json").read_text())
     resumed = json.loads((tmp_path / "cut.json").read_text())
-    assert whole["first_step"] == 1 and whole["last_step"] == resumed["last_step"] == 20 * EPOCHS
-    assert resumed["first_step"] in range(11, 20 * EPOCHS, 5)  # after the last checkpoint before the interrupt
+    assert whole["first_step"] == 1 and whole["last_step"] == resumed["last_step"] == 40
+    assert resumed["first_step"] in (11, 16, 21, 26, 31, 36)  # after the last checkpoint before the interrupt
     assert resumed["losses"] == whole["losses"][resumed["first_step"] - 1:]
 
     edge_whole = _final_edge_weights(tiny_bundle, tmp_path / "whole")
