@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from websockets.asyncio.server import ServerConnection
 
-log = logging.getLogger("splitft.cloud")
 DEFAULT_SEND_TIMEOUT_S = 30.0
 MAX_UNREAD_REPLIES = 1 << 16  # bytes of pongs a peer may leave unread: about 500 pings
 
