@@ -31,6 +31,8 @@ REQUIRED_KEYS = ("format", "format_version", "base_model", "encoder", "split", "
 EDGE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # The embedding tables by their PyTorch names (``--freeze-embeddings`` freezes them; DistilBERT has no token types).
 EMBEDDING_TABLES = ("embeddings.word.weight", "embeddings.position.weight", "embeddings.token_type.weight")
+# The edge AdamW's moment dtypes: exact float32 (the default), or bfloat16 (half the optimizer state, onnx engine).
+MOMENT_DTYPES = ("fp32", "bf16")
 # Value names in the onnx engine's graphs: z out, dL/dz in, saved activations "saved.N", gradients "grad.<parameter>".
 Z, DZ, SAVED, GRAD = "z", "dz", "saved.", "grad."
 
@@ -58,10 +60,11 @@ class Optimizer:
     eps: float
     weight_decay: float
     name: str = "adamw"
+    moments: str = "fp32"  # the edge's AdamW moments in memory and checkpoints: one of MOMENT_DTYPES
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                "weight_decay": self.weight_decay}
+                "weight_decay": self.weight_decay, "moments": self.moments}
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,11 @@ class EdgeSection:
     files: Mapping[str, str]
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
+    trained_layers: int | None = None  # the top edge layers that train (below them all is frozen); None: all
 
     def to_dict(self) -> dict[str, Any]:
-        return {"files": dict(self.files), "trainable": list(self.trainable), "frozen": list(self.frozen)}
+        return {"files": dict(self.files), "trainable": list(self.trainable), "frozen": list(self.frozen),
+                "trained_layers": self.trained_layers}
 
 
 @dataclass(frozen=True)
@@ -135,10 +140,13 @@ class Manifest(Mapping[str, Any]):
         edge, cloud, opt, tok = raw["edge"], raw["cloud"], raw["optimizer"], raw["tokenizer"]
         return cls(
             raw=raw, engine=raw["engine"], max_length=raw["max_length"], encoder=raw["encoder"], split=raw["split"],
-            edge=EdgeSection(edge["files"], _names(edge, "trainable", where), _names(edge, "frozen", where)),
+            edge=EdgeSection(edge["files"], _names(edge, "trainable", where), _names(edge, "frozen", where),
+                             _whole(raw, "edge", "trained_layers", where, minimum=0, optional=True)
+                             if "trained_layers" in edge else None),
             cloud=CloudSection(cloud["files"], _flag(cloud, "dropout", where)),
             optimizer=Optimizer(lr=_number(opt, "lr", where), betas=_betas(opt, where), eps=_number(opt, "eps", where),
-                                weight_decay=_number(opt, "weight_decay", where, zero=True)),
+                                weight_decay=_number(opt, "weight_decay", where, zero=True),
+                                moments=_choice(opt, "moments", MOMENT_DTYPES, where)),
             tokenizer=TokenizerSettings(file=tok["file"], max_length=raw["max_length"],
                                         pad_id=_whole(raw, "tokenizer", "pad_id", where, minimum=0),
                                         pad_token=_text(tok, "pad_token", where),
@@ -170,8 +178,14 @@ def _check_shapes(manifest: dict[str, Any], where: Path | str) -> None:
     for section in ("encoder", "split", "edge", "cloud", "optimizer", "tokenizer"):
         if not isinstance(manifest[section], dict):
             raise BundleError(f"{where}: {section} must be an object")
-    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size"):
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "max_positions"):
         _whole(manifest, "encoder", key, where)
+    _whole(manifest, "encoder", "type_vocab_size", where, minimum=0)  # DistilBERT has no token types
+    if "position_offset" in manifest["encoder"]:  # RoBERTa's positions start after the padding index
+        offset = _whole(manifest, "encoder", "position_offset", where, minimum=0)
+        if offset >= manifest["encoder"]["max_positions"]:
+            raise BundleError(f"{where}: encoder.position_offset {offset} leaves no position of "
+                              f"max_positions {manifest['encoder']['max_positions']}")
     _whole(manifest, "split", "split", where)
     _whole(manifest, "split", "rank", where, optional=True)
     _whole(manifest, "split", "num_labels", where)
@@ -237,6 +251,14 @@ def _whole(manifest: dict[str, Any], section: str, key: str, where: Path | str, 
     if type(value) is not int or value < minimum:
         raise BundleError(f"{where}: {section}.{key} must be a whole number >= {minimum}"
                           f"{' or null' if optional else ''}, got {str(value)[:40]!r}")
+    return value
+
+
+def _choice(section: dict[str, Any], key: str, choices: tuple[str, ...], where: Path | str) -> str:
+    """``section[key]``, one of ``choices``; the first of them when absent (bundles written before the key)."""
+    value = section.get(key, choices[0])
+    if value not in choices:
+        raise BundleError(f"{where}: optimizer.{key} must be one of {', '.join(choices)}, got {str(value)[:40]!r}")
     return value
 
 
