@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cloud_backend.auth import TOKENS_ENV, TokenStore
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S
-from cloud_backend.launch import LISTENING
+from cloud_backend.launch import LISTENING, STATUS
 from cloud_backend.server import (
     DEFAULT_HELLO_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_STATE_BYTES, DEFAULT_SESSION_TTL_S, serve_cloud,
 )
@@ -77,13 +77,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=Path, default=None,
                         help=f"file of per-session tokens, one 'session_id token' or 'session_id sha256:HEX' a "
                              f"line (default: ${TOKENS_ENV}, same lines); a session opens only with its own token")
+    parser.add_argument("--status-port", type=int, default=None,
+                        help="also serve over HTTP on this port (0 picks a free one, printed on stdout): a status "
+                             "page (/), its JSON (/status.json) and Prometheus metrics (/metrics); they need no "
+                             "token and show no token or session id (default: off)")
+    parser.add_argument("--status-host", default="127.0.0.1",
+                        help="interface of --status-port (default: 127.0.0.1)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss:// (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without tokens or without TLS (trusted networks only)")
     args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port {args.port} is outside 0..65535")
+    for flag in ("port", "status_port"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= 65535:
+            parser.error(f"--{flag.replace('_', '-')} {value} is outside 0..65535")
     if args.max_sessions < 1 or args.max_batch < 1 or (args.max_connections is not None and args.max_connections < 1):
         parser.error("--max-sessions, --max-batch and --max-connections must be at least 1")
     if args.max_state_mb < 0:
@@ -140,8 +148,11 @@ async def _serve(args: argparse.Namespace) -> None:
                            idle_timeout=args.idle_timeout, max_connections=args.max_connections,
                            hello_timeout=args.hello_timeout, send_timeout=args.send_timeout,
                            session_ttl=args.session_ttl,
-                           max_state_bytes=(args.max_state_mb << 20) or None) as server:
+                           max_state_bytes=(args.max_state_mb << 20) or None, status_host=args.status_host,
+                           status_port=args.status_port) as server:
         print(f"{LISTENING}{server.url}", flush=True)
+        if server.status_url:
+            print(f"{STATUS}{server.status_url}", flush=True)
         await stop.wait()
     print("sft-cloud stopped", flush=True)
 

@@ -2,7 +2,8 @@
 
 Why it exists: the tests, the demo and the benchmarks run a real ``sft-cloud``, mostly on
 ``--port 0``; the one line it prints on stdout once it listens (``LISTENING`` + URL) is how
-they learn the port. Standard library only: starting the server needs no torch here.
+they learn the port (with ``--status-port``, a second line: ``STATUS`` + the status port's URL).
+Standard library only: starting the server needs no torch here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from typing import IO, Sequence
 
 LISTENING = "sft-cloud listening on "
+STATUS = "sft-cloud status on "
 
 
 class CloudDidNotStart(RuntimeError):
@@ -38,3 +40,11 @@ def read_url(process: subprocess.Popen[str]) -> str:
         process.wait()
         raise CloudDidNotStart(f"sft-cloud did not start (exit {process.returncode}): {line!r}")
     return line[len(LISTENING):].strip()
+
+
+def read_status_url(process: subprocess.Popen[str]) -> str:
+    """After ``read_url``, for a child started with ``--status-port``: the status port's URL."""
+    line = process.stdout.readline()
+    if not line.startswith(STATUS):
+        raise CloudDidNotStart(f"sft-cloud printed no status URL: {line!r}")
+    return line[len(STATUS):].strip()

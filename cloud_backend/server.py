@@ -19,7 +19,8 @@ and a refusal's error frame and closing handshake get ``CLOSE_GRACE_S``, after w
 connection is aborted: no connection outlives its timeouts by more than that.
 
 Start it in-process with ``async with serve_cloud(bundle, port=0) as server: server.url``;
-``sft-cloud`` (``cloud_backend.cli``) wraps the same call. One JSON log line per event.
+``sft-cloud`` (``cloud_backend.cli``) wraps the same call. One JSON log line per event; each
+session's traffic, loss and step latency are kept for the status port (``cloud_backend.observe``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import numpy as np
 import torch
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -46,6 +48,7 @@ from cloud_backend.auth import TokenStore
 from cloud_backend.fair_compute import FairCompute
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S, SendGuard
 from cloud_backend.model import pick_device
+from cloud_backend.observe import Activity, FleetStatus, Metrics, SessionStatus, serve_status
 from cloud_backend.session import SNAPSHOTS, CloudSession, StepResult, checkpoint_path, saved_step, session_key
 from cloud_backend.state_budget import trim, used_bytes
 from splitwire.atomic import remove_stale_temp_files
@@ -55,8 +58,8 @@ from splitwire.errors import (
     BundleMismatch, CheckpointCorrupt, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, TooManyInFlight,
 )
 from splitwire.protocol import (
-    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Train,
-    Welcome, WireLimits, decode, encode, session_tag,
+    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top,
+    TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag,
 )
 
 log = logging.getLogger("splitft.cloud")
@@ -112,6 +115,7 @@ class LiveSession:
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     connection: ServerConnection | None = None
     last_active: float = dataclasses.field(default_factory=time.monotonic)  # for eviction: least recently used
+    activity: Activity = dataclasses.field(default_factory=Activity)  # for the status port (``observe``)
 
     @classmethod
     def of(cls, session: CloudSession) -> "LiveSession":
@@ -145,6 +149,8 @@ class CloudServer:
         self.url = ""
         self._opening = asyncio.Lock()
         self.compute = FairCompute(thread_name="sft-cloud-compute")
+        self.metrics = Metrics(self)
+        self.status_url = ""  # the status port's, when it is served
 
     # ------------------------------------------------------------------ connections
 
@@ -157,12 +163,14 @@ class CloudServer:
         try:
             if self.stats.open_connections > self.max_connections:
                 raise ServerBusy(f"the cloud holds its limit of {self.max_connections} connections; try again later")
-            first = decode(await self._receive(ws, self.hello_timeout, "no hello"))
+            raw_hello = await self._receive(ws, self.hello_timeout, "no hello")
+            first = decode(raw_hello)
             if first.kind != Kind.HELLO:  # an ERROR frame's code is the peer's, never this server's refusal
                 raise ProtocolError(f"expected HELLO, got {first.kind.name}")
             hello = Hello.from_frame(first)
             where["session"] = session_tag(hello.session_id)
             live = await self._welcome(ws, hello, peer)
+            live.activity.received(len(raw_hello))
             await self._requests(ws, live, hello, where)
             log_event("bye", session=hello.session_id, peer=peer)
         except SplitftError as exc:
@@ -198,6 +206,7 @@ class CloudServer:
         try:
             while True:
                 data = await self._receive(ws, self.idle_timeout, "no request", receiving)
+                live.activity.received(len(data))
                 frame = decode(data)
                 where["step"] = frame.step
                 if frame.session != where["session"]:
@@ -214,6 +223,7 @@ class CloudServer:
                     raise TooManyInFlight(f"session {hello.session_id!r} sent a request before the answer to "
                                           f"step {frame.step}: send one request at a time")
                 await ws.send(reply)
+                live.activity.sent(len(reply))
         finally:
             receiving.cancel()
             if receiving.done() and not receiving.cancelled():
@@ -265,8 +275,11 @@ class CloudServer:
                 await self._rewind(live, hello.resume_from)
             resume = live.session.step
         tag = session_tag(hello.session_id)
-        await ws.send(encode(Welcome(self.bundle.hash, live.session.config, resume, self.limits.max_batch)
-                             .to_frame(session=tag)))
+        welcome = encode(Welcome(self.bundle.hash, live.session.config, resume, self.limits.max_batch)
+                         .to_frame(session=tag))
+        await ws.send(welcome)
+        live.activity.sent(len(welcome))
+        live.activity.connections += 1
         self.stats.welcomed += 1
         log_event("welcome", session=hello.session_id, peer=peer, resume_step=resume,
                   resume_from=hello.resume_from)
@@ -411,27 +424,41 @@ class CloudServer:
             live.last_active = time.monotonic()
             if frame.kind == Kind.TRAIN:
                 reply = await self._train(live, frame, hashlib.sha256(data).hexdigest())
+            elif frame.kind == Kind.TOP_GRADIENT and self.limits.label_private:
+                reply = await self._finish(live, frame)
             elif frame.kind == Kind.PREDICT:
                 reply = await self._predict(live, frame)
             elif frame.kind == Kind.CHECKPOINT:
                 reply = await self._save(live, frame)
             else:
                 raise ProtocolError(f"the cloud does not accept {frame.kind.name} here")
+            elapsed = time.perf_counter() - started
+            if frame.kind == Kind.TRAIN:
+                live.activity.step_seconds = elapsed
+                self.metrics.step_seconds.observe(elapsed)
             log_event(frame.kind.name.lower(), session=live.session.session_id, step=frame.step, up=len(data),
-                      down=len(reply), ms=round(1000 * (time.perf_counter() - started), 2))
+                      down=len(reply), ms=round(1000 * elapsed, 2))
             return reply
+
+    def _replayed(self, session: CloudSession, step: int, reply: bytes, **fields: Any) -> bytes:
+        """A cached reply, sent again with the ``REPLAYED`` flag."""
+        self.stats.replays += 1
+        log_event("replay", session=session.session_id, step=step, **fields)
+        return encode(dataclasses.replace(decode(reply), flags=REPLAYED))
 
     async def _train(self, live: LiveSession, frame: Frame, digest: str) -> bytes:
         session = live.session
+        if self.limits.label_private:
+            return await self._begin(live, frame, digest)
         cached = session.steps.cached_reply(frame.step)
         if cached is not None:
-            self.stats.replays += 1
-            log_event("replay", session=session.session_id, step=frame.step, same_request=digest == cached.digest)
-            return encode(dataclasses.replace(decode(cached.reply), flags=REPLAYED))
+            return self._replayed(session, frame.step, cached.reply, same_request=digest == cached.digest)
         self.stats.tensor_frames += 1
         request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
+        losses: list[float] = []
 
         def answer(result: StepResult) -> bytes:  # checked as the edge will check it, before the step is applied
+            losses.append(result.loss)
             gradient = Gradient(frame.step, result.dz, result.loss, result.metrics)
             return checked_reply(lambda: encode(gradient.to_frame(session=frame.session, codec=live.gradient,
                                                                   lengths=request.lengths)),
@@ -440,15 +467,58 @@ class CloudServer:
 
         reply = await self.compute.run(session.session_id, session.train, request, digest=digest, answer=answer)
         self.stats.steps += 1
+        live.activity.loss = losses[-1]
+        return reply
+
+    async def _begin(self, live: LiveSession, frame: Frame, digest: str) -> bytes:
+        """Label-private step, first half: a TRAIN without labels is answered with TOP, the pooled top output."""
+        session = live.session
+        cached = session.steps.cached_top(frame.step, digest)
+        if cached is not None:
+            return self._replayed(session, frame.step, cached, reply="top")
+        self.stats.tensor_frames += 1
+        request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
+        batch = request.z.shape[0]
+
+        def answer(pooled: np.ndarray) -> bytes:
+            top = Top(frame.step, pooled)
+            return checked_reply(lambda: encode(top.to_frame(session=frame.session, codec=live.activation)),
+                                 lambda reply: Top.from_frame(reply, codec=live.activation, batch=batch,
+                                                              width=self.limits.pooled))
+
+        return await self.compute.run(session.session_id, session.begin, request, digest=digest, answer=answer)
+
+    async def _finish(self, live: LiveSession, frame: Frame) -> bytes:
+        """Label-private step, second half: TOP_GRADIENT is answered with ``dz`` alone, then the step is applied."""
+        session = live.session
+        cached = session.steps.cached_gradient(frame.step)
+        if cached is not None:
+            return self._replayed(session, frame.step, cached.reply, reply="gradient")
+        self.stats.tensor_frames += 1
+        held = session.held
+        shape = (len(held.lengths), int(held.z.shape[1]), self.limits.width)
+        request = TopGradient.from_frame(frame, codec=live.gradient, batch=shape[0], width=self.limits.pooled)
+
+        def answer(result: StepResult) -> bytes:
+            gradient = Gradient(frame.step, result.dz, None, None)
+            return checked_reply(lambda: encode(gradient.to_frame(session=frame.session, codec=live.gradient,
+                                                                  lengths=held.lengths)),
+                                 lambda reply: Gradient.from_frame(reply, codec=live.gradient, shape=shape,
+                                                                   lengths=held.lengths, label_private=True))
+
+        reply = await self.compute.run(session.session_id, session.finish, request, answer=answer)
+        self.stats.steps += 1
         return reply
 
     async def _predict(self, live: LiveSession, frame: Frame) -> bytes:
         self.stats.tensor_frames += 1
         request = Predict.from_frame(frame, limits=self.limits, codec=live.activation)
         logits = await self.compute.run(live.session.session_id, live.session.predict, request)
-        return checked_reply(lambda: encode(Prediction(frame.step, logits).to_frame(session=frame.session)),
+        pooled = self.limits.pooled  # label-private: the pooled top output goes down, the device makes the logits
+        return checked_reply(lambda: encode(Prediction(frame.step, logits).to_frame(session=frame.session,
+                                                                                     pooled=pooled is not None)),
                              lambda reply: Prediction.from_frame(reply, batch=logits.shape[0],
-                                                                 num_labels=self.limits.num_labels))
+                                                                 num_labels=self.limits.num_labels, pooled=pooled))
 
     async def _save(self, live: LiveSession, frame: Frame) -> bytes:
         session = live.session
@@ -458,6 +528,18 @@ class CloudServer:
             await self.compute.run(session.session_id, session.save, path)
             self._trim_state()
         return encode(Checkpointed(frame.step, path is not None).to_frame(session=frame.session))
+
+    # ------------------------------------------------------------------ the status port
+
+    def session_statuses(self) -> list[SessionStatus]:
+        """Every session in memory, by its ``session_key`` (the status port shows no session id)."""
+        return [SessionStatus(session=session_key(session_id), step=live.session.step,
+                              connected=live.connection is not None, **dataclasses.asdict(live.activity))
+                for session_id, live in sorted(self.sessions.items())]
+
+    def fleet_statuses(self) -> list[FleetStatus]:
+        """Sessions of this server train alone: no fleets."""
+        return []
 
     async def close(self) -> None:
         """Checkpoint every session (when there is a state dir) and stop the worker thread."""
@@ -489,6 +571,8 @@ async def serve_cloud(
     send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
     session_ttl: float = DEFAULT_SESSION_TTL_S,
     max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
+    status_host: str = "127.0.0.1",
+    status_port: int | None = None,
 ) -> AsyncIterator[CloudServer]:
     """Serve ``bundle``'s cloud half until the block exits; ``port=0`` picks a free port (see ``.url``).
 
@@ -499,7 +583,8 @@ async def serve_cloud(
     than ``session_ttl`` makes room for a new one, and with a ``state_dir`` the least recently used
     disconnected one is evicted to disk; the state dir is kept within ``max_state_bytes`` (``None``: no
     limit) by deleting the least recently saved sessions. On exit the connections are closed (1001, going away), in-flight steps
-    finish, and every session is checkpointed into ``state_dir``.
+    finish, and every session is checkpointed into ``state_dir``. ``status_port``: also serve the status page,
+    its JSON and Prometheus metrics over HTTP on ``status_host`` (``cloud_backend.observe``; see ``.status_url``).
     """
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -513,15 +598,21 @@ async def serve_cloud(
     try:
         async with serve(server.handle, host, port, compression=None, ssl=ssl, max_queue=RECEIVE_QUEUE_FRAMES,
                          max_size=server.limits.max_frame_bytes(), close_timeout=CLOSE_GRACE_S,
-                         create_connection=server.guard.connection_factory()) as ws_server:
+                         create_connection=server.guard.connection_factory()) as ws_server, \
+                contextlib.AsyncExitStack() as status:
             bound_port = ws_server.sockets[0].getsockname()[1]
             server.url = f"{'wss' if ssl else 'ws'}://{host}:{bound_port}"
+            if status_port is not None:
+                served = await status.enter_async_context(serve_status(server, server.metrics, host=status_host,
+                                                                       port=status_port))
+                server.status_url = served.url
             log_event("listening", url=server.url, bundle=bundle.hash, device=str(server.device),
                       max_frame_bytes=server.limits.max_frame_bytes(), state_dir=state_dir,
                       tokens=None if tokens is None else len(tokens.digests), idle_timeout_s=idle_timeout,
                       hello_timeout_s=hello_timeout, send_timeout_s=send_timeout, max_sessions=max_sessions,
                       session_ttl_s=session_ttl, max_state_bytes=max_state_bytes,
-                      state_bytes=None if state_dir is None else used_bytes(state_dir))
+                      state_bytes=None if state_dir is None else used_bytes(state_dir),
+                      status_url=server.status_url or None)
             yield server
     finally:
         await server.close()

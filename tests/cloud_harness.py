@@ -31,7 +31,7 @@ import numpy as np
 from websockets.client import ClientProtocol
 from websockets.uri import parse_uri
 
-from cloud_backend.launch import CloudDidNotStart, cloud_command, read_url, start_cloud
+from cloud_backend.launch import CloudDidNotStart, cloud_command, read_status_url, read_url, start_cloud
 from edge_runtime.api import EdgeTrainer
 from edge_runtime.client import Backoff, CloudClient
 from edge_runtime.data import (
@@ -75,6 +75,7 @@ class CloudProcess:
         self.extra, self.env = extra, env or {}
         self.port = 0
         self.url = ""
+        self.status_url = ""  # with ``--status-port`` in ``extra``
         self.proc: subprocess.Popen | None = None
 
     def start(self, *, wait: bool = True) -> "CloudProcess":
@@ -91,6 +92,8 @@ class CloudProcess:
     def wait_listening(self) -> None:
         try:
             self.url = read_url(self.proc)
+            if "--status-port" in self.extra:
+                self.status_url = read_status_url(self.proc)
         except CloudDidNotStart as exc:
             raise CloudDidNotStart(f"{exc}\n{self.log_path.read_text()[-3000:]}") from None
         self.port = int(self.url.rsplit(":", 1)[1])
