@@ -7,6 +7,12 @@ onnxruntime without copying), so a step is a handful of vectorised numpy operati
 the whole model, done chunk by chunk with two small scratch arrays instead of
 parameter-sized temporaries (peak memory stays at parameters + gradients + two moments).
 
+``moments="bf16"`` keeps both moments as bfloat16 (numpy has no such dtype: uint16 arrays
+holding the upper half of each float32's bits), half the optimizer state in memory and in
+checkpoints. Each chunk's moments are widened exactly to float32, updated and used for this
+step's update in float32, then rounded to nearest (ties to even) for storage; only what is
+carried to the next step is rounded. The exact float32 path stays the default.
+
 The arithmetic is torch's single-tensor AdamW (what ``torch.optim.AdamW`` runs on CPU),
 in float32, in torch's order::
 
@@ -23,11 +29,14 @@ is one safetensors file written and read with ``safetensors.numpy``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from splitwire.manifest import MOMENT_DTYPES
 
 CHUNK = 1 << 17  # elements per vectorised slice of a step: 512 KiB of float32, cache-sized
 _STEP, _LR = "step", "lr"
@@ -58,16 +67,21 @@ class AdamW:
     """``torch.optim.AdamW`` (one parameter group, no amsgrad) over a ``FlatParameters`` buffer."""
 
     def __init__(
-        self, params: FlatParameters, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+        self, params: FlatParameters, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+        moments: str = "fp32",
     ) -> None:
+        if moments not in MOMENT_DTYPES:
+            raise ValueError(f"moments must be one of {', '.join(MOMENT_DTYPES)}, got {moments!r}")
         self.params = params
+        self.moments = moments
         self.lr = float(lr)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
         self.step_count = 0
-        self.exp_avg = np.zeros_like(params.buffer)
-        self.exp_avg_sq = np.zeros_like(params.buffer)
+        dtype = np.float32 if moments == "fp32" else np.uint16  # bf16: the upper half of each float32's bits
+        self.exp_avg = np.zeros(params.buffer.shape, dtype)
+        self.exp_avg_sq = np.zeros(params.buffer.shape, dtype)
 
     def step(self, grads: np.ndarray) -> None:
         """One update of every parameter in place; ``grads`` is laid out like ``params.buffer``."""
@@ -76,30 +90,25 @@ class AdamW:
                              f"got {grads.dtype} {grads.shape}")
         self.step_count += 1
         f32 = np.float32
-        decay = f32(1.0 - self.lr * self.weight_decay)
-        step_size = f32(-(self.lr / (1.0 - self.beta1**self.step_count)))
-        bias_correction2_sqrt = f32((1.0 - self.beta2**self.step_count) ** 0.5)
-        one_minus_beta1, one_minus_beta2 = f32(1.0 - self.beta1), f32(1.0 - self.beta2)
-        beta2, eps = f32(self.beta2), f32(self.eps)
-        scratch = np.empty(min(CHUNK, grads.size), np.float32), np.empty(min(CHUNK, grads.size), np.float32)
+        constants = _Constants(
+            decay=f32(1.0 - self.lr * self.weight_decay),
+            step_size=f32(-(self.lr / (1.0 - self.beta1**self.step_count))),
+            bias_correction2_sqrt=f32((1.0 - self.beta2**self.step_count) ** 0.5),
+            one_minus_beta1=f32(1.0 - self.beta1), one_minus_beta2=f32(1.0 - self.beta2),
+            beta2=f32(self.beta2), eps=f32(self.eps))
+        size = min(CHUNK, grads.size)
+        scratch = [np.empty(size, np.float32) for _ in range(2 if self.moments == "fp32" else 4)]
         for start in range(0, grads.size, CHUNK):
             chunk = slice(start, start + CHUNK)
             p, g, m, v = self.params.buffer[chunk], grads[chunk], self.exp_avg[chunk], self.exp_avg_sq[chunk]
-            a, b = (s[: p.size] for s in scratch)
-            p *= decay
-            np.subtract(g, m, out=a)
-            a *= one_minus_beta1
-            m += a
-            v *= beta2
-            np.multiply(g, one_minus_beta2, out=a)
-            a *= g
-            v += a
-            np.sqrt(v, out=a)
-            a /= bias_correction2_sqrt
-            a += eps
-            np.multiply(m, step_size, out=b)
-            b /= a
-            p += b
+            a, b, *wide = (s[: p.size] for s in scratch)
+            if self.moments == "fp32":
+                _update(p, g, m, v, a, b, constants)
+                continue
+            m32, v32 = (_from_bf16(x, out) for x, out in ((m, wide[0]), (v, wide[1])))
+            _update(p, g, m32, v32, a, b, constants)
+            _to_bf16(m32, m, a)
+            _to_bf16(v32, v, a)
 
     def _flat_state(self) -> tuple[tuple[str, np.ndarray], ...]:
         return (_PARAM, self.params.buffer), (_EXP_AVG, self.exp_avg), (_EXP_AVG_SQ, self.exp_avg_sq)
@@ -125,6 +134,56 @@ class AdamW:
                     _copy_checked(f.get_tensor(prefix + name), view, where=f"{path}: {prefix}{name}")
             self.step_count = int(f.get_tensor(_STEP))
             self.lr = float(f.get_tensor(_LR))
+
+
+@dataclass(frozen=True)
+class _Constants:
+    """A step's scalars, float32 as torch computes them."""
+
+    decay: np.float32
+    step_size: np.float32
+    bias_correction2_sqrt: np.float32
+    one_minus_beta1: np.float32
+    one_minus_beta2: np.float32
+    beta2: np.float32
+    eps: np.float32
+
+
+def _update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, a: np.ndarray, b: np.ndarray,
+            c: _Constants) -> None:
+    """torch's AdamW arithmetic on one chunk, in place on ``p``, ``m`` and ``v`` (``a``, ``b``: scratch)."""
+    p *= c.decay
+    np.subtract(g, m, out=a)
+    a *= c.one_minus_beta1
+    m += a
+    v *= c.beta2
+    np.multiply(g, c.one_minus_beta2, out=a)
+    a *= g
+    v += a
+    np.sqrt(v, out=a)
+    a /= c.bias_correction2_sqrt
+    a += c.eps
+    np.multiply(m, c.step_size, out=b)
+    b /= a
+    p += b
+
+
+def _from_bf16(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """bfloat16 values (uint16 bit patterns) widened exactly into float32 ``out``."""
+    wide = out.view(np.uint32)
+    np.left_shift(bits, 16, out=wide, dtype=np.uint32)
+    return out
+
+
+def _to_bf16(values: np.ndarray, bits: np.ndarray, scratch: np.ndarray) -> None:
+    """Round finite float32 ``values`` to the nearest bfloat16 (ties to even) into ``bits``; clobbers ``values``
+    and ``scratch`` (float32 of the same size)."""
+    wide, carry = values.view(np.uint32), scratch.view(np.uint32)
+    np.right_shift(wide, 16, out=carry)
+    carry &= np.uint32(1)  # the lowest bit kept: a tie rounds toward even
+    carry += np.uint32(0x7FFF)
+    wide += carry
+    np.right_shift(wide, 16, out=bits, casting="unsafe")
 
 
 def _copy_checked(source: np.ndarray, target: np.ndarray, *, where: str) -> None:

@@ -18,7 +18,7 @@ from exporter.export import EXPORT_LOG, export_bundle
 from exporter.progress import library_chatter
 from models.loading import POOLING_CHOICES
 from models.spec import HEADS
-from splitwire.manifest import ENGINES
+from splitwire.manifest import ENGINES, MOMENT_DTYPES
 from splitwire.exit_codes import EPILOG as EXIT_STATUS, exit_code
 
 
@@ -32,6 +32,8 @@ def _positive_int(text: str) -> int:
 EXAMPLES = """examples:
   sft-export --model bert-base-uncased --split 4 --rank 8 --out bundles/bert-s4-r8
   sft-export --model ./my-finetuned-bert --split 3 --freeze-embeddings --out bundles/pi
+  sft-export --model bert-base-uncased --split 4 --train-edge-layers 1 --edge-moments bf16 --out bundles/pi-zero
+      (a 512 MiB device: only the split layer's attention block and the compression head train on the edge)
   sft-export --model roberta-base --split 4 --out bundles/roberta-s4   (also xlm-roberta, distilbert, electra)
   sft-export --model sentence-transformers/all-MiniLM-L6-v2 --split 3 --out bundles/st   (mean pooling, from 1_Pooling)
   sft-export --model bert-base-uncased --split 4 --engine ort-training --out bundles/x86   (the deprecated engine)
@@ -62,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="do not train the word, position and token-type embeddings on the edge")
+    p.add_argument("--train-edge-layers", type=int, metavar="N",
+                   help="train only the top N edge layers (the split layer's attention block counts as one; 0: only "
+                        "the compression head); the embeddings and the layers below are frozen, so the edge's "
+                        "backward stops at the first trained layer (default: all of them train)")
+    p.add_argument("--edge-moments", choices=MOMENT_DTYPES, default="fp32",
+                   help="dtype of the edge AdamW's two moments: fp32 (exact torch.optim.AdamW; the default) or bf16 "
+                        "(half the optimizer memory and checkpoint, moments rounded each step; onnx engine only)")
     p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="pretrained weights, or random weights from the config (offline bert-base-sized runs)")
     p.add_argument("--revision", help="hub revision of --model")
@@ -108,6 +117,7 @@ def _export(args: argparse.Namespace, chatter: io.StringIO | None) -> Path:
     return export_bundle(
         model=args.model, split=args.split, rank=None if args.no_compression else args.rank,
         num_labels=args.num_labels, max_length=args.max_length, freeze_embeddings=args.freeze_embeddings,
+        train_edge_layers=args.train_edge_layers, edge_moments=args.edge_moments,
         init=args.init, revision=args.revision, tokenizer=args.tokenizer, engine=args.engine, pooling=args.pooling,
         head=args.head, calibration_text=args.calibration_text, calibration_column=args.calibration_column,
         heal_steps=args.heal_steps, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps, seed=args.seed,

@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 from exporter.bundle_writer import ExportError, check_target, save_numpy_weights, staged_bundle, write_manifest
 from exporter.calibration import Calibration, describe_source, heal_and_measure, read_calibration_text
 from exporter.progress import Log, stderr_log, timed
-from models import LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
+from models import EdgePart, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
 from models.loading import unreachable_message
 from models.split import has_fine_tuned_head
 from splitwire.manifest import (
-    CLOUD_WEIGHTS, EDGE_WEIGHTS, EMBEDDING_TABLES, ENGINES, TOKENIZER, WEIGHTS, CloudSection, EdgeSection, Optimizer,
-    TokenizerSettings,
+    CLOUD_WEIGHTS, EDGE_WEIGHTS, EMBEDDING_TABLES, ENGINES, MOMENT_DTYPES, TOKENIZER, WEIGHTS, CloudSection,
+    EdgeSection, Optimizer, TokenizerSettings,
 )
 
 # Each engine's builder: write_edge_files(edge, *, out_dir, frozen, optimizer, max_length, log) -> role → path.
@@ -39,6 +39,8 @@ def export_bundle(
     num_labels: int = 2,
     max_length: int = 128,
     freeze_embeddings: bool = False,
+    train_edge_layers: int | None = None,
+    edge_moments: str = "fp32",
     init: str = "pretrained",
     revision: str | None = None,
     tokenizer: str | None = None,
@@ -60,6 +62,9 @@ def export_bundle(
     """Export ``model`` cut at ``split`` with SVD ``rank`` (``None``: the vanilla split) into ``out``.
 
     ``library_log``: the libraries' messages collected so far, written into the bundle as ``export.log``.
+    ``train_edge_layers``: train only the top N edge layers (the split layer's attention block counts as one)
+    and the compression head; the embeddings and the layers below are frozen, so the backward graph stops at
+    the first trained layer. ``edge_moments``: the dtype of the edge AdamW's moments (``MOMENT_DTYPES``).
     ``head``: how the compression head is made (``models.heads``); the calibrated heads and
     ``heal_steps`` of healing need ``calibration_text``, public text that also gives the fidelity report.
     """
@@ -67,6 +72,7 @@ def export_bundle(
     check_target(out, force=force)
     builder = _edge_builder(engine)
     _check_numbers(max_length=max_length, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    _check_edge_training(engine=engine, split=split, train_edge_layers=train_edge_layers, edge_moments=edge_moments)
     spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None, head=head)
     texts = _calibration_text(spec, calibration_text, calibration_column, heal_steps)
     tok = _tokenizer(tokenizer or model, revision=None if tokenizer else revision)
@@ -88,11 +94,12 @@ def export_bundle(
         compression["calibration"] = describe_source(calibration_text, texts, calibration_column)
     else:
         log("no fidelity report: it needs --calibration-text")
-    tables = [name for name in EMBEDDING_TABLES if name in split_model.edge.state_dict()]  # DistilBERT: no token types
-    frozen = tables if freeze_embeddings else []
+    frozen = frozen_parameters(split_model.edge, freeze_embeddings=freeze_embeddings,
+                               train_edge_layers=train_edge_layers)
     log("classifier: the checkpoint's fine-tuned head" if has_fine_tuned_head(split_model.cloud, loaded.weights)
         else f"classifier: new, {spec.num_labels} outputs")
-    optimizer = Optimizer(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay).to_dict()
+    optimizer = Optimizer(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                          moments=edge_moments).to_dict()
     with staged_bundle(out, force=force) as root:
         with timed(log, f"building the {engine} edge files"):
             edge_files = builder.write_edge_files(split_model.edge, out_dir=root, frozen=frozen,
@@ -102,7 +109,7 @@ def export_bundle(
         if library_log is not None:
             (root / EXPORT_LOG).write_text(library_log.getvalue())
         with timed(log, "hashing and writing the manifest"):
-            edge_section = _edge_section(split_model, edge_files, frozen)
+            edge_section = _edge_section(split_model, edge_files, frozen, train_edge_layers)
             body = _manifest_body(loaded, spec, engine=engine, edge=edge_section, optimizer=optimizer,
                                   tokenizer=tokenizer_info, max_length=max_length)
             manifest = write_manifest(root, body | ({"compression": compression} if compression else {}))
@@ -142,6 +149,29 @@ def _check_numbers(*, max_length: int, lr: float, weight_decay: float, betas: tu
         raise ExportError(f"max_length must be at least 2, got {max_length}")
     if not lr > 0 or weight_decay < 0 or not eps > 0 or not all(0 <= b < 1 for b in betas):
         raise ExportError(f"bad optimizer settings: lr {lr}, weight decay {weight_decay}, betas {betas}, eps {eps}")
+
+
+def _check_edge_training(*, engine: str, split: int, train_edge_layers: int | None, edge_moments: str) -> None:
+    if train_edge_layers is not None and not 0 <= train_edge_layers <= split:
+        raise ExportError(f"--train-edge-layers must lie in 0..{split} (the edge's layers at split {split}), "
+                          f"got {train_edge_layers}")
+    if edge_moments not in MOMENT_DTYPES:
+        raise ExportError(f"--edge-moments must be one of {', '.join(MOMENT_DTYPES)}, got {edge_moments!r}")
+    if edge_moments != "fp32" and engine != "onnx":
+        raise ExportError(f"--edge-moments {edge_moments} needs the onnx engine (onnxruntime-training keeps its own "
+                          "float32 AdamW state)")
+
+
+def frozen_parameters(edge: EdgePart, *, freeze_embeddings: bool, train_edge_layers: int | None) -> list[str]:
+    """The edge parameters that do not train: the embedding tables with ``freeze_embeddings``; with
+    ``train_edge_layers`` N, everything below the top N edge layers (the embeddings included)."""
+    names = list(edge.state_dict())
+    tables = [name for name in EMBEDDING_TABLES if name in names]  # DistilBERT: no token types
+    layers = [f"layers.{i}." for i in range(len(edge.layers))] + ["split_attention."]
+    trained = len(layers) if train_edge_layers is None else train_edge_layers
+    below = tuple(layers[:len(layers) - trained])
+    below += ("embeddings.",) if below else ()
+    return [name for name in names if name.startswith(below) or freeze_embeddings and name in tables]
 
 
 def _load(model: str, *, init: str, revision: str | None, seed: int, pooling: str) -> LoadedEncoder:
@@ -200,10 +230,10 @@ def _write_weights(model: SplitModel, root: Path) -> None:
     save_numpy_weights(root / EDGE_WEIGHTS, {k: v.detach().numpy() for k, v in model.edge.state_dict().items()})
 
 
-def _edge_section(model: SplitModel, files: dict[str, str], frozen: list[str]) -> dict:
+def _edge_section(model: SplitModel, files: dict[str, str], frozen: list[str], trained_layers: int | None) -> dict:
     names = list(model.edge.state_dict())
     return EdgeSection({**files, WEIGHTS: EDGE_WEIGHTS}, tuple(n for n in names if n not in frozen),
-                       tuple(frozen)).to_dict()
+                       tuple(frozen), trained_layers).to_dict()
 
 
 def _manifest_body(loaded: LoadedEncoder, spec: SplitSpec, *, engine: str, edge: dict, optimizer: dict,

@@ -80,6 +80,8 @@ def bundle(request, tmp_path_factory, tiny_model_dir):
 def in_process(bundle, batches) -> tuple[list[float], torch.nn.Module, torch.nn.Module]:
     """The reference: both halves in one process, plain backprop, each half with its own AdamW."""
     edge = reference_edge(bundle.root).train()
+    for name in bundle.manifest.edge.frozen:
+        edge.get_parameter(name).requires_grad_(False)
     cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=True)
     cloud.load_state_dict(load_file(str(bundle.path(bundle.manifest["cloud"]["files"]["weights"]))))
     opt = bundle.manifest["optimizer"]

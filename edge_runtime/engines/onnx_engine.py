@@ -116,11 +116,13 @@ class Engine(EdgeEngine):
         _check_layout(self._graphs, weights, frozen)
         self._params = FlatParameters({n: w for n, w in weights.items() if n not in frozen})
         self._frozen = {n: w for n, w in weights.items() if n in frozen}
+        for w in self._frozen.values():  # read by the graphs only: nothing on the edge may change a frozen weight
+            w.flags.writeable = False
         self._grad_buffer = np.zeros_like(self._params.buffer)
         self._grads = self._params.split(self._grad_buffer)
         settings = bundle.manifest.optimizer
         self._adamw = AdamW(self._params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                            weight_decay=settings.weight_decay)
+                            weight_decay=settings.weight_decay, moments=settings.moments)
         self._batch: dict[str, np.ndarray] | None = None
         self._has_gradients = False
 
@@ -193,5 +195,3 @@ def _check_layout(graphs: AotGraphs, weights: dict[str, np.ndarray], frozen: set
             f"{sorted(set(graphs.gradients) ^ trainable)[:5]} "
             "differ from the trainable parameters"
         )
-
-
