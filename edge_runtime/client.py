@@ -17,6 +17,11 @@ resent. That is exact: a step the cloud already applied is answered from its rep
 never applied twice. When the cloud comes back *behind* the edge (it restarted from an
 older checkpoint), the client raises ``SessionRewound``: the trainer must take the edge
 back to its own checkpoint of that step.
+
+Every connection's opening handshake carries ``ROUTE_HEADER``: the session's 64-bit tag (a
+hash of the session id, the same every frame header carries), so that a load balancer in
+front of several cloud workers sends a session to the same worker every time
+(deploy/haproxy/haproxy.cfg) without learning the session id.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from splitwire.schedule import Schedule
 from splitwire.steps import EdgeSteps
 
 T = TypeVar("T")
+ROUTE_HEADER = "X-Splitft-Session"
 TOKEN_ENV = "SFT_TOKEN"  # the session token, when no --token-file is given
 log = logging.getLogger(__name__)
 
@@ -180,7 +186,8 @@ class CloudClient:
         dial = self._dial
         try:
             self._ws = await connect(dial.url, compression=None, max_size=dial.limits.max_frame_bytes(),
-                                     ssl=dial.ssl, open_timeout=dial.open_timeout)
+                                     ssl=dial.ssl, open_timeout=dial.open_timeout,
+                                     additional_headers={ROUTE_HEADER: f"{self._tag:016x}"})
         except ssl_module.SSLCertVerificationError as exc:
             raise SplitftError(f"cannot verify the certificate of {dial.url}: {exc.verify_message}; "
                                "pass the CA that signed it (--ca-file)") from None
