@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import numpy as np
 import torch
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -57,8 +58,8 @@ from splitwire.errors import (
     BundleMismatch, CheckpointCorrupt, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, TooManyInFlight,
 )
 from splitwire.protocol import (
-    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Train,
-    Welcome, WireLimits, decode, encode, session_tag,
+    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top,
+    TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag,
 )
 
 log = logging.getLogger("splitft.cloud")
@@ -423,6 +424,8 @@ class CloudServer:
             live.last_active = time.monotonic()
             if frame.kind == Kind.TRAIN:
                 reply = await self._train(live, frame, hashlib.sha256(data).hexdigest())
+            elif frame.kind == Kind.TOP_GRADIENT and self.limits.label_private:
+                reply = await self._finish(live, frame)
             elif frame.kind == Kind.PREDICT:
                 reply = await self._predict(live, frame)
             elif frame.kind == Kind.CHECKPOINT:
@@ -437,13 +440,19 @@ class CloudServer:
                       down=len(reply), ms=round(1000 * elapsed, 2))
             return reply
 
+    def _replayed(self, session: CloudSession, step: int, reply: bytes, **fields: Any) -> bytes:
+        """A cached reply, sent again with the ``REPLAYED`` flag."""
+        self.stats.replays += 1
+        log_event("replay", session=session.session_id, step=step, **fields)
+        return encode(dataclasses.replace(decode(reply), flags=REPLAYED))
+
     async def _train(self, live: LiveSession, frame: Frame, digest: str) -> bytes:
         session = live.session
+        if self.limits.label_private:
+            return await self._begin(live, frame, digest)
         cached = session.steps.cached_reply(frame.step)
         if cached is not None:
-            self.stats.replays += 1
-            log_event("replay", session=session.session_id, step=frame.step, same_request=digest == cached.digest)
-            return encode(dataclasses.replace(decode(cached.reply), flags=REPLAYED))
+            return self._replayed(session, frame.step, cached.reply, same_request=digest == cached.digest)
         self.stats.tensor_frames += 1
         request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
         losses: list[float] = []
@@ -461,13 +470,60 @@ class CloudServer:
         live.activity.loss = losses[-1]
         return reply
 
+    async def _begin(self, live: LiveSession, frame: Frame, digest: str) -> bytes:
+        """Label-private step, first half: a TRAIN without labels is answered with TOP, the pooled top output."""
+        session = live.session
+        cached = session.steps.cached_top(frame.step, digest)
+        if cached is not None:
+            return self._replayed(session, frame.step, cached, reply="top")
+        self.stats.tensor_frames += 1
+        request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
+        batch = request.z.shape[0]
+
+        def answer(pooled: np.ndarray) -> bytes:
+            top = Top(frame.step, pooled)
+            return checked_reply(lambda: encode(top.to_frame(session=frame.session, codec=live.activation)),
+                                 lambda reply: Top.from_frame(reply, codec=live.activation, batch=batch,
+                                                              width=self.limits.pooled))
+
+        return await self.compute.run(session.session_id, session.begin, request, digest=digest, answer=answer)
+
+    async def _finish(self, live: LiveSession, frame: Frame) -> bytes:
+        """Label-private step, second half: TOP_GRADIENT is answered with ``dz`` alone, then the step is applied."""
+        session = live.session
+        cached = session.steps.cached_gradient(frame.step)
+        if cached is not None:
+            return self._replayed(session, frame.step, cached.reply, reply="gradient")
+        self.stats.tensor_frames += 1
+        held = session.held
+        shape = (len(held.lengths), int(held.z.shape[1]), self.limits.width)
+        request = TopGradient.from_frame(frame, codec=live.gradient, batch=shape[0], width=self.limits.pooled)
+
+        def answer(result: StepResult) -> bytes:
+            gradient = Gradient(frame.step, result.dz, None, None)
+            return checked_reply(lambda: encode(gradient.to_frame(session=frame.session, codec=live.gradient,
+                                                                  lengths=held.lengths)),
+                                 lambda reply: Gradient.from_frame(reply, codec=live.gradient, shape=shape,
+                                                                   lengths=held.lengths, label_private=True))
+
+        reply = await self.compute.run(session.session_id, session.finish, request, answer=answer)
+        self.stats.steps += 1
+        return reply
+
     async def _predict(self, live: LiveSession, frame: Frame) -> bytes:
         self.stats.tensor_frames += 1
         request = Predict.from_frame(frame, limits=self.limits, codec=live.activation)
         logits = await self.compute.run(live.session.session_id, live.session.predict, request)
-        return checked_reply(lambda: encode(Prediction(frame.step, logits).to_frame(session=frame.session)),
+        pooled = self.limits.pooled  # label-private: the pooled top output goes down, the device makes the logits
+        return checked_reply(lambda: encode(Prediction(frame.step, logits).to_frame(session=frame.session,
+                                                                                     pooled=pooled is not None)),
                              lambda reply: Prediction.from_frame(reply, batch=logits.shape[0],
-                                                                 num_labels=self.limits.num_labels))
+                                                                 num_labels=self.limits.num_labels, pooled=pooled))
+
+    async def _average(self, live: LiveSession, frame: Frame) -> bytes:
+        """A fleet member's averaging round: its edge weights up, the fleet's FedAvg down."""
+        averaged = await live.fleet.average(live.member, Average.from_frame(frame, shapes=live.fleet.shapes))
+        return encode(averaged.to_frame(session=frame.session))
 
     async def _save(self, live: LiveSession, frame: Frame) -> bytes:
         session = live.session

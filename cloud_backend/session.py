@@ -15,6 +15,11 @@ built and checked, before the optimizer or the generator state change. A finite 
 activation that would make the weights NaN (or the reply unsendable) is refused with
 ``NonFinite`` and the session stays exactly as it was.
 
+The label-private (U-shaped) split's step is two calls: ``begin`` runs the forward to the pooled
+top output and holds its graph (with the generator state it drew), ``finish`` back-propagates the
+device's ``dL/dpooled`` from there and applies the step (``splitwire.steps``: the held step is never
+checkpointed; a resent ``TRAIN`` recomputes it exactly or is answered from the cache).
+
 A checkpoint is one safetensors file (model, optimizer moments, RNG state, the cached
 reply) whose metadata holds the rest as JSON, with a SHA-256 of every tensor, so that a
 torn or overwritten file is found out (``CheckpointCorrupt``) rather than restored as
@@ -39,8 +44,8 @@ from safetensors.torch import save_file
 from cloud_backend.model import load_cloud_part
 from splitwire.atomic import write_atomically
 from splitwire.bundle import Bundle
-from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite
-from splitwire.protocol import Predict, SessionConfig, Train
+from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite, StepOrderError
+from splitwire.protocol import Predict, SessionConfig, TopGradient, Train
 from splitwire.steps import CloudSteps, Replay
 
 CHECKPOINT_FORMAT = "splitft-cloud-session"
@@ -53,8 +58,19 @@ MAX_GRADIENT = 1e18
 @dataclass(frozen=True)
 class StepResult:
     dz: np.ndarray
-    loss: float
-    metrics: dict[str, float]
+    loss: float | None  # None in the label-private split: the device computes the loss
+    metrics: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class HeldStep:
+    """A label-private step between ``begin`` and ``finish``: its graph from ``z`` to the pooled output."""
+
+    step: int
+    z: torch.Tensor
+    pooled: torch.Tensor
+    rng: torch.Tensor  # the generator state after the step's forward, kept once the step is applied
+    lengths: np.ndarray
 
 
 def checkpoint_path(state_dir: Path, session_id: str, snapshot: str) -> Path:
@@ -133,6 +149,7 @@ class CloudSession:
             torch.manual_seed(config.seed)
             self.rng = _get_rng(device)
         self.steps = CloudSteps(session_id)  # step order and the replay cache (``splitwire.steps``)
+        self.held: HeldStep | None = None  # label-private: the step whose gradient the device has yet to send
 
     @contextlib.contextmanager
     def _forked_rng(self) -> Iterator[None]:
@@ -166,19 +183,60 @@ class CloudSession:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._check_finite(request.step, loss, z.grad)
+        reply = self._answered(answer, StepResult(z.grad.float().cpu().numpy(), loss.item(),
+                                                  self._metrics(logits.detach(), labels)))
+        self._apply(request.step, rng)
+        self.steps.applied(request.step, digest, reply)
+        return reply
+
+    def begin(self, request: Train, *, digest: str, answer: Callable[[np.ndarray], bytes]) -> bytes:
+        """Label-private step, first half: the forward to the pooled top output ``B×hidden``, which ``answer``
+        turns into the reply (and checks); the graph is held for ``finish``, nothing changes yet."""
+        self.steps.check_next(request.step)
+        z, mask = self._inputs(request.z, request.lengths)
+        z.requires_grad_(True)
+        with self._forked_rng():
+            _set_rng(self.device, self.rng)
+            pooled = self.model(z, mask)
+            rng = _get_rng(self.device)
+        if not torch.isfinite(pooled).all():
+            raise NonFinite(f"session {self.session_id!r} step {request.step}: the pooled output would not be "
+                            "finite, so the step was refused and nothing changed; check the edge's inputs")
+        reply = answer(pooled.detach().float().cpu().numpy())
+        self.held = HeldStep(request.step, z, pooled, rng, request.lengths)
+        self.steps.began(request.step, digest, reply)
+        return reply
+
+    def finish(self, request: TopGradient, *, answer: Callable[[StepResult], bytes]) -> bytes:
+        """Label-private step, second half: back-propagate the device's ``dL/dpooled``, ``answer`` with
+        ``dz``, then AdamW at ``schedule.rate(step)``."""
+        held = self.held
+        if held is None or held.step != request.step:
+            raise StepOrderError(f"session {self.session_id!r} holds no forward of step {request.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        held.pooled.backward(torch.tensor(request.dpooled, device=self.device, dtype=held.pooled.dtype))
+        self._check_finite(request.step, None, held.z.grad)
+        reply = self._answered(answer, StepResult(held.z.grad.float().cpu().numpy(), None, None))
+        self.held = None
+        self._apply(request.step, held.rng)
+        self.steps.applied(request.step, "", reply)
+        return reply
+
+    def _answered(self, answer: Callable[[StepResult], bytes], result: StepResult) -> bytes:
+        """The reply for ``result``; if it cannot be made, the gradients go and nothing is applied."""
         try:
-            reply = answer(StepResult(z.grad.float().cpu().numpy(), loss.item(),
-                                      self._metrics(logits.detach(), labels)))
+            return answer(result)
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)
             raise
+
+    def _apply(self, step: int, rng: torch.Tensor) -> None:
+        """AdamW at ``schedule.rate(step)`` with the gradients just taken; the RNG moves on to ``rng``."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.schedule.rate(request.step)
+            group["lr"] = self.config.schedule.rate(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not kept between steps: memory
         self.rng = rng
-        self.steps.applied(request.step, digest, reply)
-        return reply
 
     @property
     def step(self) -> int:
@@ -189,11 +247,11 @@ class CloudSession:
     def replay(self) -> Replay | None:
         return self.steps.replay
 
-    def _check_finite(self, step: int, loss: torch.Tensor, dz: torch.Tensor) -> None:
+    def _check_finite(self, step: int, loss: torch.Tensor | None, dz: torch.Tensor) -> None:
         """Refuse step ``step`` unless its loss, ``dz`` and every gradient are finite and in range."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         largest = torch.stack(torch._foreach_norm(grads, math.inf)).max().item() if grads else 0.0
-        problems = [what for what, ok in (("the loss", math.isfinite(loss.item())),
+        problems = [what for what, ok in (("the loss", loss is None or math.isfinite(loss.item())),
                                           ("dL/dz", bool(torch.isfinite(dz).all())),
                                           (f"the gradients (largest {largest:.3g})", largest <= MAX_GRADIENT)) if not ok]
         if problems:
@@ -233,6 +291,8 @@ class CloudSession:
         tensors["rng"] = self.rng
         if self.replay is not None:
             tensors["replay.reply"] = torch.frombuffer(bytearray(self.replay.reply), dtype=torch.uint8)
+            if self.replay.top is not None:
+                tensors["replay.top"] = torch.frombuffer(bytearray(self.replay.top), dtype=torch.uint8)
         meta = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "session_id": self.session_id,
             "bundle_hash": self.bundle_hash, "step": self.step, "config": self.config.to_meta(),
@@ -270,6 +330,7 @@ class CloudSession:
         replay = None
         if meta["replay"] is not None:
             reply = tensors["replay.reply"].numpy().tobytes()
-            replay = Replay(int(meta["replay"]["step"]), meta["replay"]["digest"], reply)
+            top = tensors["replay.top"].numpy().tobytes() if "replay.top" in tensors else None
+            replay = Replay(int(meta["replay"]["step"]), meta["replay"]["digest"], reply, top)
         session.steps = CloudSteps(session.session_id, step=int(meta["step"]), replay=replay)
         return session

@@ -16,7 +16,9 @@ with exponential backoff and full jitter, the session resumed, and the request u
 resent. That is exact: a step the cloud already applied is answered from its replay cache,
 never applied twice. When the cloud comes back *behind* the edge (it restarted from an
 older checkpoint), the client raises ``SessionRewound``: the trainer must take the edge
-back to its own checkpoint of that step.
+back to its own checkpoint of that step. Label-private bundles: a step is two round trips
+(``train_step_private``), and after a reconnect in either the whole step is resent from its
+``TRAIN`` (``splitwire.steps``).
 
 Every connection's opening handshake carries ``ROUTE_HEADER``: the session's 64-bit tag (a
 hash of the session id, the same every frame header carries), so that a load balancer in
@@ -35,7 +37,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -48,11 +50,14 @@ from splitwire.errors import (
     UsageError,
 )
 from splitwire.protocol import (
-    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Train,
-    Welcome, WireLimits, decode, encode, session_tag,
+    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Top,
+    TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag,
 )
 from splitwire.schedule import Schedule
 from splitwire.steps import EdgeSteps
+
+if TYPE_CHECKING:
+    from edge_runtime.label_head import HeadStep
 
 T = TypeVar("T")
 ROUTE_HEADER = "X-Splitft-Session"
@@ -234,14 +239,20 @@ class CloudClient:
         ``resume_from`` is the step the edge is at for this request and ``accept`` the steps the
         cloud may be at for the resend to be exact; anywhere else raises ``SessionRewound``.
         """
+        return await self._resending(lambda: self._exchange_once(data, step, read), step, resume_from=resume_from,
+                                     accept=accept)
+
+    async def _resending(self, attempt: Callable[[], Awaitable[T]], step: int, *, resume_from: int,
+                         accept: tuple[int, ...]) -> T:
+        """``attempt()`` (one or more exchanges); after a retryable failure, reopen the session and run it again."""
         async def reopen_and_resend() -> T:
             await self._open(resume_from)
             self.reconnects += 1
             self.steps.check_resend(edge_step=resume_from, accept=accept)
-            return await self._exchange_once(data, step, read)
+            return await attempt()
 
         try:
-            return await self._exchange_once(data, step, read)
+            return await attempt()
         except RetryableError as exc:
             if self._retry is None:
                 raise
@@ -288,13 +299,42 @@ class CloudClient:
         self.last_step_bytes = self._last
         return StepReply(step, np.array(gradient.dz), gradient.loss, gradient.metrics, bool(flags & REPLAYED))
 
+    async def train_step_private(self, step: int, z: np.ndarray, lengths: np.ndarray,
+                                 head: Callable[[np.ndarray], "HeadStep"]) -> StepReply:
+        """A label-private step: send ``z`` without labels, get the pooled top output ``B×hidden``, send
+        ``head(pooled).dpooled`` (the device computes the loss), get ``dL/dz``. ``head`` must be pure until
+        the step is applied: after a reconnect both round trips run again."""
+        train = encode(Train(step, z, lengths, None).to_frame(session=self._tag, codec=self._activation))
+        Train.from_frame(decode(train), limits=self._limits, codec=self._activation)
+        batch, width = z.shape[0], self._limits.pooled
+
+        async def both_round_trips() -> tuple["HeadStep", Gradient, int]:
+            top = await self._exchange_once(train, step, lambda reply: Top.from_frame(
+                reply, codec=self._activation, batch=batch, width=width))
+            first = self._last
+            result = head(np.array(top.pooled))
+            up = encode(TopGradient(step, result.dpooled).to_frame(session=self._tag, codec=self._gradient))
+            TopGradient.from_frame(decode(up), codec=self._gradient, batch=batch, width=width)
+            gradient, flags = await self._exchange_once(up, step, lambda reply: (Gradient.from_frame(
+                reply, codec=self._gradient, shape=z.shape, lengths=lengths, label_private=True), reply.flags))
+            self._last = (first[0] + self._last[0], first[1] + self._last[1])
+            return result, gradient, flags
+
+        result, gradient, flags = await self._resending(both_round_trips, step, resume_from=step - 1,
+                                                        accept=self.steps.train_accept(step))
+        self.steps.applied(step)
+        self.last_step_bytes = self._last
+        return StepReply(step, np.array(gradient.dz), result.loss, result.metrics, bool(flags & REPLAYED))
+
     async def predict(self, z: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Logits float32 ``(B, num_labels)`` for ``z``; nothing is trained, no labels are sent."""
+        """Logits float32 ``(B, num_labels)`` for ``z`` (label-private: the pooled top output ``(B, hidden)``,
+        which the device's head turns into logits); nothing is trained, no labels are sent."""
         self._request += 1
         data = encode(Predict(self._request, z, lengths).to_frame(session=self._tag, codec=self._activation))
         Predict.from_frame(decode(data), limits=self._limits, codec=self._activation)
         prediction = await self._exchange(data, self._request, lambda reply: Prediction.from_frame(
-            reply, batch=z.shape[0], num_labels=self._limits.num_labels), resume_from=self.step, accept=(self.step,))
+            reply, batch=z.shape[0], num_labels=self._limits.num_labels, pooled=self._limits.pooled),
+            resume_from=self.step, accept=(self.step,))
         return np.array(prediction.logits)
 
     async def checkpoint(self, step: int) -> bool:

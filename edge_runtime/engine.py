@@ -7,7 +7,8 @@ this interface only, and the cloud does not know which engine a device uses.
 
 One training step: ``z = engine.forward(batch)`` → send ``z`` → receive ``dz`` →
 ``engine.backward(dz)`` (parameter gradients for that batch, replacing earlier ones) →
-``engine.optimizer_step()``.
+``engine.optimizer_step()``. A label-private bundle's engine also has a ``label_head``
+(``edge_runtime.label_head``) that turns the cloud's pooled top output into the loss on the device.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class EdgeEngine(ABC):
     """Runs the edge half (embeddings … compression head) and trains its parameters."""
 
     name: ClassVar[str]
+    label_head = None  # the label-private split's ``edge_runtime.label_head.LabelHead``; None otherwise
 
     @abstractmethod
     def forward(self, batch: EdgeBatch) -> np.ndarray:
@@ -141,14 +143,20 @@ ENGINE_MODULES = {"ort-training": "edge_runtime.engines.ort_training", "onnx": "
 
 
 def open_engine(bundle: Bundle, *, threads: int | None = None) -> EdgeEngine:
-    """The engine the bundle was exported for, initialised from the bundle's weights."""
+    """The engine the bundle was exported for, initialised from the bundle's weights (label-private:
+    wrapped with the device's label head)."""
     name = bundle.manifest.engine
     module = importlib.import_module(ENGINE_MODULES[name])
     try:
-        return module.Engine(bundle, threads=threads)
+        engine = module.Engine(bundle, threads=threads)
     except Exception as exc:
         # onnxruntime raises its own types; the training API wraps the same errors in RuntimeError
         if not (type(exc).__module__.startswith("onnxruntime") or "[ONNXRuntimeError]" in str(exc)):
             raise
         raise BundleError(f"bundle {bundle.root}: onnxruntime cannot load its {name} edge files "
                           f"({type(exc).__name__}: {str(exc)[:300]}); re-export the bundle") from exc
+    if not bundle.label_private:
+        return engine
+    from edge_runtime.label_head import LabelHead, LabelPrivateEngine
+
+    return LabelPrivateEngine(engine, LabelHead.from_bundle(bundle), bundle_hash=bundle.hash)

@@ -123,7 +123,8 @@ class StepTimes:
 
 async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainBatch, schedule: Schedule,
                      times: StepTimes | None = None):
-    """One training step of the split model; returns the cloud's reply (``dz``, loss, metrics).
+    """One training step of the split model; returns the cloud's reply (``dz``, loss, metrics). With a
+    label-private engine the loss and metrics are the device's own (``edge_runtime.label_head``).
 
     Engine compute runs in a worker thread so the event loop keeps answering the
     connection's pings during a long step on a slow device.
@@ -131,7 +132,12 @@ async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainB
     started = time.perf_counter()
     z = await asyncio.to_thread(engine.forward, batch.inputs)
     sent = time.perf_counter()
-    reply = await client.train_step(batch.step, z, batch.lengths, batch.labels)
+    head = engine.label_head
+    if head is None:
+        reply = await client.train_step(batch.step, z, batch.lengths, batch.labels)
+    else:
+        reply = await client.train_step_private(batch.step, z, batch.lengths,
+                                                lambda pooled: head.backward(pooled, batch.labels))
     received = time.perf_counter()
     engine.set_learning_rate(schedule.rate(batch.step))
     await asyncio.to_thread(_update, engine, reply.dz)
@@ -233,12 +239,14 @@ async def predict_logits(
     *, engine: EdgeEngine, client: "CloudClient", data: TextData, tokenizer: EdgeTokenizer, batch_size: int,
     progress: bool = False,
 ) -> np.ndarray:
-    """``N×num_labels`` logits for every row, in file order; nothing is trained."""
+    """``N×num_labels`` logits for every row, in file order; nothing is trained. Label-private, the cloud
+    sends the pooled top output and the device's head makes the logits."""
     outputs = []
     for start in tqdm(range(0, len(data), batch_size), unit="batch", disable=not progress, dynamic_ncols=True):
         part = data.subset(range(start, min(start + batch_size, len(data))))
         inputs, lengths = tokenizer.encode(part.texts, part.pairs)
-        outputs.append(await client.predict(await asyncio.to_thread(engine.infer, inputs), lengths))
+        values = await client.predict(await asyncio.to_thread(engine.infer, inputs), lengths)
+        outputs.append(values if engine.label_head is None else engine.label_head.logits(values))
     return np.concatenate(outputs)
 
 

@@ -40,6 +40,7 @@ EXAMPLES = """examples:
   sft-export --model bert-base-uncased --init random --tokenizer ./minilm --split 4 --out bundles/bert-dims
       (offline: bert-base dims with random weights; any uncased BERT vocabulary as tokenizer)
   sft-export --model bert-base-uncased --split 4 --no-compression --out bundles/vanilla   (the baseline)
+  sft-export --model bert-base-uncased --split 4 --label-private --out bundles/private   (labels stay on the device)
   sft-export --model bert-base-uncased --split 4 --head principal --calibration-text public.txt --heal-steps 300 \\
       --out bundles/principal   (a calibrated head, healed; public text only, never the fine-tuning data)
 
@@ -86,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
                         "default), activation-svd (SVD of W1 whitened by its input's covariance on the calibration "
                         "text), principal (the top principal directions of that input, residual rebuilt on the "
                         "cloud); all send the same B x L x rank values")
+    p.add_argument("--label-private", action="store_true",
+                   help="the U-shaped split: the device also holds the pooling layer, the classifier and the loss, "
+                        "so no label, loss or logit leaves it; the cloud sends down the pooled top output "
+                        "(B x hidden) and gets its gradient back (docs/SECURITY.md)")
     p.add_argument("--calibration-text", metavar="FILE",
                    help="public text (plain lines, or a column of CSV/TSV/JSONL with --calibration-column), never "
                         "the fine-tuning data: fits activation-svd/principal, heals, and gives the fidelity report")
@@ -119,7 +124,7 @@ def _export(args: argparse.Namespace, chatter: io.StringIO | None) -> Path:
         num_labels=args.num_labels, max_length=args.max_length, freeze_embeddings=args.freeze_embeddings,
         train_edge_layers=args.train_edge_layers, edge_moments=args.edge_moments,
         init=args.init, revision=args.revision, tokenizer=args.tokenizer, engine=args.engine, pooling=args.pooling,
-        head=args.head, calibration_text=args.calibration_text, calibration_column=args.calibration_column,
+        head=args.head, label_private=args.label_private, calibration_text=args.calibration_text, calibration_column=args.calibration_column,
         heal_steps=args.heal_steps, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps, seed=args.seed,
         out=args.out, force=args.force, library_log=chatter,
     )

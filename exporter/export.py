@@ -20,10 +20,9 @@ from exporter.calibration import Calibration, describe_source, heal_and_measure,
 from exporter.progress import Log, stderr_log, timed
 from models import EdgePart, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
 from models.loading import unreachable_message
-from models.split import has_fine_tuned_head
 from splitwire.manifest import (
-    CLOUD_WEIGHTS, EDGE_WEIGHTS, EMBEDDING_TABLES, ENGINES, MOMENT_DTYPES, TOKENIZER, WEIGHTS, CloudSection,
-    EdgeSection, Optimizer, TokenizerSettings,
+    CLOUD_WEIGHTS, EDGE_WEIGHTS, EMBEDDING_TABLES, ENGINES, LABEL_HEAD, LABEL_HEAD_WEIGHTS, MOMENT_DTYPES, TOKENIZER,
+    WEIGHTS, CloudSection, EdgeSection, Optimizer, TokenizerSettings,
 )
 
 # Each engine's builder: write_edge_files(edge, *, out_dir, frozen, optimizer, max_length, log) -> role → path.
@@ -47,6 +46,7 @@ def export_bundle(
     engine: str = "onnx",
     pooling: str = "auto",
     head: str = "svd",
+    label_private: bool = False,
     calibration_text: str | Path | None = None,
     calibration_column: str | None = None,
     heal_steps: int = 0,
@@ -65,6 +65,8 @@ def export_bundle(
     ``train_edge_layers``: train only the top N edge layers (the split layer's attention block counts as one)
     and the compression head; the embeddings and the layers below are frozen, so the backward graph stops at
     the first trained layer. ``edge_moments``: the dtype of the edge AdamW's moments (``MOMENT_DTYPES``).
+    ``label_private``: the U-shaped split; the edge also holds the pooling layer, the classifier and
+    the loss (``edge/label_head.safetensors``), the cloud part ends at the pooled top output.
     ``head``: how the compression head is made (``models.heads``); the calibrated heads and
     ``heal_steps`` of healing need ``calibration_text``, public text that also gives the fidelity report.
     """
@@ -73,7 +75,8 @@ def export_bundle(
     builder = _edge_builder(engine)
     _check_numbers(max_length=max_length, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     _check_edge_training(engine=engine, split=split, train_edge_layers=train_edge_layers, edge_moments=edge_moments)
-    spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None, head=head)
+    spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None, head=head,
+                     label_private=label_private)
     texts = _calibration_text(spec, calibration_text, calibration_column, heal_steps)
     tok = _tokenizer(tokenizer or model, revision=None if tokenizer else revision)
     with timed(log, f"loading {model} ({init} weights)"):
@@ -96,7 +99,7 @@ def export_bundle(
         log("no fidelity report: it needs --calibration-text")
     frozen = frozen_parameters(split_model.edge, freeze_embeddings=freeze_embeddings,
                                train_edge_layers=train_edge_layers)
-    log("classifier: the checkpoint's fine-tuned head" if has_fine_tuned_head(split_model.cloud, loaded.weights)
+    log("classifier: the checkpoint's fine-tuned head" if split_model.fine_tuned_head
         else f"classifier: new, {spec.num_labels} outputs")
     optimizer = Optimizer(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                           moments=edge_moments).to_dict()
@@ -228,11 +231,14 @@ def _write_weights(model: SplitModel, root: Path) -> None:
     (root / CLOUD_WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.cloud.state_dict().items()}, str(root / CLOUD_WEIGHTS))
     save_numpy_weights(root / EDGE_WEIGHTS, {k: v.detach().numpy() for k, v in model.edge.state_dict().items()})
+    if model.head is not None:
+        save_numpy_weights(root / LABEL_HEAD_WEIGHTS, {k: v.detach().numpy() for k, v in model.head.state_dict().items()})
 
 
 def _edge_section(model: SplitModel, files: dict[str, str], frozen: list[str], trained_layers: int | None) -> dict:
     names = list(model.edge.state_dict())
-    return EdgeSection({**files, WEIGHTS: EDGE_WEIGHTS}, tuple(n for n in names if n not in frozen),
+    head = {LABEL_HEAD: LABEL_HEAD_WEIGHTS} if model.head is not None else {}
+    return EdgeSection({**files, WEIGHTS: EDGE_WEIGHTS, **head}, tuple(n for n in names if n not in frozen),
                        tuple(frozen), trained_layers).to_dict()
 
 

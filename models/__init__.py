@@ -3,7 +3,7 @@
 from models.compression import CompressionHead, SplitFeedForward, truncated_svd
 from models.loading import LoadedEncoder, load_encoder
 from models.spec import EncoderSpec, SplitSpec
-from models.split import CloudPart, EdgePart, SplitModel, build_full, build_split
+from models.split import CloudPart, EdgePart, LabelHead, SplitModel, build_full, build_split
 from splitwire.manifest import EDGE_INPUTS  # the names EdgePart.forward takes, in its order
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "CompressionHead",
     "EdgePart",
     "EncoderSpec",
+    "LabelHead",
     "LoadedEncoder",
     "SplitFeedForward",
     "SplitModel",

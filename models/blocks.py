@@ -138,19 +138,24 @@ class Pooler(nn.Module):
     RoBERTa's and ELECTRA's head, a new dense layer on ``<s>`` with dropout before it (the
     dropout after it is the classifier's). ``cls-relu``: DistilBERT's ``pre_classifier`` + ReLU.
     ``mean``: sentence-transformers' mean over the real tokens, no parameters.
+    ``select_only`` (the label-private split's cloud) stops at the pooled position's vector (or the
+    mean): the dense layer runs on the device (``models.split.LabelHead``).
     """
 
-    _ACTIVATIONS = {"cls-pooler": nn.Tanh, "cls-tanh": nn.Tanh, "cls-gelu": nn.GELU, "cls-relu": nn.ReLU}
+    ACTIVATIONS = {"cls-pooler": nn.Tanh, "cls-tanh": nn.Tanh, "cls-gelu": nn.GELU, "cls-relu": nn.ReLU}
 
-    def __init__(self, spec: EncoderSpec, *, dropout: bool = False) -> None:
+    def __init__(self, spec: EncoderSpec, *, dropout: bool = False, select_only: bool = False) -> None:
         super().__init__()
         self.mode = spec.pooling
-        self.dense = None if self.mode == "mean" else nn.Linear(spec.hidden_size, spec.hidden_size)
-        self.act = None if self.mode == "mean" else self._ACTIVATIONS[self.mode]()
+        dense = self.mode != "mean" and not select_only
+        self.dense = nn.Linear(spec.hidden_size, spec.hidden_size) if dense else None
+        self.act = self.ACTIVATIONS[self.mode]() if dense else None
         self.p_drop = spec.classifier_dropout if dropout and self.mode in ("cls-tanh", "cls-gelu") else 0.0
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean":
             keep = attention_mask[..., None].to(x.dtype)
             return (x * keep).sum(1) / keep.sum(1).clamp(min=1e-9)
+        if self.dense is None:
+            return x[:, 0]
         return self.act(self.dense(dropout(x[:, 0], self.p_drop, self.training)))

@@ -90,6 +90,9 @@ class SplitSpec:
     ``link_elimination`` removes the residual link around the split layer's FFN.
     ``head`` is how the compression head is made (``HEADS``, ``models.heads``); only
     ``principal`` changes the modules (an edge ``shift`` and the cloud's residual rebuild).
+    ``label_private`` is the U-shaped split: the cloud's part ends at the pooled top output, and
+    the family's pooling layer, the classifier and the loss run on the device (``models.split.LabelHead``),
+    so that no label, loss or logit leaves it.
     """
 
     split: int
@@ -97,6 +100,7 @@ class SplitSpec:
     num_labels: int
     link_elimination: bool = True
     head: str = "svd"
+    label_private: bool = False
 
     @property
     def compressed(self) -> bool:
@@ -138,6 +142,7 @@ class SplitSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SplitSpec":
-        """``head`` may be absent (manifests written before it existed: the paper's SVD head)."""
+        """``head`` and ``label_private`` may be absent (manifests written before they existed: the paper's SVD
+        head, the cloud computing the loss)."""
         fields = dataclasses.fields(cls)
         return cls(**{f.name: data[f.name] for f in fields if f.name in data or f.default is dataclasses.MISSING})

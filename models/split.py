@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -55,7 +57,8 @@ class EdgePart(nn.Module):
 
 class CloudPart(nn.Module):
     """The split layer's FFN (fed by ``z``, residual link eliminated), encoder layers
-    ``k..N-1``, pooler and the classification/regression head."""
+    ``k..N-1``, pooler and the classification/regression head. In the label-private (U-shaped)
+    split it ends at the pooled top output: the pooling layer and the head are the device's ``LabelHead``."""
 
     def __init__(self, encoder: EncoderSpec, split: SplitSpec, *, dropout: bool = True) -> None:
         super().__init__()
@@ -69,13 +72,17 @@ class CloudPart(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(encoder, dropout=dropout) for _ in range(encoder.num_layers - split.split)
         )
-        self.pooler = Pooler(encoder, dropout=dropout)
-        self.classifier = nn.Linear(encoder.hidden_size, split.num_labels)
+        self.pooler = Pooler(encoder, dropout=dropout, select_only=split.label_private)
+        self.classifier = None if split.label_private else nn.Linear(encoder.hidden_size, split.num_labels)
         self.p_drop = encoder.classifier_dropout if dropout else 0.0
 
     def forward(self, z: torch.Tensor, attention_mask: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits. ``residual`` (the split layer's ``h``, in-process checks only) restores the eliminated link."""
-        return self.classifier(dropout(self.pooled(z, attention_mask, residual), self.p_drop, self.training))
+        """Logits; label-private, the pooled top output ``B×hidden`` the device's ``LabelHead`` reads.
+        ``residual`` (the split layer's ``h``, in-process checks only) restores the eliminated link."""
+        pooled = self.pooled(z, attention_mask, residual)
+        if self.classifier is None:
+            return pooled
+        return self.classifier(dropout(pooled, self.p_drop, self.training))
 
     def pooled(self, z: torch.Tensor, attention_mask: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The sentence vector the classifier reads (``models.blocks.Pooler``)."""
@@ -90,19 +97,48 @@ class CloudPart(nn.Module):
         return self.pooler(x, attention_mask)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy for classification, mean squared error for regression."""
-        if self.spec.num_labels == 1:
-            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-        return F.cross_entropy(logits, labels.long())
+        return task_loss(logits, labels, self.spec.num_labels)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Cross-entropy for classification, mean squared error for regression (``num_labels`` 1)."""
+    if num_labels == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels.long())
+
+
+class LabelHead(nn.Module):
+    """The top of the U-shaped split, on the device (``sft-export --label-private``): the family's
+    pooling layer (``models.blocks.Pooler``'s dense and activation; none for mean pooling) on the
+    cloud's pooled top output, the classifier and the loss. The labels, the logits and the loss stay
+    where the data is. No dropout: the device runs its graphs without randomness."""
+
+    def __init__(self, encoder: EncoderSpec, split: SplitSpec) -> None:
+        super().__init__()
+        mode, hidden = encoder.pooling, encoder.hidden_size
+        self.dense = None if mode == "mean" else nn.Linear(hidden, hidden)
+        self.act = None if mode == "mean" else Pooler.ACTIVATIONS[mode]()
+        self.classifier = nn.Linear(hidden, split.num_labels)
+        self.num_labels = split.num_labels
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from the pooled top output ``B×hidden``."""
+        return self.classifier(pooled if self.dense is None else self.act(self.dense(pooled)))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return task_loss(logits, labels, self.num_labels)
 
 
 class SplitModel(nn.Module):
-    """Both halves in one process: a drop-in module for an ordinary PyTorch loop."""
+    """Both halves in one process: a drop-in module for an ordinary PyTorch loop. With a ``head`` (the
+    label-private split) the cloud part gives the pooled top output and the head the logits."""
 
-    def __init__(self, edge: EdgePart, cloud: CloudPart) -> None:
+    def __init__(self, edge: EdgePart, cloud: CloudPart, head: LabelHead | None = None) -> None:
         super().__init__()
         self.edge = edge
         self.cloud = cloud
+        self.head = head
+        self.fine_tuned_head = False  # whether build_split took the classifier from a fine-tuned checkpoint
 
     def forward(
         self,
@@ -114,10 +150,11 @@ class SplitModel(nn.Module):
         token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         position_ids = default_position_ids(input_ids) if position_ids is None else position_ids
         z = self.edge(input_ids, attention_mask, token_type_ids, position_ids)
-        return self.cloud(z, attention_mask)
+        top = self.cloud(z, attention_mask)
+        return top if self.head is None else self.head(top)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.cloud.loss(logits, labels)
+        return (self.cloud if self.head is None else self.head).loss(logits, labels)
 
 
 def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -163,7 +200,8 @@ def build_split(
     The classifier (and a family's new pooling layer, ``models.blocks.Pooler``) is the
     checkpoint's own when ``weights`` hold a fine-tuned head of this shape and the family's
     pooling is kept; otherwise it is new, drawn from ``N(0, initializer_range)`` with
-    ``classifier_seed``, as Hugging Face initialises it.
+    ``classifier_seed``, as Hugging Face initialises it. ``split.label_private``: the same weights,
+    with the pooling layer and the classifier moved into the device's ``LabelHead``.
     """
     split.validate(encoder)
     k = split.split - 1  # index of the split layer
@@ -172,7 +210,7 @@ def build_split(
     edge_map |= {f"layers.{i}.": f"layers.{i}." for i in range(k)}
     _load(edge, weights, edge_map)
 
-    cloud = CloudPart(encoder, split, dropout=cloud_dropout)
+    cloud = CloudPart(encoder, dataclasses.replace(split, label_private=False), dropout=cloud_dropout)
     cloud_map = {f"layers.{i - split.split}.": f"layers.{i}." for i in range(split.split, encoder.num_layers)}
     cloud_map |= {"pooler.": "pooler.", "split_ffn.dense_out.": f"layers.{k}.ffn.dense_out.",
                   "split_ffn.norm.": f"layers.{k}.ffn.norm.", "split_ffn.dense_in.": f"layers.{k}.ffn.dense_in."}
@@ -197,7 +235,21 @@ def build_split(
             else:
                 layer.weight.normal_(0.0, initializer_range, generator=generator)
                 layer.bias.zero_()
-    return SplitModel(edge, cloud)
+    model = SplitModel(edge, cloud) if not split.label_private else u_shaped(encoder, split, edge, cloud, cloud_dropout)
+    model.fine_tuned_head = fine_tuned
+    return model
+
+
+def u_shaped(encoder: EncoderSpec, split: SplitSpec, edge: EdgePart, cloud: CloudPart, cloud_dropout: bool) -> SplitModel:
+    """The label-private split of a built ``cloud``: the same weights, its pooling layer and classifier
+    moved into the device's ``LabelHead``."""
+    top = CloudPart(encoder, split, dropout=cloud_dropout)
+    head = LabelHead(encoder, split)
+    moved = {"pooler.dense.": "dense.", "classifier.": "classifier."}
+    state = cloud.state_dict()
+    head.load_state_dict({moved[p] + n[len(p):]: v for n, v in state.items() for p in moved if n.startswith(p)})
+    top.load_state_dict({n: v for n, v in state.items() if not n.startswith(tuple(moved))})
+    return SplitModel(edge, top, head)
 
 
 def has_fine_tuned_head(cloud: "CloudPart", weights: dict[str, torch.Tensor]) -> bool:

@@ -57,6 +57,16 @@ class Bundle:
         return int(rank if rank is not None else self.encoder["hidden_size"])
 
     @property
+    def label_private(self) -> bool:
+        """The U-shaped split: the device holds the pooling layer, classifier and loss."""
+        return self.manifest.label_private
+
+    @property
+    def pooled_width(self) -> int | None:
+        """Width of the pooled top output the cloud sends down in the label-private split (hidden), else None."""
+        return int(self.encoder["hidden_size"]) if self.label_private else None
+
+    @property
     def num_labels(self) -> int:
         return int(self.split["num_labels"])
 

@@ -44,6 +44,9 @@ EDGE_DIR, CLOUD_DIR = "edge", "cloud"
 EDGE_WEIGHTS = f"{EDGE_DIR}/edge_weights.safetensors"
 CLOUD_WEIGHTS = f"{CLOUD_DIR}/weights.safetensors"
 TOKENIZER = f"{EDGE_DIR}/tokenizer.json"
+# The label-private (U-shaped) split's device head: pooling layer and classifier (``edge_runtime.label_head``).
+LABEL_HEAD = "label_head"
+LABEL_HEAD_WEIGHTS = f"{EDGE_DIR}/label_head.safetensors"
 ENGINE_FILES = {  # engine → role → path; ort-training's names are the ones onnxruntime's generate_artifacts writes
     "onnx": {FORWARD: f"{EDGE_DIR}/forward.onnx", BACKWARD: f"{EDGE_DIR}/backward.onnx", INFER: f"{EDGE_DIR}/infer.onnx"},
     "ort-training": {TRAINING_MODEL: f"{EDGE_DIR}/training_model.onnx", EVAL_MODEL: f"{EDGE_DIR}/eval_model.onnx",
@@ -121,6 +124,7 @@ class Manifest(Mapping[str, Any]):
     optimizer: Optimizer
     tokenizer: TokenizerSettings
     files: Mapping[str, str]  # every file's path → SHA-256
+    label_private: bool = False  # the U-shaped split: labels, loss and logits stay on the device
 
     def __getitem__(self, key: str) -> Any:
         return self.raw[key]
@@ -152,6 +156,7 @@ class Manifest(Mapping[str, Any]):
                                         pad_token=_text(tok, "pad_token", where),
                                         pad_type_id=_whole(raw, "tokenizer", "pad_type_id", where, minimum=0)),
             files=raw["files"],
+            label_private=_label_private(raw, where),
         )
 
 
@@ -212,6 +217,16 @@ def _check_named_files(manifest: dict[str, Any], where: Path | str) -> None:
     lacking = [role for role in ENGINE_FILES[manifest["engine"]] if role not in manifest[EDGE_DIR]["files"]]
     if lacking:
         raise BundleError(f"{where}: the {manifest['engine']} engine needs edge files for {', '.join(lacking)}")
+
+
+def _label_private(manifest: dict[str, Any], where: Path | str) -> bool:
+    """``split.label_private`` (absent: false); a label-private edge must name its head's weights."""
+    value = manifest["split"].get("label_private", False)
+    if not isinstance(value, bool):
+        raise BundleError(f"{where}: split.label_private must be true or false, got {str(value)[:40]!r}")
+    if value and LABEL_HEAD not in manifest[EDGE_DIR]["files"]:
+        raise BundleError(f"{where}: a label-private bundle needs the edge file {LABEL_HEAD!r} (its device head)")
+    return value
 
 
 def _names(section: dict[str, Any], key: str, where: Path | str) -> tuple[str, ...]:

@@ -35,9 +35,17 @@ CHECKPOINT      edge→cloud  step n: persist the session as it is after step n
 CHECKPOINTED    cloud→edge  step n: whether it was persisted
 ERROR           either      ``code`` (``splitwire.errors``) and message; then the sender closes
 BYE             edge→cloud  polite end of the connection
+TOP             cloud→edge  label-private step n, first reply: ``pooled`` (codec parts, ``B×1×hidden``)
+TOP_GRADIENT    edge→cloud  label-private step n: ``dpooled`` (codec parts, ``B×1×hidden``)
 ==============  ==========  ===============================================================
 
 Evaluation is ``PREDICT``: the edge scores the logits against labels that never leave it.
+
+The label-private (U-shaped) split (``WireLimits.pooled`` set) changes three messages and adds
+two: ``TRAIN`` carries no labels, the cloud answers it with ``TOP`` (the pooled top output), the
+edge sends ``TOP_GRADIENT`` (its gradient, from the loss the device computed), and the cloud's
+``GRADIENT`` carries ``dz`` alone, no loss and no metrics; ``PREDICTION`` carries ``pooled``
+(``B×hidden`` float32) instead of logits. Each side refuses a frame of the other mode.
 """
 
 from __future__ import annotations
@@ -85,6 +93,8 @@ class Kind(IntEnum):
     CHECKPOINTED = 8
     ERROR = 9
     BYE = 10
+    TOP = 11
+    TOP_GRADIENT = 12
 
 
 @dataclass(frozen=True)
@@ -214,18 +224,27 @@ class WireLimits:
     max_length: int
     width: int  # last dimension of z: the rank, or hidden for a vanilla split
     num_labels: int  # 1 means regression
+    pooled: int | None = None  # label-private split: the width (hidden) of the pooled top output; else None
 
     @classmethod
     def from_bundle(cls, bundle: Any, *, max_batch: int = DEFAULT_MAX_BATCH) -> "WireLimits":
         """From a ``splitwire.bundle.Bundle``."""
-        return cls(max_batch, bundle.max_length, bundle.wire_width, bundle.num_labels)
+        return cls(max_batch, bundle.max_length, bundle.wire_width, bundle.num_labels, bundle.pooled_width)
+
+    @property
+    def label_private(self) -> bool:
+        return self.pooled is not None
 
     def max_frame_bytes(self) -> int:
-        """The largest frame either side may send: the widest codec at full batch and length."""
-        shape = (self.max_batch, self.max_length, self.width)
-        full = np.full(self.max_batch, self.max_length, dtype=np.int32)
-        activation = max(_nbytes(codec_for(name, Carries.ACTIVATION).parts(shape, full)) for name in CODEC_NAMES)
-        per_row = DTYPES["int32"].itemsize + DTYPES["int64"].itemsize + DTYPES["float32"].itemsize * self.num_labels
+        """The largest frame either side may send: the widest codec at full batch and length (or, for the
+        label-private split's pooled output and its gradient, at full batch)."""
+        shapes = [((self.max_batch, self.max_length, self.width), np.full(self.max_batch, self.max_length, np.int32))]
+        if self.pooled is not None:
+            shapes.append(_pooled_shape(self.max_batch, self.pooled))
+        activation = max(_nbytes(codec_for(name, Carries.ACTIVATION).parts(shape, lengths))
+                         for name in CODEC_NAMES for shape, lengths in shapes)
+        outputs = max(self.num_labels, self.pooled or 0)
+        per_row = DTYPES["int32"].itemsize + DTYPES["int64"].itemsize + DTYPES["float32"].itemsize * outputs
         return HEADER.size + MAX_META_BYTES + activation + self.max_batch * per_row
 
 
@@ -410,15 +429,16 @@ def _activation_frame(kind: Kind, session: int, step: int, codec: Codec, z: np.n
 
 @dataclass(frozen=True)
 class Train:
-    """One training step's forward message."""
+    """One training step's forward message; label-private, without ``labels`` (``None``)."""
 
     step: int
     z: np.ndarray
     lengths: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
 
     def to_frame(self, *, session: int, codec: Codec) -> Frame:
-        return _activation_frame(Kind.TRAIN, session, self.step, codec, self.z, self.lengths, labels=self.labels)
+        labels = {} if self.labels is None else {"labels": self.labels}
+        return _activation_frame(Kind.TRAIN, session, self.step, codec, self.z, self.lengths, **labels)
 
     @classmethod
     def from_frame(cls, frame: Frame, *, limits: WireLimits, codec: Codec) -> "Train":
@@ -427,6 +447,9 @@ class Train:
             raise ProtocolError("training steps are numbered from 1")
         shape, lengths = _activation_shape(frame, limits)
         z = coded(frame, "z", codec, shape, lengths)
+        if limits.label_private:  # the labels never leave the device: a TRAIN that carries any is refused
+            only(frame, _names("z", codec, shape, lengths) | {"lengths"})
+            return cls(frame.step, z, lengths, None)
         if limits.num_labels == 1:
             labels = finite(tensor(frame, "labels", "float32", shape[:1]), "regression labels")
         else:
@@ -463,23 +486,29 @@ def _names(name: str, codec: Codec, shape: Shape3, lengths: np.ndarray) -> set[s
 
 @dataclass(frozen=True)
 class Gradient:
-    """The cloud's answer to ``Train``: ``dL/dz``, the batch's mean loss and metrics."""
+    """The cloud's answer to ``Train``: ``dL/dz``, the batch's mean loss and metrics. Label-private, the
+    answer to ``TopGradient``, with ``dz`` alone (``loss`` and ``metrics`` are ``None``: the device has them)."""
 
     step: int
     dz: np.ndarray
-    loss: float
-    metrics: dict[str, float]
+    loss: float | None
+    metrics: dict[str, float] | None
 
     def to_frame(self, *, session: int, codec: Codec, lengths: np.ndarray) -> Frame:
-        meta = {"loss": self.loss, "metrics": self.metrics}
+        meta = {} if self.loss is None else {"loss": self.loss, "metrics": self.metrics}
         tensors = coded_parts("dz", codec, self.dz, lengths, step=self.step)
         return Frame(Kind.GRADIENT, session, self.step, meta, tensors)
 
     @classmethod
-    def from_frame(cls, frame: Frame, *, codec: Codec, shape: Shape3, lengths: np.ndarray) -> "Gradient":
+    def from_frame(cls, frame: Frame, *, codec: Codec, shape: Shape3, lengths: np.ndarray,
+                   label_private: bool = False) -> "Gradient":
         expect(frame, Kind.GRADIENT)
         dz = coded(frame, "dz", codec, shape, lengths)
         only(frame, _names("dz", codec, shape, lengths))
+        if label_private:
+            if frame.meta:
+                raise ProtocolError(f"a label-private GRADIENT carries dz alone, not {sorted(frame.meta)[:5]}")
+            return cls(frame.step, dz, None, None)
         loss = field_of(frame.meta, "loss", float)
         metrics = field_of(frame.meta, "metrics", dict)
         if len(metrics) > MAX_METRICS or not all(
@@ -490,20 +519,76 @@ class Gradient:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The cloud's answer to ``Predict``: float32 logits ``(B, num_labels)``."""
+    """The cloud's answer to ``Predict``: float32 logits ``(B, num_labels)``; label-private (``pooled``
+    is the width), the pooled top output ``(B, hidden)`` that the device's head turns into logits."""
 
     request: int
     logits: np.ndarray
 
-    def to_frame(self, *, session: int) -> Frame:
-        return Frame(Kind.PREDICTION, session, self.request, {}, {"logits": self.logits})
+    def to_frame(self, *, session: int, pooled: bool = False) -> Frame:
+        return Frame(Kind.PREDICTION, session, self.request, {}, {"pooled" if pooled else "logits": self.logits})
 
     @classmethod
-    def from_frame(cls, frame: Frame, *, batch: int, num_labels: int) -> "Prediction":
+    def from_frame(cls, frame: Frame, *, batch: int, num_labels: int, pooled: int | None = None) -> "Prediction":
         expect(frame, Kind.PREDICTION)
-        logits = finite(tensor(frame, "logits", "float32", (batch, num_labels)), "logits")
-        only(frame, {"logits"})
+        name, width = ("logits", num_labels) if pooled is None else ("pooled", pooled)
+        logits = finite(tensor(frame, name, "float32", (batch, width)), name)
+        only(frame, {name})
         return cls(frame.step, logits)
+
+
+def _pooled_shape(batch: int, width: int) -> tuple[Shape3, np.ndarray]:
+    """A pooled ``B×hidden`` tensor goes through the codecs as ``B`` rows of one token."""
+    return (batch, 1, width), np.ones(batch, dtype=np.int32)
+
+
+def _pooled_frame(kind: Kind, session: int, step: int, name: str, codec: Codec, values: np.ndarray) -> Frame:
+    if values.ndim != 2:
+        raise ProtocolError(f"{name} must be B×hidden, got shape {values.shape}")
+    shape, lengths = _pooled_shape(*values.shape)
+    parts = coded_parts(name, codec, values.reshape(shape), lengths, step=step)
+    return Frame(kind, session, step, {"batch": values.shape[0]}, parts)
+
+
+def _pooled_values(frame: Frame, name: str, codec: Codec, batch: int, width: int) -> np.ndarray:
+    if field_of(frame.meta, "batch", int) != batch or set(frame.meta) != {"batch"}:
+        raise ProtocolError(f"{frame.kind.name} must be for the step's batch of {batch} and carry nothing else")
+    shape, lengths = _pooled_shape(batch, width)
+    values = coded(frame, name, codec, shape, lengths)
+    only(frame, _names(name, codec, shape, lengths))
+    return values.reshape(batch, width)
+
+
+@dataclass(frozen=True)
+class Top:
+    """Label-private step, the cloud's first answer: the pooled top output ``B×hidden``."""
+
+    step: int
+    pooled: np.ndarray
+
+    def to_frame(self, *, session: int, codec: Codec) -> Frame:
+        return _pooled_frame(Kind.TOP, session, self.step, "pooled", codec, self.pooled)
+
+    @classmethod
+    def from_frame(cls, frame: Frame, *, codec: Codec, batch: int, width: int) -> "Top":
+        expect(frame, Kind.TOP)
+        return cls(frame.step, _pooled_values(frame, "pooled", codec, batch, width))
+
+
+@dataclass(frozen=True)
+class TopGradient:
+    """Label-private step, the edge's second message: ``dL/dpooled`` ``B×hidden``, from the device's loss."""
+
+    step: int
+    dpooled: np.ndarray
+
+    def to_frame(self, *, session: int, codec: Codec) -> Frame:
+        return _pooled_frame(Kind.TOP_GRADIENT, session, self.step, "dpooled", codec, self.dpooled)
+
+    @classmethod
+    def from_frame(cls, frame: Frame, *, codec: Codec, batch: int, width: int) -> "TopGradient":
+        expect(frame, Kind.TOP_GRADIENT)
+        return cls(frame.step, _pooled_values(frame, "dpooled", codec, batch, width))
 
 
 @dataclass(frozen=True)

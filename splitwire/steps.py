@@ -18,6 +18,20 @@ The rules:
 - after a reconnect, a request is resent only if the cloud is at one of the steps that make
   the resend exact; anywhere else the edge must go back to its own checkpoint of the
   cloud's step (``SessionRewound``).
+
+The label-private (U-shaped) split makes a step two round trips: ``TRAIN`` n → ``TOP`` (the
+cloud's forward ran; it holds the step as *pending* with its graph), then ``TOP_GRADIENT`` n →
+``GRADIENT`` (the step is applied). Its rules:
+
+- a ``TRAIN`` n is answered from the ``TOP`` already sent when n is pending with the same
+  request, or when n is the step applied last (its replay keeps both replies); otherwise it
+  begins step n (which must be the next), replacing a pending one: the cloud's dropout
+  generator only moves on when a step is applied, so the forward is computed afresh exactly;
+- a ``TOP_GRADIENT`` n applies pending step n, or is answered from the replay cache when n was
+  applied last; with nothing pending it is ``StepOrderError``;
+- a pending step is never checkpointed, so after a reconnect in the middle of a step the edge
+  resends the whole step from its ``TRAIN`` (a cloud that restarted has lost the pending step; one
+  that did not answers the ``TRAIN`` from its cache), which is exact either way.
 """
 
 from __future__ import annotations
@@ -29,11 +43,22 @@ from splitwire.errors import SessionRewound, StepOrderError
 
 @dataclass(frozen=True)
 class Replay:
-    """The one-entry replay cache: the last step's request digest and the exact reply frame."""
+    """The one-entry replay cache: the last step's request digest and the exact reply frame (label-private:
+    also the step's first reply, ``TOP``)."""
 
     step: int
     digest: str
     reply: bytes
+    top: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Label-private: a step between its two round trips: its ``TRAIN``'s digest and the ``TOP`` sent."""
+
+    step: int
+    digest: str
+    top: bytes
 
 
 class CloudSteps:
@@ -43,6 +68,7 @@ class CloudSteps:
         self.session_id = session_id
         self.step = step
         self.replay = replay
+        self.pending: Pending | None = None
 
     def cached_reply(self, step: int) -> Replay | None:
         """For a TRAIN of ``step``: the cached reply of a resend, ``None`` for the next step to apply;
@@ -58,10 +84,40 @@ class CloudSteps:
                                  f"expected step {self.step + 1}, got {step}")
 
     def applied(self, step: int, digest: str, reply: bytes) -> None:
-        """Step ``step`` was applied and answered with ``reply``."""
+        """Step ``step`` was applied and answered with ``reply`` (label-private: the pending step)."""
         self.check_next(step)
+        top = None
+        if self.pending is not None:
+            if self.pending.step != step:
+                raise StepOrderError(f"session {self.session_id!r} holds step {self.pending.step}, not {step}")
+            digest, top, self.pending = self.pending.digest, self.pending.top, None
         self.step = step
-        self.replay = Replay(step, digest, reply)
+        self.replay = Replay(step, digest, reply, top)
+
+    def cached_top(self, step: int, digest: str) -> bytes | None:
+        """For a label-private TRAIN of ``step``: the ``TOP`` already sent for it, or ``None`` for the
+        next step to begin; ``StepOrderError`` for anything else."""
+        if self.replay is not None and self.replay.top is not None and step == self.replay.step == self.step:
+            return self.replay.top
+        if self.pending is not None and (self.pending.step, self.pending.digest) == (step, digest):
+            return self.pending.top
+        self.check_next(step)
+        return None
+
+    def began(self, step: int, digest: str, top: bytes) -> None:
+        """Label-private step ``step``'s forward ran and was answered with ``top``; it waits for its gradient."""
+        self.check_next(step)
+        self.pending = Pending(step, digest, top)
+
+    def cached_gradient(self, step: int) -> Replay | None:
+        """For a TOP_GRADIENT of ``step``: the cached reply of a resend, ``None`` for the pending step;
+        ``StepOrderError`` for anything else."""
+        if self.replay is not None and step == self.replay.step == self.step:
+            return self.replay
+        if self.pending is None or self.pending.step != step:
+            raise StepOrderError(f"session {self.session_id!r} is at step {self.step} with no forward of step {step} "
+                                 f"waiting for its gradient: send TRAIN {step} first")
+        return None
 
     def check_checkpoint(self, step: int) -> None:
         if step != self.step:

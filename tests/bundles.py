@@ -108,6 +108,21 @@ def reference_edge(bundle_root: Path):
     return edge
 
 
+def reference_label_head(bundle_root: Path):
+    """The PyTorch ``LabelHead`` with a label-private bundle's initial device head (torch tests only)."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from models import EncoderSpec, LabelHead, SplitSpec
+    from splitwire.bundle import load_bundle
+    from splitwire.manifest import LABEL_HEAD
+
+    bundle = load_bundle(bundle_root, parts=["edge"])
+    head = LabelHead(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split))
+    head.load_state_dict({name: torch.from_numpy(a) for name, a in load_file(str(bundle.edge_file(LABEL_HEAD))).items()})
+    return head
+
+
 def padded_batch(rng: np.random.Generator, lengths: list[int], *, vocab: int = 30522, pad_id: int = 0,
                  types: int = 2) -> EdgeBatch:
     """One row per length, right-padded to the longest; random token types (of ``types``) for the real tokens."""

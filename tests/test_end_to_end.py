@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from bundles import HEADS, export_cached, head_options, reference_edge
+from bundles import HEADS, export_cached, head_options, reference_edge, reference_label_head
 from conftest import movie_reviews_path
 from families import NEW_FAMILIES, family_model_dir, family_options
 from safetensors.torch import load_file
@@ -27,6 +27,7 @@ from cloud_backend.server import serve_cloud
 from edge_runtime.client import CloudClient
 from edge_runtime.data import Columns, infer_label_map, read_table, table_texts
 from edge_runtime.engine import open_engine
+from edge_runtime.label_head import PREFIX
 from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.batches import training_batches
 from edge_runtime.trainer import train
@@ -56,13 +57,14 @@ def reviews():
 # and the paper's head (the engines' equality with torch per family is tests/test_edge_engines.py's).
 CASES = [("bert", engine, head) for head in HEADS for engine in ENGINES]
 CASES += [(family, "onnx", "svd") for family in NEW_FAMILIES]
+CASES += [("bert", engine, "svd", "label-private") for engine in ENGINES]  # the U-shaped split (issue 15)
 
 
 @pytest.fixture(scope="module", params=CASES, ids="-".join)
 def bundle(request, tmp_path_factory, tiny_model_dir):
     """A tiny model with dropout 0.1 (the cloud's RNG matters), split 2, rank 4: the 4-layer BERT with the
     real uncased vocabulary, or another family's checkpoint (``families``) with its own tokenizer."""
-    family, engine, head = request.param
+    family, engine, head, *mode = request.param
     if family != "bert":
         return load_bundle(export_cached(tmp_path_factory, family_model_dir(tmp_path_factory, family),
                                          **family_options(engine)))
@@ -73,12 +75,15 @@ def bundle(request, tmp_path_factory, tiny_model_dir):
         config |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
         (model_dir / "config.json").write_text(json.dumps(config))
     root = export_cached(tmp_path_factory, model_dir, split=2, rank=4, init="random", max_length=48,
-                         lr=SCHEDULE.lr, engine=engine, **head_options(head))
+                         lr=SCHEDULE.lr, engine=engine, **head_options(head),
+                         **({"label_private": True} if mode else {}))
     return load_bundle(root)
 
 
-def in_process(bundle, batches) -> tuple[list[float], torch.nn.Module, torch.nn.Module]:
-    """The reference: both halves in one process, plain backprop, each half with its own AdamW."""
+def in_process(bundle, batches, head: torch.nn.Module | None = None) -> tuple[list[float], torch.nn.Module,
+                                                                          torch.nn.Module]:
+    """The reference: both halves in one process, plain backprop, each half with its own AdamW. ``head``:
+    a label-private bundle's ``LabelHead`` on top of the cloud part, trained in place with its own AdamW."""
     edge = reference_edge(bundle.root).train()
     for name in bundle.manifest.edge.frozen:
         edge.get_parameter(name).requires_grad_(False)
@@ -86,14 +91,16 @@ def in_process(bundle, batches) -> tuple[list[float], torch.nn.Module, torch.nn.
     cloud.load_state_dict(load_file(str(bundle.path(bundle.manifest["cloud"]["files"]["weights"]))))
     opt = bundle.manifest["optimizer"]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
-                                    weight_decay=opt["weight_decay"]) for m in (edge, cloud)]
+                                    weight_decay=opt["weight_decay"]) for m in (edge, cloud, head) if m is not None]
     losses = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         for batch in batches:
             inputs = {k: torch.from_numpy(v) for k, v in batch.inputs.feeds().items()}
             z = edge(**inputs)
-            loss = cloud.loss(cloud(z, inputs["attention_mask"]), torch.from_numpy(batch.labels))
+            out = cloud(z, inputs["attention_mask"])
+            top = cloud if head is None else head
+            loss = top.loss(out if head is None else head(out), torch.from_numpy(batch.labels))
             loss.backward()
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
@@ -139,7 +146,8 @@ def test_split_fine_tuning_over_the_wire_equals_in_process_training(bundle, revi
     assert len(batches) == STEPS and any(b.inputs.attention_mask.min() == 0 for b in batches)  # padding inside
 
     result, edge_weights, cloud, (up, down) = over_the_wire(bundle, batches)
-    want_losses, want_edge, want_cloud = in_process(bundle, batches)
+    head = reference_label_head(bundle.root) if bundle.label_private else None
+    want_losses, want_edge, want_cloud = in_process(bundle, batches, head)
 
     assert len(result.losses) == STEPS
     assert rel_err(result.losses, want_losses) <= REL
@@ -152,9 +160,14 @@ def test_split_fine_tuning_over_the_wire_equals_in_process_training(bundle, revi
     for name, want in want_edge.named_parameters():
         assert_same_weight(name, edge_weights[name], want.detach().numpy())
         trained += not np.array_equal(want.detach().numpy(), initial[name].numpy())
-    assert trained > 0.9 * len(edge_weights)  # the comparison is not vacuous: the edge really trained
+    assert trained > 0.9 * len(want_edge.state_dict())  # the comparison is not vacuous: the edge really trained
+    for name, want in (head.named_parameters() if head is not None else ()):  # the device's label head
+        assert_same_weight(name, edge_weights[PREFIX + name], want.detach().numpy())
 
-    # Bytes per step, counted by the transport: B·L·r·4 plus a small header, each way.
+    # Bytes per step, counted by the transport: B·L·r·4 plus a small header, each way; label-private, two
+    # frames each way, the second the pooled output (down) or its gradient (up), B·hidden·4 plus a header.
     last = batches[-1]
     payload = last.inputs.input_ids.size * bundle.wire_width * 4
-    assert payload < up < payload + 512 and payload < down < payload + 512
+    if head is not None:
+        payload += last.inputs.shape[0] * bundle.pooled_width * 4
+    assert payload < up < payload + 1024 and payload < down < payload + 1024
