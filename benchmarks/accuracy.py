@@ -63,6 +63,15 @@ FIVE_CLASS_EDGES = (-2.0, -0.5, 0.5, 2.0)
 CALIBRATION = "nytEditorialSnippets_GroundTruth.txt"  # public text that no task here trains on
 HEADS = ("svd", "activation-svd", "principal", "principal+heal")
 MAX_LENGTH = 66
+# --edge-options: the lighter edge's sft-export settings (exporter.export.frozen_parameters; bf16 moments as the
+# numpy AdamW keeps them: torch's AdamW with both moments rounded to bfloat16 after every step, which
+# tests/test_edge_options.py shows it equals).
+EDGE_OPTIONS = {
+    "frozen embeddings": dict(freeze_embeddings=True, train_edge_layers=None),
+    "top 1 layer": dict(freeze_embeddings=False, train_edge_layers=1),
+    "top 1 layer + bf16 moments": dict(freeze_embeddings=False, train_edge_layers=1, moments="bf16"),
+    "bf16 moments": dict(freeze_embeddings=False, train_edge_layers=None, moments="bf16"),
+}
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,11 @@ class Variant:
     full: bool = False  # the unsplit model (full fine-tuning)
     head: str = "svd"  # HEADS; "+heal" adds healing
     heal_steps: int = 0
+    edge: str | None = None  # EDGE_OPTIONS: what the device trains (None: every edge weight, fp32 AdamW)
 
 
 def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads: list[str] = ("svd",),
-             heal_steps: int = 300) -> list[Variant]:
+             heal_steps: int = 300, edge_options: list[str] = ()) -> list[Variant]:
     """Full fine-tuning, the vanilla split, then each head at ``ranks`` in fp32 and at ``codec_ranks`` with ``codecs``.
 
     The paper's head keeps its old names (``SFT r=8 fp32``); the others name theirs (``SFT r=8 principal fp32``).
@@ -88,6 +98,7 @@ def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads:
         grid = [(r, "fp32") for r in ranks] + [(r, c) for r in codec_ranks for c in codecs if c != "fp32"]
         out += [Variant(f"SFT r={r} {label}{c}", r, c, head=kind, heal_steps=heal_steps if healed else 0)
                 for r, c in grid]
+    out += [Variant(f"SFT r={r} fp32, edge {option}", r, edge=option) for r in ranks for option in edge_options]
     return out
 
 
@@ -143,7 +154,8 @@ def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, token
     model, fidelity = build_variant(variant, encoder=encoder, num_labels=num_labels, seed=seed,
                                     calibration=calibration)
     curve = []
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    rounded = _edge_training(model, variant)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     schedule = Schedule(lr, "linear", steps // 10, steps)
     compressed = variant.rank is not None
     codecs = (codec_for(variant.codec, Carries.ACTIVATION, seed=seed), codec_for(variant.codec, Carries.GRADIENT, seed=seed))
@@ -162,12 +174,29 @@ def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, token
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        for p in rounded:  # bf16 moments: what the edge keeps for the next step
+            for moment in ("exp_avg", "exp_avg_sq"):
+                optimizer.state[p][moment].copy_(optimizer.state[p][moment].bfloat16().float())
         if eval_every and (batch.step + 1) % eval_every == 0 and batch.step + 1 < steps:
             curve.append([batch.step + 1, round(evaluate(model, test, tokenizer)["accuracy"], 4)])
     scores = evaluate(model, test, tokenizer)
     curve.append([steps, scores["accuracy"]])
     return {**scores, "reduction": vanilla / sent if compressed else 1.0, "fidelity": fidelity, "curve": curve,
             "head": variant.head if compressed else None, "heal_steps": variant.heal_steps}
+
+
+def _edge_training(model, variant: Variant) -> list[torch.nn.Parameter]:
+    """Freeze the edge weights ``variant.edge`` keeps frozen; return the edge weights whose moments are bf16."""
+    if variant.edge is None:
+        return []
+    from exporter.export import frozen_parameters
+
+    option = EDGE_OPTIONS[variant.edge]
+    frozen = frozen_parameters(model.edge, freeze_embeddings=option["freeze_embeddings"],
+                               train_edge_layers=option["train_edge_layers"])
+    for name in frozen:
+        model.edge.get_parameter(name).requires_grad_(False)
+    return [p for p in model.edge.parameters() if p.requires_grad] if option.get("moments") == "bf16" else []
 
 
 @torch.no_grad()
@@ -191,9 +220,11 @@ def _variant_order(name: str) -> tuple:
     """Full fine-tuning, the vanilla split, then SFT by rank, the paper's head first, fp32 before the codecs."""
     if not name.startswith("SFT"):
         return (0, name != "full fine-tuning")
+    name, _, edge = name.partition(", edge ")
     rank, rest = name.removeprefix("SFT r=").split(" ", 1)
     head, _, codec = rest.rpartition(" ")
-    return (1, int(rank), HEADS.index(head) if head else 0, codec != "fp32", codec)
+    option = list(EDGE_OPTIONS).index(edge) + 1 if edge else 0
+    return (1, int(rank), HEADS.index(head) if head else 0, codec != "fp32", codec, option)
 
 
 def _mean_curve(group: list[dict]) -> list[tuple[int, float]]:
@@ -380,6 +411,9 @@ def main() -> None:
     parser.add_argument("--codec-ranks", type=int, nargs="+", default=[8])
     parser.add_argument("--heads", nargs="+", default=["svd"], choices=HEADS,
                         help="compression heads (default: the paper's svd); principal+heal adds --heal-steps of healing")
+    parser.add_argument("--edge-options", nargs="+", default=[], choices=list(EDGE_OPTIONS), metavar="OPTION",
+                        help="also train SFT at each fp32 rank with these lighter edges (sft-export --train-edge-layers, "
+                             f"--freeze-embeddings, --edge-moments): {'; '.join(EDGE_OPTIONS)}")
     parser.add_argument("--heal-steps", type=int, default=300, help="healing steps of principal+heal (default 300)")
     parser.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
                         help="sentence vector (default auto, as sft-export: mean for the packaged MiniLM)")
@@ -416,7 +450,7 @@ def main() -> None:
                 "calibration": f"{CALIBRATION} (column text; fidelity on held-out rows)",
                 "heal_steps": args.heal_steps, "eval_every": args.eval_every}
     # Seed-major order: a study stopped early has every variant on every dataset for its first seeds.
-    grid = variants(args.ranks, args.codecs, args.codec_ranks, args.heads, args.heal_steps)
+    grid = variants(args.ranks, args.codecs, args.codec_ranks, args.heads, args.heal_steps, args.edge_options)
     unknown = sorted(set(args.only or ()) - {v.name for v in grid})
     if unknown:
         parser.error(f"--only names no variant of this grid: {', '.join(unknown)}; known: "
