@@ -475,7 +475,7 @@ class CloudServer:
         session = live.session
         cached = session.steps.cached_top(frame.step, digest)
         if cached is not None:
-            return self._replayed(session, frame.step, cached, reply="top")
+            return self._replayed(session, frame.step, cached, half="top")
         self.stats.tensor_frames += 1
         request = Train.from_frame(frame, limits=self.limits, codec=live.activation)
         batch = request.z.shape[0]
@@ -493,7 +493,7 @@ class CloudServer:
         session = live.session
         cached = session.steps.cached_gradient(frame.step)
         if cached is not None:
-            return self._replayed(session, frame.step, cached.reply, reply="gradient")
+            return self._replayed(session, frame.step, cached.reply, half="gradient")
         self.stats.tensor_frames += 1
         held = session.held
         shape = (len(held.lengths), int(held.z.shape[1]), self.limits.width)

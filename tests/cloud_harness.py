@@ -198,6 +198,51 @@ class CuttingProxy:
                 return
 
 
+class RecordingProxy:
+    """A websocket proxy on localhost that passes every message between the edge and the cloud on
+    unchanged and keeps a copy of each, as ``(direction, bytes)`` with direction ``"up"`` or ``"down"``:
+    the real frames, as they crossed the wire. ``drop(direction, data)`` returning True loses that
+    message and closes the connection (a cut at a chosen point: the client reconnects through the proxy)."""
+
+    def __init__(self, upstream_url: str, *, drop: Callable[[str, bytes], bool] | None = None) -> None:
+        self.upstream_url = upstream_url
+        self.drop = drop
+        self.dropped = 0
+        self.frames: list[tuple[str, bytes]] = []
+        self.url = ""
+        self._server = None
+
+    async def __aenter__(self) -> "RecordingProxy":
+        from websockets.asyncio.server import serve
+
+        self._server = await serve(self._connection, "127.0.0.1", 0, compression=None, max_size=None)
+        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _connection(self, edge) -> None:
+        from websockets.asyncio.client import connect
+
+        async with connect(self.upstream_url, compression=None, max_size=None) as cloud:
+            pumps = [asyncio.create_task(self._pump(edge, cloud, "up")),
+                     asyncio.create_task(self._pump(cloud, edge, "down"))]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for task in pumps:
+                task.cancel()
+
+    async def _pump(self, source, target, direction: str) -> None:
+        async for message in source:
+            if self.drop is not None and self.drop(direction, bytes(message)):
+                self.dropped += 1
+                await asyncio.gather(source.close(), target.close())
+                return
+            self.frames.append((direction, bytes(message)))
+            await target.send(message)
+
+
 class NeverReader:
     """A websocket client on a raw socket with a tiny receive buffer: it does the opening
     handshake, optionally says hello, then floods pings and never reads another byte.
@@ -326,17 +371,18 @@ def hello_frame(bundle: Bundle, session_id: str, token: str | None) -> bytes:
 _TINY_DROPOUT: dict[str, Path] = {}
 
 
-def tiny_dropout_bundle(tmp_path_factory, tiny_model_dir: Path) -> Path:
+def tiny_dropout_bundle(tmp_path_factory, tiny_model_dir: Path, *, label_private: bool = False) -> Path:
     """The tiny BERT with dropout 0.1 (so the cloud's restored RNG matters), split 2, rank 4,
-    ``ort-training``, max length 48: exported once per test session for these tests."""
+    ``ort-training``, max length 48: exported once per test session for these tests (``label_private``:
+    the U-shaped split of the same model)."""
     from bundles import export_cached
 
-    if "root" not in _TINY_DROPOUT:
+    if "model" not in _TINY_DROPOUT:
         model_dir = tmp_path_factory.mktemp("tiny-dropout-faults") / "model"
         shutil.copytree(tiny_model_dir, model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         config |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
         (model_dir / "config.json").write_text(json.dumps(config))
-        _TINY_DROPOUT["root"] = export_cached(tmp_path_factory, model_dir, split=2, rank=4, init="random",
-                                              max_length=48, lr=1e-3, engine="ort-training")
-    return _TINY_DROPOUT["root"]
+        _TINY_DROPOUT["model"] = model_dir
+    return export_cached(tmp_path_factory, _TINY_DROPOUT["model"], split=2, rank=4, init="random", max_length=48,
+                         lr=1e-3, engine="ort-training", **({"label_private": True} if label_private else {}))
