@@ -1,0 +1,137 @@
+"""A fleet's shared top part, data-parallel across sft-cloud workers over ``torch.distributed``.
+
+Why it exists: one cloud process runs out (thousands of devices, or a top part that wants
+several GPUs), so a fleet's devices are spread over ``N`` workers started by ``torchrun``,
+each serving its share of the connections. They must still train ONE top part: every round,
+each worker computes its share of the round's step on its own devices' rows, the gradients are
+all-reduced (summed), and every worker steps the same AdamW on the same sum, so all of them hold
+the same weights. The transport is torch.distributed's own (gloo on the CPU, NCCL on CUDA), set
+up from torchrun's environment; nothing here speaks to another host by itself.
+
+A round's loss is the mean over ALL its rows (``models.fleet.joint_loss``), so each worker
+back-propagates ``sum of its rows' losses / rows of the whole round``: the row count is
+all-reduced first, and the sum over workers of their shares is then the round's mean loss, its
+gradient the sum of theirs, and each device's ``dL/dz`` exactly what the one-process fleet
+gives it. Every worker enters every round's collectives, with zero rows if none of its devices
+take part (it contributes zero gradients); a round with no rows anywhere makes no step.
+
+Why not ``DistributedDataParallel``: its all-reduce runs inside ``backward``, before a worker
+knows whether its own share may be applied (the step's ``dz`` and replies are checked first,
+``cloud_backend.session``), it averages instead of summing uneven shares, and a parameter that
+got no gradient would get a zero one (AdamW then decays it, which the one-process fleet does
+not). Here one flat bucket carries, beside the gradients, which parameters have one and
+whether any worker refused its share; if one did, every worker refuses the round, so none
+steps and they stay equal.
+
+Dropout: each worker draws its own rows' masks from its own generator, so with cloud dropout on
+an ``N``-worker run is an equally valid draw of the same training, not bit-for-bit the
+one-process run; with a model whose dropout probabilities are 0 it equals it within float
+rounding, which is what ``tests/test_distributed.py`` checks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from models.fleet import JointLoss, joint_loss
+from models.split import CloudPart
+from splitwire.errors import NonFinite, UsageError
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo for a top part on the CPU, NCCL on CUDA."""
+    if device.type not in BACKENDS:
+        raise UsageError(f"no torch.distributed backend for device {device}; use cpu or cuda")
+    return BACKENDS[device.type]
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process's place in the group torchrun started."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def init_from_env(device: torch.device, *, timeout_s: float) -> Worker:
+    """Join the group that torchrun's environment describes; a collective that waits longer than
+    ``timeout_s`` for a worker (one that died) fails instead of hanging the round."""
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+    if missing:
+        raise UsageError(f"--distributed needs torchrun's environment ({', '.join(missing)} not set): start "
+                         "sft-cloud with torchrun --nproc-per-node N -m cloud_backend.cli --distributed ...")
+    worker = Worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(worker.local_rank)
+    dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s))
+    return worker
+
+
+@dataclass(frozen=True)
+class Share:
+    """One worker's share of a round: its devices' joint loss (``None`` with no rows here) and the
+    rows of the whole round."""
+
+    joint: JointLoss | None
+    local_rows: int
+    total_rows: int
+
+
+class DataParallelTop:
+    """The collectives of one shared top part's rounds (``group``: the default group if ``None``)."""
+
+    def __init__(self, model: CloudPart, *, group: dist.ProcessGroup | None = None) -> None:
+        self.model = model
+        self.group = group
+        self.device = next(model.parameters()).device
+        self.reduce_s = 0.0  # seconds spent in the last round's gradient all-reduce (waiting for peers included)
+
+    def total_rows(self, local_rows: int) -> int:
+        """The rows of the round across all workers (every worker calls this once a round)."""
+        count = torch.tensor([local_rows], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count, group=self.group)
+        return int(count.item())
+
+    def backward(self, zs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                 labels: Sequence[torch.Tensor]) -> Share | None:
+        """This worker's share of the round's loss back-propagated (gradients land in ``.grad`` and in
+        each ``z``); ``None`` when the round has no rows anywhere (no step then, and no further collective)."""
+        local = sum(z.shape[0] for z in zs)
+        total = self.total_rows(local)
+        if total == 0:
+            return None
+        joint = joint_loss(self.model, zs, masks, labels) if zs else None
+        if joint is not None:
+            (joint.loss * (local / total)).backward()
+        return Share(joint, local, total)
+
+    def reduce_gradients(self, *, refused: bool) -> None:
+        """Sum the top part's gradients over the workers, in place; ``NonFinite`` on every worker if any
+        worker ``refused`` its share (the gradients are then dropped everywhere, and nobody steps)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        flags = torch.tensor([p.grad is not None for p in params] + [refused], dtype=params[0].dtype,
+                             device=self.device)
+        grads = [torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1) for p in params]
+        bucket = torch.cat([flags, *grads])
+        start = time.perf_counter()
+        dist.all_reduce(bucket, group=self.group)
+        self.reduce_s = time.perf_counter() - start
+        if bucket[len(params)].item() > 0:
+            self.model.zero_grad(set_to_none=True)
+            raise NonFinite("a worker of this fleet refused its share of the round (a device's step would not be "
+                            "finite or could not be answered), so no worker stepped and the top part is unchanged")
+        offset = len(params) + 1
+        for p, has_grad in zip(params, bucket[:len(params)].tolist()):
+            p.grad = bucket[offset:offset + p.numel()].view_as(p) if has_grad > 0 else None
+            offset += p.numel()
