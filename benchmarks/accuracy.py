@@ -21,6 +21,10 @@ training the test accuracy every ``--eval-every`` steps; the summary gives macro
 accuracy, the steps each variant needs to come within 1 point of full fine-tuning's final
 accuracy, and the rank correlation of fidelity with accuracy across variants.
 
+``--label-private`` adds, at each fp32 rank, the U-shaped split of ``sft-export --label-private``
+(``models.split.LabelHead``: the classifier and the loss on the device, without dropout), which
+must train to the standard mode's accuracy at the same settings and seeds.
+
 ``make bench-accuracy`` runs the default grid; every run is appended to a JSON-lines log
 as it finishes, so a long study can be stopped and resumed (``--resume``).
 """
@@ -83,10 +87,14 @@ class Variant:
     head: str = "svd"  # HEADS; "+heal" adds healing
     heal_steps: int = 0
     edge: str | None = None  # EDGE_OPTIONS: what the device trains (None: every edge weight, fp32 AdamW)
+    label_private: bool = False  # the U-shaped split: the classifier and the loss on the device
+
+
+LABEL_PRIVATE = ", label-private"  # the suffix of a label-private variant's name
 
 
 def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads: list[str] = ("svd",),
-             heal_steps: int = 300, edge_options: list[str] = ()) -> list[Variant]:
+             heal_steps: int = 300, edge_options: list[str] = (), label_private: bool = False) -> list[Variant]:
     """Full fine-tuning, the vanilla split, then each head at ``ranks`` in fp32 and at ``codec_ranks`` with ``codecs``.
 
     The paper's head keeps its old names (``SFT r=8 fp32``); the others name theirs (``SFT r=8 principal fp32``).
@@ -99,6 +107,7 @@ def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads:
         out += [Variant(f"SFT r={r} {label}{c}", r, c, head=kind, heal_steps=heal_steps if healed else 0)
                 for r, c in grid]
     out += [Variant(f"SFT r={r} fp32, edge {option}", r, edge=option) for r in ranks for option in edge_options]
+    out += [Variant(f"SFT r={r} fp32{LABEL_PRIVATE}", r, label_private=True) for r in ranks if label_private]
     return out
 
 
@@ -138,7 +147,8 @@ def build_variant(variant: Variant, *, encoder, num_labels: int, seed: int, cali
         model = build_full(encoder.spec, encoder.weights, num_labels, classifier_seed=seed)
         spec = SplitSpec(encoder.spec.num_layers, None, num_labels, link_elimination=False)
     else:
-        spec = SplitSpec(3, variant.rank, num_labels, link_elimination=variant.rank is not None, head=variant.head)
+        spec = SplitSpec(3, variant.rank, num_labels, link_elimination=variant.rank is not None, head=variant.head,
+                         label_private=variant.label_private)
         model = build_split(encoder.spec, encoder.weights, spec, classifier_seed=seed, calibration=calibration.fit)
     original = original_split_ffn(encoder.spec, encoder.weights, spec)
     if variant.heal_steps:
@@ -169,8 +179,11 @@ def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, token
         if compressed:
             z = CodecLink.apply(z, batch.lengths, codecs, batch.step)
             sent += payload_bytes(variant.codec, z, batch)
+        if variant.label_private:  # each way also the pooled output (down) or its gradient (up), fp32 B×hidden
+            sent += z.shape[0] * encoder.spec.hidden_size * 4
         vanilla += batch.inputs.input_ids.size * encoder.spec.hidden_size * 4
-        loss = model.loss(model.cloud(z, f["attention_mask"]), torch.from_numpy(batch.labels))
+        top = model.cloud(z, f["attention_mask"])  # the logits, or label-private the pooled output
+        loss = model.loss(top if model.head is None else model.head(top), torch.from_numpy(batch.labels))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -220,11 +233,12 @@ def _variant_order(name: str) -> tuple:
     """Full fine-tuning, the vanilla split, then SFT by rank, the paper's head first, fp32 before the codecs."""
     if not name.startswith("SFT"):
         return (0, name != "full fine-tuning")
+    name, private = name.removesuffix(LABEL_PRIVATE), name.endswith(LABEL_PRIVATE)
     name, _, edge = name.partition(", edge ")
     rank, rest = name.removeprefix("SFT r=").split(" ", 1)
     head, _, codec = rest.rpartition(" ")
     option = list(EDGE_OPTIONS).index(edge) + 1 if edge else 0
-    return (1, int(rank), HEADS.index(head) if head else 0, codec != "fp32", codec, option)
+    return (1, int(rank), HEADS.index(head) if head else 0, codec != "fp32", codec, option, private)
 
 
 def _mean_curve(group: list[dict]) -> list[tuple[int, float]]:
@@ -287,6 +301,12 @@ def _findings(rows: list[dict]) -> list[str]:
     out = []
     for dataset in sorted({r["dataset"] for r in rows}):
         mine = [r for r in rows if r["dataset"] == dataset]
+        for private in (r for r in mine if r["variant"].endswith(LABEL_PRIVATE)):
+            standard = next((r for r in mine if r["variant"] == private["variant"].removesuffix(LABEL_PRIVATE)), None)
+            if standard is not None:
+                out.append(f"- **{dataset}**, {private['variant']}: {private['accuracy']:.2f} ± {private['std']:.2f} % "
+                           f"against the standard mode's {standard['accuracy']:.2f} ± {standard['std']:.2f} % at the "
+                           f"same settings and seeds ({private['accuracy'] - standard['accuracy']:+.2f} points).")
         full = next((r for r in mine if r["variant"] == "full fine-tuning"), None)
         sft = [r for r in mine if r["variant"].startswith("SFT")]
         if full is None or not sft:
@@ -414,6 +434,8 @@ def main() -> None:
     parser.add_argument("--edge-options", nargs="+", default=[], choices=list(EDGE_OPTIONS), metavar="OPTION",
                         help="also train SFT at each fp32 rank with these lighter edges (sft-export --train-edge-layers, "
                              f"--freeze-embeddings, --edge-moments): {'; '.join(EDGE_OPTIONS)}")
+    parser.add_argument("--label-private", action="store_true",
+                        help="also train the label-private (U-shaped) split at each fp32 rank (sft-export --label-private)")
     parser.add_argument("--heal-steps", type=int, default=300, help="healing steps of principal+heal (default 300)")
     parser.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
                         help="sentence vector (default auto, as sft-export: mean for the packaged MiniLM)")
@@ -450,7 +472,8 @@ def main() -> None:
                 "calibration": f"{CALIBRATION} (column text; fidelity on held-out rows)",
                 "heal_steps": args.heal_steps, "eval_every": args.eval_every}
     # Seed-major order: a study stopped early has every variant on every dataset for its first seeds.
-    grid = variants(args.ranks, args.codecs, args.codec_ranks, args.heads, args.heal_steps, args.edge_options)
+    grid = variants(args.ranks, args.codecs, args.codec_ranks, args.heads, args.heal_steps, args.edge_options,
+                    args.label_private)
     unknown = sorted(set(args.only or ()) - {v.name for v in grid})
     if unknown:
         parser.error(f"--only names no variant of this grid: {', '.join(unknown)}; known: "
