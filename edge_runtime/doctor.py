@@ -109,8 +109,11 @@ def _meminfo_available() -> int:
 
 def check_memory(size: EdgeSize, *, batch: int, length: int, limit: int, source: str) -> Check:
     peak = size.peak_bytes(batch=batch, length=length)
+    trained = f"{size.trained / 1e6:.1f} M trained" + (
+        f" in the top {size.trained_layers} of {size.layers} layers" if size.trained_layers < size.layers else "")
     detail = (f"estimated peak {peak / MIB:,.0f} MiB for a step of batch {batch} × length {length} "
-              f"({size.parameters / 1e6:.1f} M edge parameters, {size.trained / 1e6:.1f} M trained); "
+              f"({size.parameters / 1e6:.1f} M edge parameters, {trained}"
+              f"{', bf16 AdamW moments' if size.moment_bytes == 2 else ''}); "
               f"{limit / MIB:,.0f} MiB allowed ({source})")
     if peak <= limit:
         return Check("memory", True, detail)
@@ -118,27 +121,44 @@ def check_memory(size: EdgeSize, *, batch: int, length: int, limit: int, source:
 
 
 def memory_fixes(size: EdgeSize, *, batch: int, length: int, limit: int) -> tuple[str, ...]:
-    """What would make a step fit ``limit``: frozen embeddings, a smaller batch, or both."""
+    """What would make a step fit ``limit``: a lighter edge (frozen embeddings, bf16 moments, fewer trained
+    layers), a smaller batch, or a lighter edge and a smaller batch."""
     def fits(s: EdgeSize, b: int) -> bool:
         return s.peak_bytes(batch=b, length=length) <= limit
 
     def estimate(s: EdgeSize, b: int) -> str:
         return f"(estimated {s.peak_bytes(batch=b, length=length) / MIB:,.0f} MiB)"
 
-    fixes = []
-    frozen = size.with_frozen_embeddings() if size.embeddings_trained else None
-    if frozen is not None and fits(frozen, batch):
-        fixes.append(f"re-export with sft-export ... --freeze-embeddings {estimate(frozen, batch)}")
+    lighter = lighter_edges(size)
+    fixes = [f"re-export with sft-export ... {flags} {estimate(s, batch)}" for flags, s in lighter if fits(s, batch)]
     smaller = _largest_batch(lambda b: fits(size, b), below=batch)
     if smaller:
         fixes.append(f"lower --batch-size to {smaller} {estimate(size, smaller)}")
-    both = _largest_batch(lambda b: fits(frozen, b), below=batch) if frozen is not None and not fixes else None
-    if both:
-        fixes.append(f"re-export with --freeze-embeddings and lower --batch-size to {both} {estimate(frozen, both)}")
+    if not fixes and lighter:
+        flags, lightest = lighter[-1]
+        both = _largest_batch(lambda b: fits(lightest, b), below=batch)
+        if both:
+            fixes.append(f"re-export with {flags} and lower --batch-size to {both} {estimate(lightest, both)}")
     if not fixes:
         fixes.append("even batch 1 does not fit: re-export with a smaller --split (fewer layers on the edge) or "
                      f"a shorter --max-length than {length}, or use a device with more memory")
     return tuple(fixes)
+
+
+def lighter_edges(size: EdgeSize) -> list[tuple[str, EdgeSize]]:
+    """The lighter exports of this edge, lightest last, as ``sft-export`` flags and their sizes: frozen
+    embeddings, bf16 moments (onnx engine), then fewer trained layers (with bf16 moments where they apply)."""
+    bf16 = size.engine == "onnx" and size.moment_bytes > 2
+    options = []
+    if size.embeddings_trained:
+        options.append(("--freeze-embeddings", size.with_frozen_embeddings()))
+    if bf16:
+        options.append(("--edge-moments bf16", size.with_bf16_moments()))
+    for n in range(size.trained_layers - 1, -1, -1):
+        fewer = size.with_trained_layers(n)
+        options.append((f"--train-edge-layers {n}" + " --edge-moments bf16" * bf16,
+                        fewer.with_bf16_moments() if bf16 else fewer))
+    return options
 
 
 def _largest_batch(fits: Callable[[int], bool], *, below: int) -> int | None:

@@ -7,13 +7,16 @@ answer before a run, from the manifest and the weight shapes, without loading th
 The memory estimate, in bytes, for ``B`` rows of ``L`` tokens, ``H`` hidden units and ``k``
 edge layers (``split``; the last one is its attention block only)::
 
-    peak ≈ runtime + 4·(P + 3·T) + e·4·W + c·B·L·H·k
+    peak ≈ runtime + 4·(P + T) + 2·m·T + e·4·W + c·B·L·H·a
 
-``P`` edge parameters (float32), ``T`` of them trained (gradient + two AdamW moments each),
+``P`` edge parameters (float32), ``T`` of them trained (a float32 gradient and two AdamW moments
+of ``m`` bytes each: 4, or 2 with ``sft-export --edge-moments bf16``),
 ``W`` elements of the word-embedding table when it is trained (backward scratch for its
 dense gradient: the ``onnx`` engine materialises it), ``runtime`` the interpreter,
 onnxruntime and the sessions, ``c`` activation bytes saved and worked on per ``B·L·H`` per
-layer. ``runtime``, ``e`` and ``c`` are calibrated per engine by ``benchmarks/edge_budget.py``
+layer, ``a`` the layers whose activations the step holds: all ``k`` when every layer trains; with
+``--train-edge-layers N`` (``N < k``) the ``N`` trained ones, whose activations the backward keeps,
+plus one for the frozen layers below, whose forward keeps nothing but the layer it is in. ``runtime``, ``e`` and ``c`` are calibrated per engine by ``benchmarks/edge_budget.py``
 on measured peak RSS (bert-base splits 2/4/6, with and without frozen embeddings, and MiniLM
 split 3, batch 8 × length 128, 1 and 2 threads, glibc's default allocator): least squares,
 then ``runtime`` raised until no measured peak exceeds its estimate, so the estimate errs
@@ -33,6 +36,7 @@ from splitwire.bundle import Bundle
 from splitwire.manifest import EMBEDDING_TABLES, WEIGHTS
 
 MIB = 1 << 20
+MOMENT_BYTES = {"fp32": 4, "bf16": 2}  # splitwire.manifest.MOMENT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,10 @@ class EdgeSize:
     word_embeddings_trained: int
     hidden: int
     layers: int
+    trained_layers: int  # the top edge layers that train (``layers`` unless --train-edge-layers)
+    moment_bytes: int  # bytes per AdamW moment element: 4 (float32) or 2 (bfloat16)
+    head_parameters: int  # the compression head's (trained whatever the layers do)
+    layer_parameters: tuple[int, ...]  # per edge layer, bottom first (the split layer's attention block last)
 
     @classmethod
     def of(cls, bundle: Bundle) -> "EdgeSize":
@@ -69,6 +77,9 @@ class EdgeSize:
         with safe_open(str(bundle.edge_file(WEIGHTS)), framework="np") as f:
             sizes = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}
         trained = {name: n for name, n in sizes.items() if name not in set(bundle.manifest.edge.frozen)}
+        layers = int(bundle.split["split"])
+        trained_layers = bundle.manifest.edge.trained_layers
+        blocks = [f"layers.{i}." for i in range(layers - 1)] + ["split_attention."]
         return cls(
             engine=bundle.manifest.engine,
             parameters=sum(sizes.values()),
@@ -76,7 +87,11 @@ class EdgeSize:
             embeddings_trained=sum(trained.get(name, 0) for name in EMBEDDING_TABLES),
             word_embeddings_trained=trained.get(EMBEDDING_TABLES[0], 0),
             hidden=int(bundle.encoder["hidden_size"]),
-            layers=int(bundle.split["split"]),
+            layers=layers,
+            trained_layers=layers if trained_layers is None else trained_layers,
+            moment_bytes=MOMENT_BYTES[bundle.manifest.optimizer.moments],
+            head_parameters=sum(n for name, n in sizes.items() if name.startswith("head.")),
+            layer_parameters=tuple(sum(n for name, n in sizes.items() if name.startswith(b)) for b in blocks),
         )
 
     def with_frozen_embeddings(self) -> "EdgeSize":
@@ -84,15 +99,31 @@ class EdgeSize:
         return replace(self, trained=self.trained - self.embeddings_trained, embeddings_trained=0,
                        word_embeddings_trained=0)
 
+    def with_trained_layers(self, n: int) -> "EdgeSize":
+        """The same edge exported with ``--train-edge-layers n`` (``n`` below the layers it trains now)."""
+        top = self.layer_parameters[len(self.layer_parameters) - n:] if n else ()
+        return replace(self, trained=self.head_parameters + sum(top), embeddings_trained=0,
+                       word_embeddings_trained=0, trained_layers=n)
+
+    def with_bf16_moments(self) -> "EdgeSize":
+        """The same edge exported with ``--edge-moments bf16``."""
+        return replace(self, moment_bytes=MOMENT_BYTES["bf16"])
+
+    @property
+    def activation_layers(self) -> int:
+        """``a``: the layers' worth of activations a step holds (see the module docstring)."""
+        return self.layers if self.trained_layers >= self.layers else self.trained_layers + 1
+
     def peak_bytes(self, *, batch: int, length: int) -> int:
         """Estimated peak resident memory of one training step at ``batch × length``."""
         c = CALIBRATION[self.engine]
-        weights = 4 * (self.parameters + 3 * self.trained)
+        weights = 4 * (self.parameters + self.trained) + 2 * self.moment_bytes * self.trained
         scratch = c.embedding_scratch * 4 * self.word_embeddings_trained
-        activations = c.activation * batch * length * self.hidden * self.layers
+        activations = c.activation * batch * length * self.hidden * self.activation_layers
         return int(c.runtime_bytes + weights + scratch + activations)
 
     def checkpoint_bytes(self) -> int:
         """One edge checkpoint: ``onnx`` saves trained parameters and moments, ``ort-training`` all parameters too."""
-        kept = 3 * self.trained if self.engine == "onnx" else self.parameters + 2 * self.trained
-        return 4 * kept
+        if self.engine == "onnx":
+            return (4 + 2 * self.moment_bytes) * self.trained
+        return 4 * (self.parameters + 2 * self.trained)

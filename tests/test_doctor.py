@@ -66,7 +66,7 @@ def test_the_verdict_for_a_bundle_that_fits_and_one_that_does_not(tiny, minilm_b
     assert code == 1, output
     assert "FAIL  memory" in output and "400 MiB allowed (--memory-limit)" in output
     assert output.rstrip().endswith("verdict: NOT READY: memory")
-    assert "fix: re-export with" in output and "--freeze-embeddings" in output
+    assert "fix: re-export with sft-export ... --train-edge-layers 2 (estimated" in output  # a lighter edge fits
 
 
 @pytest.mark.skipif(not _can_cap_memory(), reason="needs a writable memory cgroup (root) to enforce the cap")
@@ -101,6 +101,23 @@ def test_the_cloud_check_accepts_the_same_bundle_and_refuses_another(tiny, tmp_p
     assert same.ok and "serves this bundle" in same.detail
     assert not different.ok and "serves another bundle" in different.detail
     assert not unreachable.ok and "cannot reach" in unreachable.detail and unreachable.fixes
+
+
+def test_the_lighter_exports_the_doctor_proposes_are_what_sft_export_makes(tmp_path_factory, tiny_model_dir):
+    """Its estimate for ``--train-edge-layers N --edge-moments bf16`` is that of the bundle exported so."""
+    from edge_runtime.doctor import lighter_edges
+    from edge_runtime.memory_model import EdgeSize
+
+    full = EdgeSize.of(load_bundle(export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("onnx")),
+                                   parts=["edge"]))
+    proposed = dict(lighter_edges(full))
+    for n in (2, 0):
+        flags = f"--train-edge-layers {n} --edge-moments bf16"
+        root = export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("onnx"), train_edge_layers=n,
+                             edge_moments="bf16")
+        assert proposed[flags] == EdgeSize.of(load_bundle(root, parts=["edge"])), flags
+        assert proposed[flags].peak_bytes(batch=8, length=32) < full.peak_bytes(batch=8, length=32)
+    assert "--freeze-embeddings" in proposed and "--edge-moments bf16" in proposed
 
 
 @pytest.mark.parametrize("text, size", [("1GiB", 1 << 30), ("512MiB", 512 << 20), ("2G", 2 << 30),
