@@ -9,14 +9,16 @@ before it reads any tensor frame of that connection.
 Tokens come from a file (``sft-cloud --tokens FILE``) or from the environment
 (``SFT_CLOUD_TOKENS``, the same lines), never from the command line, where ``ps`` would
 show them. One entry a line: ``session_id token`` or ``session_id sha256:<64 hex digits>``
-(the SHA-256 of the token, so the file need not hold the secret itself); blank lines and
-``#`` comments are ignored. Every check hashes the presented token and compares digests
+(the SHA-256 of the token, so the file need not hold the secret itself), optionally followed
+by the fleets that session may join, comma-separated (``session_id token fleet-a,fleet-b``;
+without them it trains only alone); blank lines and ``#`` comments are ignored. Every check hashes the presented token and compares digests
 with ``hmac.compare_digest``; an unknown session id is compared against a dummy digest, so
 the time taken does not tell which session ids exist.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -44,29 +46,32 @@ def token_digest(token: str) -> bytes:
 
 @dataclass(frozen=True)
 class TokenStore:
-    """SHA-256 digests of each session's token."""
+    """SHA-256 digests of each session's token, and the fleets each session may join."""
 
     digests: dict[str, bytes]
+    fleets: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str, *, source: str) -> "TokenStore":
         """Entries from the file format above; ``source`` names the file in errors."""
         digests: dict[str, bytes] = {}
+        fleets: dict[str, frozenset[str]] = {}
         for number, line in enumerate(text.splitlines(), start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             fields = line.split()
-            if len(fields) != 2:
-                raise TokenFileError(f"{source}:{number}: expected 'session_id token' (two fields), got "
-                                     f"{len(fields)} field(s)")
-            session_id, secret = fields
+            if len(fields) not in (2, 3):
+                raise TokenFileError(f"{source}:{number}: expected 'session_id token [fleet,...]' (two or three "
+                                     f"fields), got {len(fields)} field(s)")
+            session_id, secret = fields[:2]
+            fleets[session_id] = frozenset(fields[2].split(",")) - {""} if len(fields) == 3 else frozenset()
             if session_id in digests:
                 raise TokenFileError(f"{source}:{number}: session {session_id!r} is listed twice")
             digests[session_id] = cls._digest(secret, where=f"{source}:{number}")
         if not digests:
             raise TokenFileError(f"{source}: no tokens in it")
-        return cls(digests)
+        return cls(digests, fleets)
 
     @staticmethod
     def _digest(secret: str, *, where: str) -> bytes:
@@ -98,3 +103,9 @@ class TokenStore:
         if not hmac.compare_digest(got, want) or session_id not in self.digests or token is None:
             raise AuthError(f"session {session_id!r}: missing or wrong token (each device needs its own session's "
                             "token, from --token-file or $SFT_TOKEN)")
+
+    def check_fleet(self, session_id: str, fleet: str) -> None:
+        """Raise ``AuthError`` unless ``session_id`` (whose token was checked) may join ``fleet``."""
+        if fleet not in self.fleets.get(session_id, frozenset()):
+            raise AuthError(f"session {session_id!r} may not join fleet {fleet!r}: the cloud's token file lists "
+                            "the fleets each session may join")

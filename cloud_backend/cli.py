@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from cloud_backend.auth import TOKENS_ENV, TokenStore
+from cloud_backend.fleet import SCHEDULES as FLEET_SCHEDULES, FleetSettings
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S
 from cloud_backend.launch import LISTENING, STATUS
 from cloud_backend.server import (
@@ -83,6 +84,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "token and show no token or session id (default: off)")
     parser.add_argument("--status-host", default="127.0.0.1",
                         help="interface of --status-port (default: 127.0.0.1)")
+    fleets = parser.add_argument_group(
+        "fleets", "sessions whose edge names a fleet (sft-edge --fleet) share one top part and one optimizer; "
+                  "with --tokens, a session may join only the fleets its token line lists")
+    fleets.add_argument("--fleet-schedule", choices=FLEET_SCHEDULES, default="sync",
+                        help="sync: a round takes one batch from every member in a fixed order and makes one step "
+                             "(deterministic); async: requests are applied as they arrive, concurrent ones stacked "
+                             "into one step (default: sync)")
+    fleets.add_argument("--round-timeout", type=float, default=FleetSettings.round_timeout,
+                        help="sync: a round (and a checkpoint or averaging round) goes ahead without the members "
+                             "missing after this many seconds; they rejoin by sending again "
+                             f"(default: {FleetSettings.round_timeout:g})")
+    fleets.add_argument("--fleet-quorum", type=int, default=FleetSettings.quorum,
+                        help="sync: a fleet's first round waits until this many devices joined (default: 1)")
+    fleets.add_argument("--fleet-max-rows", type=int, default=FleetSettings.max_rows,
+                        help=f"async: rows stacked into one step at most (default: {FleetSettings.max_rows})")
+    fleets.add_argument("--fleet-max-wait-ms", type=float, default=1000 * FleetSettings.max_wait,
+                        help="async: how long a step waits for more requests after the first "
+                             f"(default: {1000 * FleetSettings.max_wait:g})")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss:// (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--insecure", action="store_true",
@@ -99,6 +118,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("idle_timeout", "hello_timeout", "send_timeout", "session_ttl"):
         if not 0 < getattr(args, flag) < 1e6:
             parser.error(f"--{flag.replace('_', '-')} must be positive (seconds)")
+    try:
+        args.fleets = FleetSettings(args.fleet_schedule, args.round_timeout, args.fleet_quorum, args.fleet_max_rows,
+                                    args.fleet_max_wait_ms / 1000)
+    except UsageError as exc:
+        parser.error(str(exc))
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     return args
@@ -148,7 +172,7 @@ async def _serve(args: argparse.Namespace) -> None:
                            idle_timeout=args.idle_timeout, max_connections=args.max_connections,
                            hello_timeout=args.hello_timeout, send_timeout=args.send_timeout,
                            session_ttl=args.session_ttl,
-                           max_state_bytes=(args.max_state_mb << 20) or None, status_host=args.status_host,
+                           max_state_bytes=(args.max_state_mb << 20) or None, fleets=args.fleets, status_host=args.status_host,
                            status_port=args.status_port) as server:
         print(f"{LISTENING}{server.url}", flush=True)
         if server.status_url:

@@ -46,6 +46,7 @@ from websockets.exceptions import ConnectionClosed
 
 from cloud_backend.auth import TokenStore
 from cloud_backend.fair_compute import FairCompute
+from cloud_backend.fleet import FLEET_PREFIX, CloudFleet, FleetSettings, edge_shapes
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S, SendGuard
 from cloud_backend.model import pick_device
 from cloud_backend.observe import Activity, FleetStatus, Metrics, SessionStatus, serve_status
@@ -53,13 +54,14 @@ from cloud_backend.session import SNAPSHOTS, CloudSession, StepResult, checkpoin
 from cloud_backend.state_budget import trim, used_bytes
 from splitwire.atomic import remove_stale_temp_files
 from splitwire.bundle import Bundle
+from splitwire.steps import CloudSteps
 from splitwire.codecs import Carries, Codec, codec_for
 from splitwire.errors import (
     BundleMismatch, CheckpointCorrupt, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, TooManyInFlight,
 )
 from splitwire.protocol import (
-    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top,
-    TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag,
+    Average, DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top,
+    TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag, weights_frame_bytes,
 )
 
 log = logging.getLogger("splitft.cloud")
@@ -116,12 +118,19 @@ class LiveSession:
     connection: ServerConnection | None = None
     last_active: float = dataclasses.field(default_factory=time.monotonic)  # for eviction: least recently used
     activity: Activity = dataclasses.field(default_factory=Activity)  # for the status port (``observe``)
+    fleet: CloudFleet | None = None  # a fleet member: ``session`` is the fleet's shared top part
+    member: str = ""  # a fleet member's session id
 
     @classmethod
-    def of(cls, session: CloudSession) -> "LiveSession":
+    def of(cls, session: CloudSession, fleet: CloudFleet | None = None, member: str = "") -> "LiveSession":
         config = session.config
         return cls(session, codec_for(config.codec, Carries.ACTIVATION, seed=config.seed),
-                   codec_for(config.codec, Carries.GRADIENT, seed=config.seed))
+                   codec_for(config.codec, Carries.GRADIENT, seed=config.seed), fleet=fleet, member=member)
+
+    @property
+    def steps(self) -> CloudSteps:
+        """This device's step order and replay cache (a fleet keeps one per member)."""
+        return self.session.steps if self.fleet is None else self.fleet.members[self.member]
 
 
 class CloudServer:
@@ -131,7 +140,7 @@ class CloudServer:
                  max_batch: int, tokens: TokenStore | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
                  max_connections: int | None = None, hello_timeout: float = DEFAULT_HELLO_TIMEOUT_S,
                  send_timeout: float = DEFAULT_SEND_TIMEOUT_S, session_ttl: float = DEFAULT_SESSION_TTL_S,
-                 max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES) -> None:
+                 max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES, fleets: FleetSettings | None = None) -> None:
         self.bundle = bundle
         self.device = device
         self.state_dir = state_dir
@@ -145,6 +154,10 @@ class CloudServer:
         self.guard = SendGuard(send_timeout=send_timeout, on_abort=self._aborted)
         self.limits = WireLimits.from_bundle(bundle, max_batch=max_batch)
         self.sessions: dict[str, LiveSession] = {}
+        self.fleet_settings = fleets or FleetSettings()
+        self.fleets: dict[str, CloudFleet] = {}  # by name (``cloud_backend.fleet``)
+        self.members: dict[str, LiveSession] = {}  # fleet members, by session id
+        self._fleet_tasks: list[asyncio.Task] = []
         self.stats = ServerStats()
         self.url = ""
         self._opening = asyncio.Lock()
@@ -172,6 +185,8 @@ class CloudServer:
             live = await self._welcome(ws, hello, peer)
             live.activity.received(len(raw_hello))
             await self._requests(ws, live, hello, where)
+            if live.fleet is not None:
+                live.fleet.leave(live.member)
             log_event("bye", session=hello.session_id, peer=peer)
         except SplitftError as exc:
             await self._refuse(ws, exc, peer=peer, **where)
@@ -255,12 +270,14 @@ class CloudServer:
     async def _welcome(self, ws: ServerConnection, hello: Hello, peer: str) -> LiveSession:
         if self.tokens is not None:
             self.tokens.check(hello.session_id, hello.token)
+            if hello.fleet is not None:
+                self.tokens.check_fleet(hello.session_id, hello.fleet)
         if hello.bundle_hash != self.bundle.hash:
             raise BundleMismatch(
                 f"the edge loaded bundle {hello.bundle_hash[:12]}…, this cloud serves {self.bundle.hash[:12]}… "
                 f"({self.bundle.root}): give both sides the same sft-export output"
             )
-        live = await self._session(hello)
+        live = await (self._session(hello) if hello.fleet is None else self._member(hello))
         if live.session.config != hello.config:
             raise ConfigMismatch(
                 f"session {hello.session_id!r} was started with {live.session.config.to_meta()}, the edge now "
@@ -273,10 +290,13 @@ class CloudServer:
         async with live.lock:
             if hello.resume_from is not None:
                 await self._rewind(live, hello.resume_from)
-            resume = live.session.step
+            resume = live.steps.step
         tag = session_tag(hello.session_id)
-        welcome = encode(Welcome(self.bundle.hash, live.session.config, resume, self.limits.max_batch)
+        welcome = encode(Welcome(self.bundle.hash, live.session.config, resume, self.limits.max_batch, hello.fleet)
                          .to_frame(session=tag))
+        if live.fleet is not None:  # its edge weights come up for averaging: larger frames, after the token check
+            ws.protocol.max_message_size = max(ws.protocol.max_message_size or 0,
+                                               weights_frame_bytes(live.fleet.shapes))
         await ws.send(welcome)
         live.activity.sent(len(welcome))
         live.activity.connections += 1
@@ -286,6 +306,47 @@ class CloudServer:
         return live
 
     # ------------------------------------------------------------------ sessions
+
+    async def _member(self, hello: Hello) -> LiveSession:
+        """A fleet member: its fleet in memory, restored from the state dir, or new (``cloud_backend.fleet``)."""
+        if self.limits.label_private:
+            raise ConfigMismatch("this cloud serves a label-private bundle; its sessions train alone, not in fleets")
+        async with self._opening:
+            fleet = self.fleets.get(hello.fleet) or await self._open_fleet(hello)
+            fleet.join(hello.session_id)
+            live = self.members.get(hello.session_id)
+            if live is None or live.fleet is not fleet:
+                live = self.members[hello.session_id] = LiveSession.of(fleet.top, fleet, hello.session_id)
+            return live
+
+    async def _open_fleet(self, hello: Hello) -> CloudFleet:
+        key = FLEET_PREFIX + hello.fleet
+        shapes = edge_shapes(self.bundle)
+
+        def snapshot(kind: str) -> Path | None:
+            return self._snapshot(key, kind)
+
+        fleet = None
+        for _, path in sorted(self._saved(key).items(), reverse=True):
+            try:
+                fleet = await self.compute.run(key, CloudFleet.restore, path, self.fleet_settings, bundle=self.bundle,
+                                               device=self.device, compute=self.compute, shapes=shapes,
+                                               snapshot=snapshot)
+                break
+            except CheckpointCorrupt as exc:
+                self._set_aside(path, exc)
+        if fleet is not None:
+            self._forget_latest(key)
+            log_event("restored_fleet", fleet=hello.fleet, step=fleet.top.step, members=len(fleet.members))
+        else:
+            top = await self.compute.run(key, CloudSession, session_id=key, bundle=self.bundle, config=hello.config,
+                                         device=self.device)
+            fleet = CloudFleet(hello.fleet, top, self.fleet_settings, compute=self.compute, shapes=shapes,
+                               snapshot=snapshot)
+            log_event("new_fleet", fleet=hello.fleet, schedule=self.fleet_settings.schedule, device=str(self.device))
+        self.fleets[hello.fleet] = fleet
+        self._fleet_tasks.append(asyncio.create_task(fleet.run()))
+        return fleet
 
     async def _session(self, hello: Hello) -> LiveSession:
         """The session in memory, or restored from the state dir, or a new one."""
@@ -365,7 +426,8 @@ class CloudServer:
         not those in memory while the server runs (``cloud_backend.state_budget``)."""
         if self.state_dir is None or self.max_state_bytes is None:
             return
-        keep = {session_key(session_id) for session_id in self.sessions} if keep_live else set()
+        live = [*self.sessions, *(fleet.key for fleet in self.fleets.values())]
+        keep = {session_key(session_id) for session_id in live} if keep_live else set()
         for deleted in trim(self.state_dir, self.max_state_bytes, keep=keep):
             self.stats.trimmed += 1
             log_event("trimmed", session_file=deleted.key, bytes=deleted.size, max_state_bytes=self.max_state_bytes)
@@ -376,8 +438,12 @@ class CloudServer:
         The edge may be one step behind (the last reply was lost: the replay cache answers
         its resend). Further behind, the session is restored from a checkpoint taken at
         exactly ``resume_from``; without one, the welcome's ``resume_step`` tells the edge
-        where the cloud is and the edge decides.
+        where the cloud is and the edge decides. A fleet member goes on from where it resumes
+        (``CloudFleet.resume``): the shared top part does not go back for one device.
         """
+        if live.fleet is not None:
+            live.fleet.resume(live.member, resume_from)
+            return
         session = live.session
         if session.steps.meets(resume_from):
             return
@@ -430,6 +496,8 @@ class CloudServer:
                 reply = await self._predict(live, frame)
             elif frame.kind == Kind.CHECKPOINT:
                 reply = await self._save(live, frame)
+            elif frame.kind == Kind.AVERAGE and live.fleet is not None:
+                reply = await self._average(live, frame)
             else:
                 raise ProtocolError(f"the cloud does not accept {frame.kind.name} here")
             elapsed = time.perf_counter() - started
@@ -450,7 +518,7 @@ class CloudServer:
         session = live.session
         if self.limits.label_private:
             return await self._begin(live, frame, digest)
-        cached = session.steps.cached_reply(frame.step)
+        cached = live.steps.cached_reply(frame.step)
         if cached is not None:
             return self._replayed(session, frame.step, cached.reply, same_request=digest == cached.digest)
         self.stats.tensor_frames += 1
@@ -465,7 +533,10 @@ class CloudServer:
                                  lambda reply: Gradient.from_frame(reply, codec=live.gradient, shape=request.z.shape,
                                                                    lengths=request.lengths))
 
-        reply = await self.compute.run(session.session_id, session.train, request, digest=digest, answer=answer)
+        if live.fleet is not None:
+            reply = await live.fleet.train(live.member, request, digest, answer)
+        else:
+            reply = await self.compute.run(session.session_id, session.train, request, digest=digest, answer=answer)
         self.stats.steps += 1
         live.activity.loss = losses[-1]
         return reply
@@ -526,6 +597,10 @@ class CloudServer:
         return encode(averaged.to_frame(session=frame.session))
 
     async def _save(self, live: LiveSession, frame: Frame) -> bytes:
+        if live.fleet is not None:
+            persisted = await live.fleet.checkpoint(live.member, CheckpointRequest.from_frame(frame).step)
+            self._trim_state()
+            return encode(Checkpointed(frame.step, persisted).to_frame(session=frame.session))
         session = live.session
         session.steps.check_checkpoint(CheckpointRequest.from_frame(frame).step)
         path = self._snapshot(session.session_id, "requested")
@@ -554,6 +629,11 @@ class CloudServer:
                 async with live.lock:
                     await self.compute.run(session_id, live.session.save, path)
                 log_event("saved", session=session_id, step=live.session.step)
+        for task in self._fleet_tasks:
+            task.cancel()
+        for name, fleet in self.fleets.items():
+            await fleet.save_latest()
+            log_event("saved_fleet", fleet=name, step=fleet.top.step)
         self._trim_state(keep_live=False)
         self.compute.shutdown()
 
@@ -576,6 +656,7 @@ async def serve_cloud(
     send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
     session_ttl: float = DEFAULT_SESSION_TTL_S,
     max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
+    fleets: FleetSettings | None = None,
     status_host: str = "127.0.0.1",
     status_port: int | None = None,
 ) -> AsyncIterator[CloudServer]:
@@ -599,7 +680,7 @@ async def serve_cloud(
     server = CloudServer(bundle, device=pick_device(device), state_dir=state_dir, max_sessions=max_sessions,
                          max_batch=max_batch, tokens=tokens, idle_timeout=idle_timeout,
                          max_connections=max_connections, hello_timeout=hello_timeout, send_timeout=send_timeout,
-                         session_ttl=session_ttl, max_state_bytes=max_state_bytes)
+                         session_ttl=session_ttl, max_state_bytes=max_state_bytes, fleets=fleets)
     try:
         async with serve(server.handle, host, port, compression=None, ssl=ssl, max_queue=RECEIVE_QUEUE_FRAMES,
                          max_size=server.limits.max_frame_bytes(), close_timeout=CLOSE_GRACE_S,

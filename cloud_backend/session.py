@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cloud_backend.model import load_cloud_part
+from models.fleet import joint_loss
 from splitwire.atomic import write_atomically
 from splitwire.bundle import Bundle
 from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite, StepOrderError
@@ -118,6 +119,18 @@ def _read_checkpoint(path: Path, *, tensors: bool) -> tuple[dict[str, Any], dict
         raise CheckpointCorrupt(f"{path} fails its checksum: it was changed after it was written",
                                 path=str(path))
     return meta, loaded
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint's metadata and checked tensors, or ``CheckpointCorrupt``."""
+    return _read_checkpoint(path, tensors=True)
+
+
+def write_checkpoint(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``meta`` (with the tensors' checksum added) and ``tensors`` to ``path`` atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**meta, "checksum": checkpoint_digest(meta, tensors)}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"splitft": json.dumps(meta)}))
 
 
 def _get_rng(device: torch.device) -> torch.Tensor:
@@ -230,6 +243,34 @@ class CloudSession:
             self.optimizer.zero_grad(set_to_none=True)
             raise
 
+    def train_group(self, requests: Sequence[Train], answers: Sequence[Callable[[StepResult], bytes]]) -> list[bytes]:
+        """One step of this top part, shared by a fleet, on its devices' requests stacked in the given
+        order (``models.fleet.joint_loss``: the mean loss over all their rows), at ``schedule.rate`` of
+        the group's number (``step`` counts groups). Every reply is built by its ``answers`` entry and
+        checked before the optimizer steps; the devices' own step order and replay caches are the
+        fleet's (``cloud_backend.fleet``)."""
+        group = self.step + 1
+        inputs = [self._inputs(request.z, request.lengths) for request in requests]
+        zs = [z.requires_grad_(True) for z, _ in inputs]
+        labels = [torch.tensor(request.labels, device=self.device) for request in requests]
+        with self._forked_rng():
+            _set_rng(self.device, self.rng)
+            joint = joint_loss(self.model, zs, [mask for _, mask in inputs], labels)
+            rng = _get_rng(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        joint.loss.backward()
+        self._check_finite(group, joint.loss, torch.cat([z.grad.reshape(-1) for z in zs]))
+        try:
+            replies = [answer(StepResult(z.grad.float().cpu().numpy(), loss,
+                                         self._metrics(joint.logits[rows].detach(), label)))
+                       for answer, z, loss, rows, label in zip(answers, zs, joint.device_losses, joint.rows, labels)]
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self._apply(group, rng)
+        self.steps = CloudSteps(self.session_id, step=group)
+        return replies
+
     def _apply(self, step: int, rng: torch.Tensor) -> None:
         """AdamW at ``schedule.rate(step)`` with the gradients just taken; the RNG moves on to ``rng``."""
         for group in self.optimizer.param_groups:
@@ -282,8 +323,8 @@ class CloudSession:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: Path) -> None:
-        """Write this session's whole state to ``path`` atomically."""
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """This session's whole state as checkpoint metadata and tensors (``write_checkpoint`` stores them)."""
         optimizer = self.optimizer.state_dict()
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         for index, state in optimizer["state"].items():
@@ -299,14 +340,21 @@ class CloudSession:
             "rng_device": self.device.type, "param_groups": optimizer["param_groups"],
             "replay": None if self.replay is None else {"step": self.replay.step, "digest": self.replay.digest},
         }
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        meta["checksum"] = checkpoint_digest(meta, tensors)
-        write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"splitft": json.dumps(meta)}))
+        return meta, tensors
+
+    def save(self, path: Path) -> None:
+        """Write this session's whole state to ``path`` atomically."""
+        write_checkpoint(path, *self.snapshot())
 
     @classmethod
     def restore(cls, path: Path, *, bundle: Bundle, device: torch.device) -> "CloudSession":
         """The session exactly as ``save`` left it; ``CheckpointCorrupt`` if the file is not intact."""
-        meta, tensors = _read_checkpoint(path, tensors=True)
+        return cls.from_snapshot(*read_checkpoint(path), bundle=bundle, device=device)
+
+    @classmethod
+    def from_snapshot(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], *, bundle: Bundle,
+                      device: torch.device) -> "CloudSession":
+        """The session that ``snapshot`` described (tensors of other prefixes are left alone)."""
         if meta["bundle_hash"] != bundle.hash:
             raise BundleMismatch(
                 f"session {meta['session_id']}'s checkpoint was trained with bundle {meta['bundle_hash'][:12]}…; "

@@ -36,6 +36,7 @@ from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import open_engine
 from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.trainer import (
+    Averaging,
     Checkpointing,
     TrainerCallback,
     TrainResult,
@@ -87,15 +88,17 @@ class EdgeTrainer:
     ``bundle``: what ``sft-export`` wrote (a path or a loaded ``Bundle``); ``cloud``: the
     ``ws://`` or ``wss://`` URL ``sft-cloud`` printed; ``session``: the session id (its token
     from ``token``); checkpoints go to ``checkpoint_dir`` (default ``runs/<session>``). A lost
-    connection is reopened with ``retry`` (``None``: not at all).
+    connection is reopened with ``retry`` (``None``: not at all). ``fleet``: train the shared top part
+    of that fleet on the cloud (its edge half stays this device's own), and predict with it.
     """
 
     def __init__(self, bundle: str | Path | Bundle, *, cloud: str, session: str = "default",
                  checkpoint_dir: str | Path | None = None, token: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, threads: int | None = None,
-                 retry: Backoff | None = DEFAULT_RETRY, progress: bool = False) -> None:
+                 retry: Backoff | None = DEFAULT_RETRY, progress: bool = False, fleet: str | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, parts=("edge",))
         self.cloud, self.session, self.token, self.ssl, self.retry = cloud, session, token, ssl, retry
+        self.fleet = fleet
         self.checkpoints = CheckpointDir(checkpoint_dir if checkpoint_dir is not None else Path("runs") / session)
         self.engine = open_engine(self.bundle, threads=threads)
         self.tokenizer = EdgeTokenizer.from_bundle(self.bundle)
@@ -134,11 +137,15 @@ class EdgeTrainer:
                                 callbacks=callbacks)
 
     async def train(self, data: TextData, config: RunConfig, *, checkpoint_every: int | None = 50,
-                    callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+                    callbacks: Sequence[TrainerCallback] = (), average_every: int | None = None) -> TrainResult:
         """Train ``data`` as ``config`` says. ``checkpoint_every=None``: no checkpoints, and so no rewind
-        when the cloud comes back behind the edge."""
+        when the cloud comes back behind the edge. ``average_every``: in a fleet, average the edge half
+        with the other members' every that many steps (FedAvg weighted by examples; ``client.averaging_bytes``
+        counts what it moved)."""
         if data.labels is None:
             raise ValueError("training needs a label on every example")
+        if average_every is not None and (self.fleet is None or average_every < 1):
+            raise ValueError("average_every needs a fleet and a positive step count")
         saved = self.checkpoints.all()
         if saved:
             check_same_run(config, saved[-1].config, self.checkpoints.root)
@@ -159,7 +166,8 @@ class EdgeTrainer:
                            else None,
                            rewind=rewind_to_checkpoint(self.engine, self.checkpoints, batches_after) if checkpoints
                            else None,
-                           progress=self.progress, callbacks=callbacks)
+                           progress=self.progress, callbacks=callbacks,
+                           averaging=Averaging(average_every, len(data)) if average_every else None)
 
     async def predict(self, examples: Iterable[Example | str] | TextData, *, batch_size: int = 32) -> np.ndarray:
         """``N×num_labels`` logits; nothing is trained, no label leaves the device."""
@@ -203,7 +211,7 @@ class EdgeTrainer:
         self.client = await CloudClient.connect(
             self.cloud, bundle=self.bundle, session_id=config.session, token=self.token,
             schedule=Schedule.from_dict(config.schedule), seed=config.seed, codec=config.codec, ssl=self.ssl,
-            retry=self.retry, resume_from=resume_from)
+            retry=self.retry, resume_from=resume_from, fleet=self.fleet)
         return self.client
 
     async def close(self) -> None:

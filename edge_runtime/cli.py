@@ -37,6 +37,7 @@ from edge_runtime.doctor import doctor_command
 from edge_runtime.trainer import TrainResult, prediction_rows
 from splitwire.bundle import Bundle, BundleError, load_bundle, sha256_file
 from splitwire.codecs import CODEC_NAMES
+from splitwire.errors import UsageError
 from splitwire.exit_codes import EPILOG as EXIT_STATUS
 from splitwire.exit_codes import exit_code
 from splitwire.schedule import SCHEDULES, Schedule
@@ -77,6 +78,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="the sft-cloud server, ws://host:port or wss://…")
     parser.add_argument("--session", help="this training run's name on the cloud (default: 'default', or the run's)")
     parser.add_argument("--token-file", type=Path, help="file holding the session token (default: $SFT_TOKEN)")
+    parser.add_argument("--fleet", metavar="NAME",
+                        help="train (and predict with) the top part this fleet of devices shares on the cloud; "
+                             "this device's edge half stays its own (default: a top part of this session alone)")
     parser.add_argument("--ca-file", type=Path,
                         help="PEM CA certificate that signed a wss:// cloud's certificate (default: the system's)")
     parser.add_argument("--reconnect-for", type=float, default=300.0, metavar="SECONDS",
@@ -135,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "rounding of gradients; +packed: real tokens only, no padding. Fixed for the run")
     train_cmd.add_argument("--checkpoint-every", type=_positive, default=200,
                            help="steps between checkpoints (default 200)")
+    train_cmd.add_argument("--average-every", type=_positive, metavar="N",
+                           help="with --fleet: every N steps, average the edge half with the fleet's other devices "
+                                "through the cloud (FedAvg weighted by examples; only weights travel, counted in "
+                                "the summary's averaging_bytes)")
     train_cmd.add_argument("--report", type=Path, help="also write a JSON summary (losses, bytes, metrics) here")
 
     eval_cmd = commands.add_parser("eval", help="accuracy/F1/MCC (or Pearson/Spearman) on a labelled local file",
@@ -224,7 +232,7 @@ def _edge_trainer(args: argparse.Namespace, bundle: Bundle, directory: Checkpoin
     return EdgeTrainer(bundle, cloud=args.cloud, checkpoint_dir=directory.root, token=session_token(args.token_file),
                        ssl=client_tls(args.cloud, args.ca_file), threads=args.threads,
                        retry=Backoff(give_up_after_s=args.reconnect_for) if args.reconnect_for > 0 else None,
-                       progress=args.progress)
+                       progress=args.progress, fleet=args.fleet)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -244,7 +252,10 @@ async def train_command(args: argparse.Namespace) -> dict[str, Any]:
     train_data, held_out = _holdout(data, config.holdout, seed=config.seed)
     eval_data = _labelled(args.eval_file, args, columns, label_map)  # every input checked before any state is made
     async with _edge_trainer(args, bundle, directory) as trainer:
-        result = await trainer.train(train_data, config, checkpoint_every=args.checkpoint_every)
+        if args.average_every and not args.fleet:
+            raise UsageError("--average-every averages the edge halves of a fleet: give --fleet too")
+        result = await trainer.train(train_data, config, checkpoint_every=args.checkpoint_every,
+                                     average_every=args.average_every)
         summary = _train_summary(result, total=config.schedule["total_steps"], client=trainer.client)
         for name, test in (("holdout", held_out), ("eval_file", eval_data)):
             if test is not None:
@@ -278,6 +289,7 @@ def _train_summary(result: TrainResult, *, total: int, client: CloudClient) -> d
         "step_bytes": [list(pair) for pair in result.step_bytes],
         "bytes_sent": client.bytes_sent,
         "bytes_received": client.bytes_received,
+        "averaging_bytes": client.averaging_bytes,
     }
     if ran:
         ups, downs = zip(*result.step_bytes)
@@ -302,6 +314,8 @@ def _print_train(summary: dict[str, Any], directory: CheckpointDir) -> None:
         print(f"bytes per step: up {up['mean']:.0f} (max {up['max']}), down {down['mean']:.0f} (max {down['max']}), "
               f"for {summary['padded_tokens_per_step']:.0f} tokens (batch × padded length) a step; "
               f"in all: up {summary['bytes_sent']}, down {summary['bytes_received']}")
+        if summary["averaging_bytes"]:
+            print(f"fleet averaging of the edge half: {summary['averaging_bytes']} bytes (included above)")
         print(f"checkpoint: {directory.latest().path}")
     for key in ("holdout_metrics", "eval_file_metrics"):
         if key in summary:

@@ -50,8 +50,8 @@ from splitwire.errors import (
     UsageError,
 )
 from splitwire.protocol import (
-    DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Top,
-    TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag,
+    Average, Averaged, DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Top,
+    TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag, weights_frame_bytes,
 )
 from splitwire.schedule import Schedule
 from splitwire.steps import EdgeSteps
@@ -92,6 +92,7 @@ class Dial:
     limits: WireLimits
     ssl: ssl_module.SSLContext | None
     open_timeout: float
+    fleet: str | None = None  # the fleet whose shared top part this session trains
 
 
 def session_token(token_file: Path | None) -> str | None:
@@ -143,6 +144,7 @@ class CloudClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_step_bytes = (0, 0)
+        self.averaging_bytes = 0  # AVERAGE and AVERAGED frames (fleet averaging of the edge weights)
         self._last = (0, 0)  # (up, down) bytes of the last exchange of any kind
 
     @classmethod
@@ -162,6 +164,7 @@ class CloudClient:
         max_batch: int = DEFAULT_MAX_BATCH,
         retry: Backoff | None = None,
         rng: random.Random | None = None,
+        fleet: str | None = None,
     ) -> "CloudClient":
         """Open the session. ``resume_from`` is the last step this edge applied (after restoring
         its checkpoint), so the cloud can go back to its matching checkpoint; ``resume_step`` on
@@ -170,7 +173,7 @@ class CloudClient:
         cloud cannot be reached (with ``retry``: within its ``give_up_after_s``)."""
         config = SessionConfig(schedule, seed, codec_for(codec, Carries.ACTIVATION).name)
         dial = Dial(url, bundle, session_id, token, config, WireLimits.from_bundle(bundle, max_batch=max_batch), ssl,
-                    open_timeout)
+                    open_timeout, fleet)
         client = cls(dial, retry=retry, rng=rng)
         await client._retrying(lambda: client._open(resume_from), what="connecting")
         client.steps.applied(client.resume_step)
@@ -198,7 +201,7 @@ class CloudClient:
                                "pass the CA that signed it (--ca-file)") from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ConnectionLost(f"cannot reach the cloud at {dial.url}: {exc}") from None
-        hello = Hello(dial.session_id, dial.bundle.hash, dial.config, dial.token, resume_from)
+        hello = Hello(dial.session_id, dial.bundle.hash, dial.config, dial.token, resume_from, dial.fleet)
         welcome = await self._exchange_once(encode(hello.to_frame()), 0, Welcome.from_frame)
         try:
             if welcome.bundle_hash != dial.bundle.hash:
@@ -206,6 +209,9 @@ class CloudClient:
                     f"the cloud serves bundle {welcome.bundle_hash[:12]}…, this edge loaded {dial.bundle.hash[:12]}… "
                     f"({dial.bundle.root}): give both sides the same sft-export output"
                 )
+            if welcome.fleet != dial.fleet:
+                raise ConfigMismatch(f"the edge asked to train in fleet {dial.fleet!r}, the cloud welcomed session "
+                                     f"{dial.session_id!r} in {welcome.fleet!r}: update sft-cloud, or drop --fleet")
             if welcome.config != dial.config:
                 raise ConfigMismatch(f"the cloud welcomed session {dial.session_id!r} with "
                                      f"{welcome.config.to_meta()}, this edge asked for {dial.config.to_meta()}")
@@ -342,6 +348,18 @@ class CloudClient:
         reply = await self._exchange(encode(CheckpointRequest(step).to_frame(session=self._tag)), step,
                                      Checkpointed.from_frame, resume_from=step, accept=(step,))
         return reply.persisted
+
+    async def average(self, step: int, examples: int, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Send this fleet member's trainable edge weights after ``step`` (and the examples it trained on);
+        returns the fleet's example-weighted average of them. Counted in ``averaging_bytes`` too."""
+        shapes = {name: value.shape for name, value in weights.items()}
+        data = encode(Average(step, examples, weights).to_frame(session=self._tag))
+        Average.from_frame(decode(data), shapes=shapes)
+        self._ws.protocol.max_message_size = max(self._ws.protocol.max_message_size or 0, weights_frame_bytes(shapes))
+        reply = await self._exchange(data, step, lambda frame: Averaged.from_frame(frame, shapes=shapes),
+                                     resume_from=step, accept=(step,))
+        self.averaging_bytes += sum(self._last)
+        return {name: np.array(value) for name, value in reply.weights.items()}
 
     async def close(self) -> None:
         """Say bye and close the connection."""

@@ -74,6 +74,11 @@ class EdgeEngine(ABC):
         """Copies of the trainable parameters, by their PyTorch names."""
 
     @abstractmethod
+    def load_parameters(self, weights: dict[str, np.ndarray]) -> None:
+        """Overwrite the trainable parameters named in ``weights`` (a fleet's averaged edge half);
+        the optimizer's moments stay."""
+
+    @abstractmethod
     def set_learning_rate(self, lr: float) -> None: ...
 
     @abstractmethod

@@ -113,6 +113,21 @@ class Checkpointing:
 
 
 @dataclass
+class Averaging:
+    """Every ``every`` steps a fleet member's trainable edge weights are averaged through the cloud
+    (FedAvg weighted by ``examples``, the device's training examples); only weights travel."""
+
+    every: int
+    examples: int
+
+    async def average(self, engine: EdgeEngine, client: "CloudClient", step: int) -> None:
+        before = client.averaging_bytes
+        engine.load_parameters(await client.average(step, self.examples, engine.parameters()))
+        log.info("averaged the edge half with the fleet after step %d (%d bytes)", step,
+                 client.averaging_bytes - before)
+
+
+@dataclass
 class StepTimes:
     """Where one step's wall time went, in seconds (filled by ``split_step`` when given)."""
 
@@ -163,6 +178,7 @@ async def train(
     rewind: Rewind | None = None,
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
+    averaging: Averaging | None = None,
 ) -> TrainResult:
     """Run every batch as one split step; ``batches`` continue from ``start_step + 1``.
 
@@ -179,7 +195,7 @@ async def train(
             try:
                 await _train_batches(engine=engine, client=client, batches=batches, schedule=schedule,
                                      start_step=start_step, total_steps=total_steps, checkpointing=checkpointing,
-                                     result=result, bar=bar, callbacks=callbacks)
+                                     result=result, bar=bar, callbacks=callbacks, averaging=averaging)
                 break
             except SessionRewound as exc:
                 if rewind is None:
@@ -196,7 +212,8 @@ async def train(
 
 async def _train_batches(*, engine: EdgeEngine, client: "CloudClient", batches: Iterable[TrainBatch],
                          schedule: Schedule, start_step: int, total_steps: int, checkpointing: Checkpointing | None,
-                         result: TrainResult, bar: tqdm, callbacks: Sequence[TrainerCallback]) -> None:
+                         result: TrainResult, bar: tqdm, callbacks: Sequence[TrainerCallback],
+                         averaging: Averaging | None = None) -> None:
     last: TrainBatch | None = None
     for batch in batches:
         expected = (last.step if last else start_step) + 1
@@ -217,6 +234,8 @@ async def _train_batches(*, engine: EdgeEngine, client: "CloudClient", batches: 
         info = StepInfo(batch.step, total_steps, float(reply.loss), reply.metrics, *client.last_step_bytes)
         for callback in callbacks:
             callback.on_step_end(info)
+        if averaging and batch.step % averaging.every == 0:
+            await averaging.average(engine, client, batch.step)
         if checkpointing and batch.step % checkpointing.every == 0:
             await checkpointing.save(engine, client, step=batch.step, epoch=batch.epoch, callbacks=callbacks)
     if checkpointing and last is not None and last.step % checkpointing.every:

@@ -33,6 +33,9 @@ PREDICT         edge→cloud  request number: ``z``, ``lengths``; no training, n
 PREDICTION      cloud→edge  request number: ``logits`` float32 ``(B, num_labels)``
 CHECKPOINT      edge→cloud  step n: persist the session as it is after step n
 CHECKPOINTED    cloud→edge  step n: whether it was persisted
+AVERAGE         edge→cloud  step n: a fleet member's trainable edge weights and its example
+                            count, for FedAvg (``splitwire.fedavg``)
+AVERAGED        cloud→edge  step n: the fleet's example-weighted average of those weights
 ERROR           either      ``code`` (``splitwire.errors``) and message; then the sender closes
 BYE             edge→cloud  polite end of the connection
 TOP             cloud→edge  label-private step n, first reply: ``pooled`` (codec parts, ``B×1×hidden``)
@@ -93,6 +96,8 @@ class Kind(IntEnum):
     CHECKPOINTED = 8
     ERROR = 9
     BYE = 10
+    AVERAGE = 13
+    AVERAGED = 14
     TOP = 11
     TOP_GRADIENT = 12
 
@@ -348,19 +353,29 @@ class SessionConfig:
         return cls(schedule, field_of(meta, "seed", int), codec)
 
 
+def _fleet_name(meta: dict[str, Any]) -> str | None:
+    """The optional ``fleet`` field: 1 to 64 printable characters, or absent (an isolated session)."""
+    fleet = field_of(meta, "fleet", str, optional=True)
+    if fleet is not None and not (0 < len(fleet) <= MAX_NAME and fleet.isprintable()):
+        raise ProtocolError("fleet must be 1 to 64 printable characters")
+    return fleet
+
+
 @dataclass(frozen=True)
 class Hello:
-    """The edge opens a session (or resumes it: ``resume_from`` = the last step the edge applied)."""
+    """The edge opens a session (or resumes it: ``resume_from`` = the last step the edge applied);
+    ``fleet`` names the fleet whose shared top part it trains (``None``: its own top part)."""
 
     session_id: str
     bundle_hash: str
     config: SessionConfig
     token: str | None = None
     resume_from: int | None = None
+    fleet: str | None = None
 
     def to_frame(self) -> Frame:
         meta = {"session_id": self.session_id, "bundle_hash": self.bundle_hash, "token": self.token,
-                "resume_from": self.resume_from, **self.config.to_meta()}
+                "resume_from": self.resume_from, "fleet": self.fleet, **self.config.to_meta()}
         return Frame(Kind.HELLO, session_tag(self.session_id), 0, meta)
 
     @classmethod
@@ -376,22 +391,24 @@ class Hello:
         if resume_from is not None and resume_from < 0:
             raise ProtocolError("resume_from must be >= 0")
         return cls(session_id, field_of(meta, "bundle_hash", str), SessionConfig.from_meta(meta),
-                   field_of(meta, "token", str, optional=True), resume_from)
+                   field_of(meta, "token", str, optional=True), resume_from, _fleet_name(meta))
 
 
 @dataclass(frozen=True)
 class Welcome:
     """The cloud accepts: its bundle hash and the session's config (the edge checks both),
-    the last training step it has applied for this session, and its batch limit."""
+    the last training step it has applied for this session, its batch limit, and the fleet the
+    session trains in (a cloud without fleets sends none: the edge then refuses to go on)."""
 
     bundle_hash: str
     config: SessionConfig
     resume_step: int
     max_batch: int
+    fleet: str | None = None
 
     def to_frame(self, *, session: int) -> Frame:
         meta = {"bundle_hash": self.bundle_hash, "resume_step": self.resume_step, "max_batch": self.max_batch,
-                **self.config.to_meta()}
+                "fleet": self.fleet, **self.config.to_meta()}
         return Frame(Kind.WELCOME, session, 0, meta)
 
     @classmethod
@@ -400,7 +417,8 @@ class Welcome:
         resume_step, max_batch = field_of(meta, "resume_step", int), field_of(meta, "max_batch", int)
         if resume_step < 0 or max_batch < 1:
             raise ProtocolError(f"bad welcome: resume_step {resume_step}, max_batch {max_batch}")
-        return cls(field_of(meta, "bundle_hash", str), SessionConfig.from_meta(meta), resume_step, max_batch)
+        return cls(field_of(meta, "bundle_hash", str), SessionConfig.from_meta(meta), resume_step, max_batch,
+                   _fleet_name(meta))
 
 
 def _activation_shape(frame: Frame, limits: WireLimits) -> tuple[Shape3, np.ndarray]:
@@ -635,6 +653,56 @@ class Checkpointed:
     def from_frame(cls, frame: Frame) -> "Checkpointed":
         expect(frame, Kind.CHECKPOINTED)
         return cls(frame.step, field_of(frame.meta, "persisted", bool))
+
+
+def _weights(frame: Frame, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The frame's tensors, which must be exactly ``shapes``' names, float32 of those shapes, finite."""
+    if set(frame.tensors) != set(shapes):
+        raise ProtocolError(f"{frame.kind.name} must carry exactly the trainable edge weights; differs in "
+                            f"{sorted(set(frame.tensors) ^ set(shapes))[:5]}")
+    return {name: finite(tensor(frame, name, "float32", shape), f"{frame.kind.name} weight {name!r}")
+            for name, shape in shapes.items()}
+
+
+def weights_frame_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The largest ``AVERAGE``/``AVERAGED`` frame for edge weights of ``shapes``."""
+    return HEADER.size + MAX_META_BYTES + sum(math.prod(s) for s in shapes.values()) * DTYPES["float32"].itemsize
+
+
+@dataclass(frozen=True)
+class Average:
+    """A fleet member's trainable edge weights after its step ``step``, and the examples it trained on."""
+
+    step: int
+    examples: int
+    weights: dict[str, np.ndarray]
+
+    def to_frame(self, *, session: int) -> Frame:
+        return Frame(Kind.AVERAGE, session, self.step, {"examples": self.examples}, self.weights)
+
+    @classmethod
+    def from_frame(cls, frame: Frame, *, shapes: dict[str, tuple[int, ...]]) -> "Average":
+        expect(frame, Kind.AVERAGE)
+        examples = field_of(frame.meta, "examples", int)
+        if examples < 1:
+            raise ProtocolError("examples must be at least 1")
+        return cls(frame.step, examples, _weights(frame, shapes))
+
+
+@dataclass(frozen=True)
+class Averaged:
+    """The cloud's answer to ``Average``: the fleet's example-weighted average of the edge weights."""
+
+    step: int
+    weights: dict[str, np.ndarray]
+
+    def to_frame(self, *, session: int) -> Frame:
+        return Frame(Kind.AVERAGED, session, self.step, {}, self.weights)
+
+    @classmethod
+    def from_frame(cls, frame: Frame, *, shapes: dict[str, tuple[int, ...]]) -> "Averaged":
+        expect(frame, Kind.AVERAGED)
+        return cls(frame.step, _weights(frame, shapes))
 
 
 @dataclass(frozen=True)

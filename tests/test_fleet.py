@@ -6,16 +6,37 @@ The in-process reference is ``models.fleet.Fleet``; the cloud's fleets are the r
 
 from __future__ import annotations
 
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from bundles import export_cached, reference_edge
+from cloud_harness import FAST_RETRY, CloudProcess, review_data, tiny_dropout_bundle
+from conftest import movie_reviews_path
 from safetensors.torch import load_file
 
+from cloud_backend.auth import TokenStore
+from cloud_backend.fleet import FleetSettings
+from cloud_backend.server import serve_cloud
+from edge_runtime.api import EdgeTrainer
+from edge_runtime.batches import training_batches
+from edge_runtime.data import TextData
+from edge_runtime.tokenizer import EdgeTokenizer
+from edge_runtime.trainer import TrainerCallback, TrainResult
 from models import CloudPart, EncoderSpec, SplitSpec
-from models.fleet import joint_loss
+from models.fleet import DeviceBatch, Fleet, joint_loss
 from splitwire.bundle import load_bundle
+from splitwire.errors import AuthError
 from splitwire.fedavg import fedavg
+from splitwire.schedule import Schedule
+
+BATCH, SEED, LR = 4, 7, 1e-3
+REL = 1e-4
+KEY_BIAS = "attention.key.bias"
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +84,268 @@ def test_fedavg_is_the_example_weighted_mean():
         assert averaged[name].dtype == np.float32
     with pytest.raises(ValueError):
         fedavg(weights, [1, 0, 2])
+
+
+# ---------------------------------------------------------------------------- real edges, a real cloud
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_model_dir):
+    """The tiny BERT with dropout 0.1 (the shared top's RNG matters), split 2, rank 4, ``ort-training``."""
+    return load_bundle(tiny_dropout_bundle(tmp_path_factory, tiny_model_dir))
+
+
+def device_data(i: int, rows: int = 24) -> TextData:
+    """Device ``i``'s own rows of the movie reviews."""
+    return review_data(movie_reviews_path(), slice(40 * i, 40 * i + rows))
+
+
+@dataclass
+class Member:
+    """What one fleet member did: its run, its edge weights at the end, and its client's byte counts."""
+
+    result: TrainResult
+    parameters: dict[str, np.ndarray]
+    bytes_sent: int
+    bytes_received: int
+    averaging_bytes: int
+
+
+class _Hooks(TrainerCallback):
+    def __init__(self, begin=None, end=None) -> None:
+        self.begin, self.end = begin, end
+
+    def on_step_begin(self, step: int) -> None:
+        if self.begin:
+            self.begin(step)
+
+    def on_step_end(self, info) -> None:
+        if self.end:
+            self.end(info)
+
+
+def trainer(bundle, url: str, session: str, checkpoint_dir: Path, *, fleet: str | None = "f",
+            token: str | None = None) -> EdgeTrainer:
+    return EdgeTrainer(bundle, cloud=url, session=session, checkpoint_dir=checkpoint_dir, token=token, threads=1,
+                       retry=FAST_RETRY, fleet=fleet)
+
+
+def run_config(edge: EdgeTrainer, data: TextData, steps: int):
+    return edge.run_config(data, batch_size=BATCH, epochs=100, max_steps=steps, lr=LR, schedule="linear",
+                           warmup_steps=1, seed=SEED)
+
+
+async def train_member(bundle, url: str, session: str, data: TextData, steps: int, checkpoint_dir: Path, *,
+                       checkpoint_every: int | None = None, average_every: int | None = None,
+                       hooks: _Hooks | None = None, fleet: str = "f") -> Member:
+    edge = trainer(bundle, url, session, checkpoint_dir, fleet=fleet)
+    async with edge:
+        result = await edge.train(data, run_config(edge, data, steps), checkpoint_every=checkpoint_every,
+                                  average_every=average_every, callbacks=[hooks] if hooks else ())
+        client = edge.client
+    return Member(result, edge.engine.parameters(), client.bytes_sent, client.bytes_received, client.averaging_bytes)
+
+
+def reference(bundle, datas: list[TextData], steps: int) -> tuple[Fleet, list[list[float]]]:
+    """The fleet in one process on the same batches: every device in every round, in session-id order."""
+    tokenizer = EdgeTokenizer.from_bundle(bundle)
+    config = run_config(trainer(bundle, "ws://unused", "ref", Path("unused"), fleet=None), datas[0], steps)
+    schedule = Schedule.from_dict(config.schedule)
+    opt = bundle.manifest.optimizer
+    cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=True)
+    cloud.load_state_dict(load_file(str(bundle.cloud_file("weights"))))
+    fleet = Fleet([reference_edge(bundle.root) for _ in datas], cloud, rate=schedule.rate, seed=SEED,
+                  optimizer=lambda params: torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                                             weight_decay=opt.weight_decay))
+    plans = [list(training_batches(data, tokenizer, batch_size=BATCH, epochs=100, seed=SEED, max_steps=steps))
+             for data in datas]
+    losses = []
+    for batches in zip(*plans):
+        losses.append(fleet.train_round([DeviceBatch({k: torch.from_numpy(v) for k, v in b.inputs.feeds().items()},
+                                                     torch.from_numpy(b.labels)) for b in batches]))
+    return fleet, [list(device) for device in zip(*losses)]
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def assert_close_weights(got: dict[str, np.ndarray], want: dict[str, np.ndarray], steps: int, what: str) -> None:
+    assert set(got) == set(want), what
+    for name, value in want.items():
+        if name.endswith(KEY_BIAS):  # zero gradient in exact arithmetic: Adam turns noise into steps of up to lr
+            assert np.abs(got[name] - value).max() <= 2 * LR * steps, f"{what} {name}"
+        else:
+            assert rel_err(got[name], value) <= REL, f"{what} {name}"
+
+
+def test_a_synchronous_fleet_of_4_real_edges_equals_its_in_process_reference(bundle, tmp_path):
+    steps, devices = 4, 4
+    datas = [device_data(i) for i in range(devices)]
+
+    async def scenario():
+        settings = FleetSettings("sync", round_timeout=60.0, quorum=devices)
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=settings) as server:
+            members = await asyncio.gather(*(train_member(bundle, server.url, f"dev-{i}", data, steps,
+                                                          tmp_path / f"dev-{i}") for i, data in enumerate(datas)))
+            fleet = server.fleets["f"]
+            return members, {n: p.detach().numpy().copy() for n, p in fleet.top.model.named_parameters()}, fleet
+
+    members, top, fleet = asyncio.run(scenario())
+    want, want_losses = reference(bundle, datas, steps)
+    assert fleet.top.step == steps  # one shared step a round, not one per device
+    assert {m: s.step for m, s in fleet.members.items()} == {f"dev-{i}": steps for i in range(devices)}
+    assert_close_weights(top, {n: p.detach().numpy() for n, p in want.cloud.named_parameters()}, steps, "top")
+    for i, member in enumerate(members):
+        assert member.result.steps == list(range(1, steps + 1))
+        assert rel_err(member.result.losses, want_losses[i]) <= REL, i
+        assert_close_weights(member.parameters, want.edge_weights(i), steps, f"edge {i}")
+    assert len({m.result.losses[0] for m in members}) == devices  # the devices' data really differ
+    trained = reference_edge(bundle.root).state_dict()
+    assert sum(not np.array_equal(v, trained[n].numpy()) for n, v in members[0].parameters.items()) > 0.9 * len(trained)
+
+
+def test_an_averaging_round_gives_every_device_the_example_weighted_numpy_average(bundle, tmp_path):
+    """Three devices with 12, 20 and 28 examples average their edge halves after step 2."""
+    sizes, steps = (12, 20, 28), 2
+    before: dict[int, dict[str, np.ndarray]] = {}
+
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=FleetSettings("sync", 60.0, len(sizes))) as server:
+            edges = [trainer(bundle, server.url, f"avg-{i}", tmp_path / f"avg-{i}") for i in range(len(sizes))]
+
+            async def run(i: int, edge: EdgeTrainer):
+                data = device_data(i, sizes[i])
+
+                def keep(info) -> None:  # after the step, before the averaging that follows it
+                    if info.step == steps:
+                        before[i] = edge.engine.parameters()
+
+                async with edge:
+                    await edge.train(data, run_config(edge, data, steps), checkpoint_every=None,
+                                     average_every=steps, callbacks=[_Hooks(end=keep)])
+                    return edge.engine.parameters(), edge.client.averaging_bytes
+
+            return await asyncio.gather(*(run(i, edge) for i, edge in enumerate(edges)))
+
+    outcomes = asyncio.run(scenario())
+    assert len({before[0][n].tobytes() != before[1][n].tobytes() for n in before[0]}) >= 1
+    for name in before[0]:
+        want = np.average(np.stack([before[i][name] for i in range(len(sizes))]).astype(np.float64), axis=0,
+                          weights=sizes)
+        for i, (after, _) in enumerate(outcomes):
+            np.testing.assert_allclose(after[name], want, rtol=1e-6, atol=1e-7, err_msg=f"device {i} {name}")
+    weight_bytes = sum(v.nbytes for v in before[0].values())
+    for _, moved in outcomes:  # the weights up and the average down, a small header each way
+        assert 2 * weight_bytes < moved < 2 * weight_bytes + 2 * 32 * 1024
+
+
+def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_and_goes_on(bundle, tmp_path):
+    """``dev-2`` dies before its step 3 (its connection drops, no bye): round 3 goes ahead with the
+    other two after the round timeout, and later rounds do not wait for it; it restarts from its
+    checkpoint of step 2, rejoins, and trains to the end."""
+    timeout, steps = 2.0, 6
+    step_seconds: dict[int, float] = {}
+    started: dict[int, float] = {}
+    hooks = _Hooks(begin=lambda step: started.__setitem__(step, time.monotonic()),
+                   end=lambda info: step_seconds.__setitem__(info.step, time.monotonic() - started[info.step]))
+
+    class Killed(Exception):
+        pass
+
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=FleetSettings("sync", timeout, 3)) as server:
+            victim = trainer(bundle, server.url, "dev-2", tmp_path / "dev-2")
+
+            def die(step: int) -> None:
+                if step == 3:
+                    victim.client._ws.transport.abort()  # the process is gone: no bye
+                    raise Killed
+
+            async def doomed():
+                data = device_data(2)
+                with pytest.raises(Killed):
+                    async with victim:
+                        await victim.train(data, run_config(victim, data, steps), checkpoint_every=1,
+                                           callbacks=[_Hooks(begin=die)])
+
+            async def rejoin():
+                await asyncio.sleep(timeout + 1.0)
+                return await train_member(bundle, server.url, "dev-2", device_data(2), steps, tmp_path / "dev-2",
+                                          checkpoint_every=1)
+
+            first, _, _, back = await asyncio.gather(
+                train_member(bundle, server.url, "dev-0", device_data(0), steps, tmp_path / "dev-0", hooks=hooks),
+                train_member(bundle, server.url, "dev-1", device_data(1), steps, tmp_path / "dev-1"),
+                doomed(), rejoin())
+            return first, back, server.fleets["f"]
+
+    first, back, fleet = asyncio.run(scenario())
+    assert first.result.steps == list(range(1, steps + 1))
+    assert step_seconds[3] >= timeout - 0.1  # round 3 waited for dev-2 until the timeout
+    assert max(step_seconds[s] for s in (4, 5, 6) if s in step_seconds) < timeout  # then not again
+    assert back.result.start_step == 2 and back.result.steps == list(range(3, steps + 1))
+    assert fleet.members["dev-2"].step == steps
+    assert fleet.top.step > steps  # dev-2's steps after its return went into rounds of their own or shared
+
+
+def test_a_token_not_allowed_in_the_fleet_is_refused(bundle, tmp_path):
+    alice, bob = "a" * 24, "b" * 24
+    tokens = TokenStore.parse(f"alice {alice} f,g\nbob {bob}\n", source="tokens")
+
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu", tokens=tokens) as server:
+            data = device_data(0, 8)
+            edge = trainer(bundle, server.url, "bob", tmp_path / "bob", token=bob)
+            with pytest.raises(AuthError, match="may not join fleet 'f'"):
+                async with edge:
+                    await edge.train(data, run_config(edge, data, 2), checkpoint_every=None)
+            alone = trainer(bundle, server.url, "bob", tmp_path / "bob-alone", token=bob, fleet=None)
+            async with alone:  # bob's token still opens his own session
+                await alone.train(data, run_config(alone, data, 2), checkpoint_every=None)
+            member = trainer(bundle, server.url, "alice", tmp_path / "alice", token=alice)
+            async with member:
+                await member.train(data, run_config(member, data, 2), checkpoint_every=None)
+            return set(server.fleets), set(server.fleets["f"].members), set(server.sessions)
+
+    assert asyncio.run(scenario()) == ({"f"}, {"alice"}, {"bob"})
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_cloud_in_the_synchronous_schedule_ends_with_the_weights_of_an_unbroken_run(bundle, tmp_path):
+    """The cloud dies before round 5 (the fleet's last checkpoint: round 4, which every device asked
+    for) and restarts from its state dir; the devices reconnect and go on. Everything ends equal to
+    the same fleet trained without the crash."""
+    steps, devices = 6, 3
+    extra = ("--fleet-quorum", str(devices), "--round-timeout", "60")
+    cloud = CloudProcess(bundle.root, tmp_path / "state", log_path=tmp_path / "cloud.log", extra=extra).start()
+    killed = []
+
+    def kill_before_round_5(step: int) -> None:
+        if step == 5 and not killed:
+            cloud.kill9()
+            killed.append(step)
+            cloud.start(wait=False)
+
+    async def fleet_run(name: str, hook=None):
+        return await asyncio.gather(*(train_member(bundle, cloud.url, f"{name}-{i}", device_data(i), steps,
+                                                   tmp_path / name / str(i), checkpoint_every=2, fleet=name,
+                                                   hooks=_Hooks(begin=hook) if hook and i == 0 else None)
+                                      for i in range(devices)))
+
+    try:
+        crashed = asyncio.run(fleet_run("crash", kill_before_round_5))
+        cloud.wait_listening()
+        whole = asyncio.run(fleet_run("whole"))
+    finally:
+        cloud.stop()
+    assert killed == [5] and "restored_fleet" in cloud.events()
+    for i in range(devices):
+        assert crashed[i].result.steps[-1] == steps
+        assert crashed[i].result.losses[-2:] == whole[i].result.losses[-2:]
+        for name, value in whole[i].parameters.items():
+            np.testing.assert_array_equal(crashed[i].parameters[name], value, err_msg=f"edge {i} {name}")
+    want, got = cloud.saved_weights("fleet:whole"), cloud.saved_weights("fleet:crash")
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=f"top {name}")

@@ -70,7 +70,7 @@ def test_token_file_holds_plain_or_hashed_tokens_and_refuses_weak_ones(tmp_path,
         with pytest.raises(AuthError, match="missing or wrong token"):
             store.check(session, token)
     for text, message in (("alice short\n", "shorter than 16"), (f"alice {ALICE}\nalice {BOB}\n", "listed twice"),
-                          (f"alice {ALICE} extra\n", "two fields"), ("bob sha256:abc\n", "64 lowercase hex"),
+                          (f"alice {ALICE} fleet extra\n", "two or three"), ("bob sha256:abc\n", "64 lowercase hex"),
                           ("# nothing\n\n", "no tokens")):
         with pytest.raises(TokenFileError, match=message):
             TokenStore.parse(text, source="tokens")

@@ -155,6 +155,10 @@ class Engine(EdgeEngine):
     def parameters(self) -> dict[str, np.ndarray]:
         return {n: p.copy() for n, p in self._params.views.items()}
 
+    def load_parameters(self, weights: dict[str, np.ndarray]) -> None:
+        for name, value in weights.items():
+            self._params.views[name][...] = value
+
     def set_learning_rate(self, lr: float) -> None:
         self._adamw.lr = float(lr)
 

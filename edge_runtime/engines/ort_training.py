@@ -91,6 +91,10 @@ class Engine(EdgeEngine):
     def parameters(self) -> dict[str, np.ndarray]:
         return {n: self._state.parameters[n].data.copy() for n in self._trainable}  # .data is a live view
 
+    def load_parameters(self, weights: dict[str, np.ndarray]) -> None:
+        for name, value in weights.items():
+            self._state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+
     def set_learning_rate(self, lr: float) -> None:
         self._optimizer.set_learning_rate(float(lr))
 
