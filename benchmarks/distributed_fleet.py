@@ -35,11 +35,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cloud_backend.distributed import DataParallelTop, init_from_env
+from cloud_backend.distributed import DataParallelTop, common_step, init_from_env
 from cloud_backend.model import load_cloud_part
 from models.fleet import DeviceBatch
+from splitwire.atomic import write_atomically
 from splitwire.bundle import Bundle, load_bundle
 from splitwire.schedule import Schedule
 from tests.bundles import reference_edge
@@ -86,60 +88,151 @@ def _step(optimizer: torch.optim.Optimizer, rate: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One rank: its devices' edges, its copy of the top part, and every round's collectives."""
-    bundle = load_bundle(args.bundle)
-    me = init_from_env(torch.device("cpu"), timeout_s=60.0)
-    mine = devices_of(me.rank, me.world_size, args.devices)
-    edges = {i: reference_edge(bundle.root) for i in mine}
-    edge_optimizers = {i: adamw(bundle, edge.parameters()) for i, edge in edges.items()}
-    edge_steps = dict.fromkeys(mine, 0)
-    top = DataParallelTop(load_cloud_part(bundle, device=torch.device("cpu")))
-    top_optimizer = adamw(bundle, top.model.parameters())
-    rate = schedule(args.rounds).rate
-    torch.manual_seed(SEED + me.rank)  # this rank's rows' dropout masks
-    losses: dict[int, list[float]] = {i: [] for i in mine}
-    timings, applied = [], 0
-    for round_ in range(1, args.rounds + 1):
-        here = [i for i in mine if present(args.absent, round_, i)]
-        batches = [device_batch(bundle, i, round_, batch=args.batch, length=args.length) for i in here]
-        zs = [edges[i](**b.inputs) for i, b in zip(here, batches)]
+class Rank:
+    """One rank's part of the fleet: its devices' edges and AdamWs, its copy of the top part and its AdamW."""
+
+    def __init__(self, bundle: Bundle, args: argparse.Namespace, rank: int, world_size: int) -> None:
+        self.bundle, self.args, self.rank = bundle, args, rank
+        self.mine = devices_of(rank, world_size, args.devices)
+        self.edges = {i: reference_edge(bundle.root) for i in self.mine}
+        self.edge_optimizers = {i: adamw(bundle, edge.parameters()) for i, edge in self.edges.items()}
+        self.top = DataParallelTop(load_cloud_part(bundle, device=torch.device("cpu")))
+        self.top_optimizer = adamw(bundle, self.top.model.parameters())
+        self.rate = schedule(args.rounds).rate
+        torch.manual_seed(SEED + rank)  # this rank's rows' dropout masks
+        self.done = 0  # rounds run, with or without rows
+        self.applied = 0  # rounds that stepped (the top's step count)
+        self.edge_steps = dict.fromkeys(map(str, self.mine), 0)
+        self.losses: dict[str, list[float]] = {str(i): [] for i in self.mine}
+        self.timings: list[dict] = []
+
+    def run_round(self, round_: int) -> None:
+        """Round ``round_``: the present devices' edges forward, the top's data-parallel step, the edges' steps."""
+        here = [i for i in self.mine if present(self.args.absent, round_, i)]
+        batches = [device_batch(self.bundle, i, round_, batch=self.args.batch, length=self.args.length) for i in here]
+        zs = [self.edges[i](**b.inputs) for i, b in zip(here, batches)]
         wire = [z.detach().requires_grad_(True) for z in zs]  # what crosses the wire
         dist.barrier()  # time the cloud from a common start
         start = time.perf_counter()
-        share = top.backward(wire, [b.inputs["attention_mask"] for b in batches], [b.labels for b in batches])
+        share = self.top.backward(wire, [b.inputs["attention_mask"] for b in batches], [b.labels for b in batches])
+        self.done = round_
         if share is None:
-            continue
-        top.reduce_gradients(refused=False)
-        applied += 1
-        _step(top_optimizer, rate(applied))
-        timings.append({"cloud_s": time.perf_counter() - start, "reduce_s": top.reduce_s, "rows": share.total_rows})
+            return
+        self.top.reduce_gradients(refused=False)
+        self.applied += 1
+        _step(self.top_optimizer, self.rate(self.applied))
+        self.timings.append({"cloud_s": time.perf_counter() - start, "reduce_s": self.top.reduce_s,
+                             "rows": share.total_rows, "reduce_alone_s": self._reduce_alone()})
         for i, z, w, loss in zip(here, zs, wire, share.joint.device_losses if share.joint else []):
             z.backward(w.grad)
-            edge_steps[i] += 1
-            _step(edge_optimizers[i], rate(edge_steps[i]))
-            losses[i].append(loss)
-    tensors = {f"top.{n}": p.detach().contiguous() for n, p in top.model.named_parameters()}
-    for i, edge in edges.items():
-        tensors |= {f"edge.{i}.{n}": p.detach().contiguous() for n, p in edge.named_parameters()}
-    out = Path(args.out)
-    save_file(tensors, str(out / f"rank-{me.rank}.safetensors"))
-    (out / f"rank-{me.rank}.json").write_text(json.dumps({"losses": {str(i): v for i, v in losses.items()},
-                                                          "rounds": applied, "timings": timings}))
+            self.edge_steps[str(i)] += 1
+            _step(self.edge_optimizers[i], self.rate(self.edge_steps[str(i)]))
+            self.losses[str(i)].append(loss)
+
+    def _reduce_alone(self) -> float:
+        """Seconds of an all-reduce of the top part's size once every worker is there (no waiting counted)."""
+        bucket = torch.zeros(sum(p.numel() for p in self.top.model.parameters()) + 1)
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(bucket)
+        return time.perf_counter() - start
+
+    def parts(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        return {"top": (self.top.model, self.top_optimizer),
+                **{f"edge.{i}": (self.edges[i], self.edge_optimizers[i]) for i in self.mine}}
+
+    def save(self, path: Path) -> None:
+        """This rank's whole state after round ``done`` (weights, AdamW moments, RNG, counters), atomically."""
+        tensors = {"rng": torch.get_rng_state()}
+        for prefix, (module, optimizer) in self.parts().items():
+            tensors |= {f"{prefix}.weights.{n}": v.contiguous() for n, v in module.state_dict().items()}
+            for index, state in optimizer.state_dict()["state"].items():
+                tensors |= {f"{prefix}.adamw.{index}.{k}": v for k, v in state.items()}
+        meta = {"done": self.done, "applied": self.applied, "edge_steps": self.edge_steps, "losses": self.losses}
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"run": json.dumps(meta)}))
+
+    def load(self, path: Path) -> None:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["run"])
+        for prefix, (module, optimizer) in self.parts().items():
+            weights = f"{prefix}.weights."
+            module.load_state_dict({k[len(weights):]: v for k, v in tensors.items() if k.startswith(weights)})
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith(f"{prefix}.adamw."):
+                    index, name = key[len(prefix) + len(".adamw."):].split(".", 1)
+                    state.setdefault(int(index), {})[name] = value
+            optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+        torch.set_rng_state(tensors["rng"])
+        self.done, self.applied = meta["done"], meta["applied"]
+        self.edge_steps, self.losses = meta["edge_steps"], meta["losses"]
+
+    def write_results(self, out: Path, **extra: object) -> None:
+        tensors = {f"top.{n}": p.detach().contiguous() for n, p in self.top.model.named_parameters()}
+        for i, edge in self.edges.items():
+            tensors |= {f"edge.{i}.{n}": p.detach().contiguous() for n, p in edge.named_parameters()}
+        save_file(tensors, str(out / f"rank-{self.rank}.safetensors"))
+        (out / f"rank-{self.rank}.json").write_text(json.dumps(
+            {"losses": self.losses, "rounds": self.applied, "timings": self.timings, **extra}))
+
+
+def checkpoints(state: Path, rank: int) -> dict[int, Path]:
+    """This rank's checkpoints in ``state``, by the round they were taken after."""
+    return {int(p.name.split(".")[1].removeprefix("round-")): p for p in state.glob(f"rank-{rank}.round-*.safetensors")}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: every round's collectives; with ``--state``, a checkpoint every ``--checkpoint-every`` rounds
+    (each rank its own file, the round committed once all have written) and a (re)start from the newest
+    round all ranks hold (``cloud_backend.distributed.common_step``)."""
+    bundle = load_bundle(args.bundle)
+    me = init_from_env(torch.device("cpu"), timeout_s=60.0)
+    rank, out = Rank(bundle, args, me.rank, me.world_size), Path(args.out)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    state = Path(args.state) if args.state else None
+    resumed = None
+    if state is not None:
+        state.mkdir(parents=True, exist_ok=True)
+        resumed = common_step(list(checkpoints(state, me.rank)))
+        if resumed is not None:
+            rank.load(checkpoints(state, me.rank)[resumed])
+    for round_ in range(rank.done + 1, args.rounds + 1):
+        time.sleep(args.pace)
+        write_atomically(out / f"rank-{me.rank}.progress", lambda tmp: tmp.write_text(json.dumps(
+            {"round": round_, "pid": os.getpid(), "restarts": restarts})))
+        rank.run_round(round_)
+        if state is not None and round_ % args.checkpoint_every == 0:
+            rank.save(state / f"rank-{me.rank}.round-{round_}.safetensors")
+            dist.barrier()  # every rank has written this round: the older checkpoints can go
+            for old, path in checkpoints(state, me.rank).items():
+                if old < round_:
+                    path.unlink()
+    rank.write_results(out, restarts=restarts, resumed_from=resumed)
     dist.destroy_process_group()
 
 
-def torchrun(workers: int, bundle: Path, out: Path, *, devices: int, rounds: int, batch: int, length: int,
-             absent: Sequence[str] = (), timeout_s: float = 600.0) -> None:
-    """Run the fleet's rounds on ``workers`` torchrun ranks (one host, a free port)."""
+def torchrun_command(workers: int, bundle: Path, out: Path, *, devices: int, rounds: int, batch: int, length: int,
+                     absent: Sequence[str] = (), state: Path | None = None, checkpoint_every: int = 1,
+                     pace: float = 0.0, max_restarts: int = 0) -> list[str]:
+    """``torchrun`` running the fleet's rounds on ``workers`` ranks (one host, a free port)."""
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers),
-               "--standalone", "-m", "benchmarks.distributed_fleet", "worker", "--bundle", str(bundle),
-               "--out", str(out), "--devices", str(devices), "--rounds", str(rounds), "--batch", str(batch),
-               "--length", str(length), "--absent", *absent]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    subprocess.run(command, check=True, timeout=timeout_s, env=env, cwd=Path(__file__).resolve().parents[1],
-                   capture_output=True)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers), "--standalone",
+            "--max-restarts", str(max_restarts), "-m", "benchmarks.distributed_fleet", "worker",
+            "--bundle", str(bundle), "--out", str(out), "--devices", str(devices), "--rounds", str(rounds),
+            "--batch", str(batch), "--length", str(length), "--pace", str(pace),
+            "--checkpoint-every", str(checkpoint_every), *(["--state", str(state)] if state else []),
+            "--absent", *absent]
+
+
+RUN_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(workers: int, bundle: Path, out: Path, *, timeout_s: float = 600.0, **options: object) -> None:
+    """Run ``torchrun_command`` to its end."""
+    subprocess.run(torchrun_command(workers, bundle, out, **options), check=True, timeout=timeout_s, env=RUN_ENV,
+                   cwd=REPO, capture_output=True)
 
 
 def read_run(out: Path, workers: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -161,45 +254,41 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    """1 against 2 workers on the same rounds; prints and writes docs/bench/distributed.{md,json}."""
+    """1 against 2 workers on the same rounds; writes docs/bench/distributed.{md,json}."""
     from benchmarks.load import _bundle
-    from benchmarks.report import ROOT, write_section
+    from benchmarks.report import write_section
 
     bundle = _bundle(args.model, Path(args.bundles))
     rows = []
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
             torchrun(workers, bundle, Path(tmp), devices=args.devices, rounds=args.rounds, batch=args.batch,
                      length=args.length)
-            wall = time.perf_counter() - started
             _, reports = read_run(Path(tmp), workers)
-        timed = [t for t in reports[0]["timings"][1:]]  # the first round pays torch's one-time costs
-        rows.append({"workers": workers, "devices": args.devices, "rounds": args.rounds, "batch": args.batch,
-                     "length": args.length, "wall_s": round(wall, 1),
-                     "rounds_per_s": round(len(timed) / sum(t["cloud_s"] for t in timed), 2),
+        timed = reports[0]["timings"][1:]  # the first round pays torch's one-time costs
+        rows.append({"workers": workers, "rounds_per_s": round(len(timed) / sum(t["cloud_s"] for t in timed), 2),
                      "cloud_ms": round(1000 * statistics.median(t["cloud_s"] for t in timed), 1),
                      "reduce_ms": round(1000 * statistics.median(t["reduce_s"] for t in timed), 2),
+                     "reduce_alone_ms": round(1000 * statistics.median(t["reduce_alone_s"] for t in timed), 2),
                      "load_average": round(os.getloadavg()[0], 1)})
         print(json.dumps(rows[-1]), flush=True)
-    (ROOT / "docs" / "bench" / "distributed.json").write_text(json.dumps(rows, indent=1) + "\n")
-    write_section("distributed", _table(args, rows))
-
-
-def _table(args: argparse.Namespace, rows: list[dict]) -> str:
-    import platform
-
-    lines = ["| workers | devices | rows/round | rounds/s (cloud) | cloud ms/round (median) | all-reduce ms (median) "
-             "| load average |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['workers']} | {r['devices']} | {r['devices'] * r['batch']} | {r['rounds_per_s']} | "
-              f"{r['cloud_ms']} | {r['reduce_ms']} | {r['load_average']} |" for r in rows]
-    return "\n".join(lines) + (
-        f"\n\nCommand: `python -m benchmarks.distributed_fleet --model {args.model} --devices {args.devices} "
-        f"--rounds {args.rounds} --batch {args.batch} --length {args.length}`, on {platform.machine()} with "
-        f"{os.cpu_count()} cores shared with other jobs (the load average, 1 minute, shows how busy), gloo, "
-        "one thread per worker (OMP_NUM_THREADS=1). The cloud's share of a round: the top part's forward and "
-        "backward on this worker's rows, the gradient all-reduce (waiting for the slower worker included) and "
-        "AdamW, timed on rank 0 from a barrier; the first round is left out.\n")
+    table = ["| workers | rounds/s (cloud) | cloud ms/round (median) | all-reduce in the round, ms (median) "
+             "| all-reduce alone, ms (median) | load average |", "|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {r['workers']} | {r['rounds_per_s']} | {r['cloud_ms']} | {r['reduce_ms']} | {r['reduce_alone_ms']} "
+              f"| {r['load_average']} |" for r in rows]
+    body = "\n".join(table) + (
+        "\n\nThe cloud's share of a round, timed on rank 0 from a barrier: the top part's forward and backward on "
+        "its own devices' rows, the gradient all-reduce (waiting for the slower worker included) and AdamW; "
+        "the first round is left out. The all-reduce alone: a bucket of the top part's size, all-reduced right "
+        "after a barrier in each round (what the wire costs without the wait). Workers and the in-process edges share this machine's cores with other "
+        "engineers' jobs (the load average, 1 minute, after each row, shows how busy it was), so these are "
+        "figures of this machine at that time, not of the method. docs/SCALING.md sets them beside its model.\n")
+    command = (f"python -m benchmarks.distributed_fleet --model {args.model} --devices {args.devices} --rounds "
+               f"{args.rounds} --batch {args.batch} --length {args.length} --workers {' '.join(map(str, args.workers))}")
+    write_section("distributed", title="A fleet's top part on 1 and 2 torchrun workers (gloo, CPU)", command=command,
+                  settings={"model": args.model, "devices": args.devices, "rows_per_round": args.devices * args.batch,
+                            "length": args.length, "rounds": args.rounds, "threads_per_worker": 1},
+                  body=body, results=rows)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,6 +298,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--bundle", required=True)
     w.add_argument("--out", required=True)
     w.add_argument("--absent", nargs="*", default=[], help="ROUND:DEVICE pairs that skip a round")
+    w.add_argument("--state", help="checkpoint directory (resume from it on a (re)start)")
+    w.add_argument("--checkpoint-every", type=int, default=1, help="rounds between checkpoints (default: 1)")
+    w.add_argument("--pace", type=float, default=0.0, help="seconds each round waits first, as devices would")
     for q in (p, w):
         q.add_argument("--devices", type=int, default=4, help="devices of the fleet (default: 4)")
         q.add_argument("--rounds", type=int, default=20, help="synchronous rounds (default: 20)")

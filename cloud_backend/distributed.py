@@ -78,6 +78,27 @@ def init_from_env(device: torch.device, *, timeout_s: float) -> Worker:
     return worker
 
 
+def common_step(saved: Sequence[int], *, device: torch.device = torch.device("cpu"),
+                group: dist.ProcessGroup | None = None) -> int | None:
+    """The newest round that every worker holds a checkpoint of (``saved``: this worker's intact ones), or
+    ``None``; every worker calls it with its own list when the group (re)starts. A worker killed between
+    its peers' writes of one round's checkpoints leaves the group one round apart: all go back to the
+    older one, which is why each keeps its previous checkpoint until the next one is written by all."""
+    mine = sorted(set(saved), reverse=True)
+    bound = mine[0] if mine else -1
+    while True:
+        newest = torch.tensor([next((s for s in mine if s <= bound), -1)], dtype=torch.int64, device=device)
+        dist.all_reduce(newest, op=dist.ReduceOp.MIN, group=group)
+        step = int(newest.item())
+        if step < 0:
+            return None
+        held = torch.tensor([step in mine], dtype=torch.int64, device=device)
+        dist.all_reduce(held, op=dist.ReduceOp.MIN, group=group)
+        if held.item():
+            return step
+        bound = step - 1
+
+
 @dataclass(frozen=True)
 class Share:
     """One worker's share of a round: its devices' joint loss (``None`` with no rows here) and the

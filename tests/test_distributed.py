@@ -9,12 +9,21 @@ dropout each worker draws its own rows' masks: see the module's docstring).
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from bundles import export_cached, reference_edge
 
-from benchmarks.distributed_fleet import SEED, adamw, device_batch, present, read_run, schedule, torchrun
+from benchmarks.distributed_fleet import (
+    REPO, RUN_ENV, SEED, adamw, device_batch, present, read_run, schedule, torchrun, torchrun_command,
+)
 from cloud_backend.model import load_cloud_part
 from models.fleet import Fleet
 from splitwire.bundle import load_bundle
@@ -90,3 +99,38 @@ def test_two_gloo_workers_with_two_devices_each_equal_one_worker_with_all_four_a
         got = reports[rank]["losses"][str(i)]
         assert len(got) == len(want_losses[i]) and np.allclose(got, want_losses[i], rtol=REL), i
         assert np.allclose(one_reports[0]["losses"][str(i)], want_losses[i], rtol=REL), i
+
+
+def progress(out: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((out / f"rank-{rank}.progress").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_kill_9_of_one_worker_then_torchruns_restart_of_the_group_ends_with_the_weights_of_an_unbroken_run(
+        bundle, tmp_path):
+    """Rank 1 is killed with SIGKILL in round 4 (checkpoints after rounds 2, 4, 6); rank 0 fails in its next
+    collective, torchrun restarts the whole group once, both ranks resume from the newest round they both
+    hold, and the run ends bit-equal to one never interrupted."""
+    rounds = 8
+    options = dict(devices=DEVICES, rounds=rounds, batch=BATCH, length=LENGTH, absent=ABSENT, checkpoint_every=2)
+    torchrun(2, bundle.root, tmp_path / "unbroken", state=tmp_path / "state-unbroken", timeout_s=300, **options)
+    out = tmp_path / "broken"
+    command = torchrun_command(2, bundle.root, out, state=tmp_path / "state", pace=0.4, max_restarts=1, **options)
+    with open(tmp_path / "torchrun.log", "w") as log:
+        group = subprocess.Popen(command, env=RUN_ENV, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while (seen := progress(out, 1)) is None or seen["round"] < 4:
+            assert group.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.log").read_text()
+            time.sleep(0.05)
+        assert seen["restarts"] == 0
+        os.kill(seen["pid"], signal.SIGKILL)
+        assert group.wait(timeout=240) == 0, (tmp_path / "torchrun.log").read_text()
+    (got, reports), (want, want_reports) = read_run(out, 2), read_run(tmp_path / "unbroken", 2)
+    assert [r["restarts"] for r in reports] == [1, 1]
+    assert [r["resumed_from"] for r in reports] in ([2, 2], [4, 4])  # the same round on both
+    assert [r["resumed_from"] for r in want_reports] == [None, None]
+    assert set(got) == set(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert [r["losses"] for r in reports] == [r["losses"] for r in want_reports]
