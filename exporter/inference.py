@@ -10,6 +10,8 @@ top half. To serve the fine-tuned model anywhere onnxruntime runs, this module
   initializers;
 - exports the fine-tuned **cloud half** (``CloudPart`` from the cloud session's checkpoint,
   eval mode: no dropout) with ``torch.onnx.export`` at the edge graph's opset;
+- for a label-private bundle, puts the device's fine-tuned head (pooling layer and classifier,
+  from the edge checkpoint) on top of the cloud half, which ends at the pooled output;
 - joins them with ``onnx.compose.merge_models``, connecting the edge's ``z`` and its
   ``attention_mask`` input to the cloud half's inputs.
 
@@ -45,7 +47,8 @@ from edge_runtime.engines import ort_training
 from edge_runtime.ort_import import training_api
 from edge_runtime.checkpoints import CheckpointDir
 from exporter.bundle_writer import ExportError
-from models import CloudPart
+from edge_runtime.label_head import PREFIX
+from models import CloudPart, EncoderSpec, LabelHead, SplitSpec
 from splitwire import manifest
 from splitwire.manifest import EDGE_INPUTS
 from splitwire.bundle import Bundle, BundleError, load_bundle
@@ -92,7 +95,27 @@ def bind_parameters(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> on
 
 
 
-def cloud_inference_graph(model: CloudPart, *, width: int, opset: int) -> onnx.ModelProto:
+class TopWithDeviceHead(torch.nn.Module):
+    """Label-private: the cloud half to the pooled output, then the device's head to the logits."""
+
+    def __init__(self, cloud: CloudPart, head: LabelHead) -> None:
+        super().__init__()
+        self.cloud, self.head = cloud, head
+
+    def forward(self, z: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.cloud(z, attention_mask))
+
+
+def device_head(bundle: Bundle, engine_dir: Path) -> LabelHead:
+    """A label-private bundle's head with the parameters saved in ``engine_dir`` (an engine checkpoint)."""
+    engine = open_engine(bundle, threads=1)
+    engine.restore(engine_dir)
+    head = LabelHead(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split))
+    head.load_state_dict({n[len(PREFIX):]: torch.from_numpy(v) for n, v in engine.label_head.parameters().items()})
+    return head
+
+
+def cloud_inference_graph(model: CloudPart | TopWithDeviceHead, *, width: int, opset: int) -> onnx.ModelProto:
     """``CloudPart`` in eval mode as ONNX: ``z`` (``B×L×width``), ``attention_mask`` → ``logits``."""
     model = model.eval()
     example = (torch.zeros(2, 3, width), torch.ones(2, 3, dtype=torch.long))
@@ -131,7 +154,9 @@ def assemble(bundle_dir: str | Path, *, edge_checkpoint: str | Path, cloud_state
     checkpoint, session = _same_run(bundle, Path(edge_checkpoint), Path(cloud_state))
     edge = edge_inference_graph(bundle, checkpoint.engine_dir)
     opset = next(o.version for o in edge.opset_import if o.domain in ("", "ai.onnx"))
-    cloud = cloud_inference_graph(session.model, width=bundle.wire_width, opset=opset)
+    top = session.model if not bundle.label_private else TopWithDeviceHead(
+        session.model, device_head(bundle, checkpoint.engine_dir))
+    cloud = cloud_inference_graph(top, width=bundle.wire_width, opset=opset)
     out = Path(out)
     onnx.save(merge_halves(edge, cloud), str(out))
     return out

@@ -5,7 +5,8 @@ process) fine-tune the tiny BERT on real movie-review snippets for a few steps, 
 checkpoints on both sides. ``exporter.inference.assemble`` joins the edge checkpoint and
 the cloud session's state into one model; on unseen snippets, tokenized by the bundle's
 tokenizer, its logits must equal split inference (the engine's ``infer`` then the cloud
-session's ``predict``) to 1e-4, for each edge engine.
+session's ``predict``) to 1e-4, for each edge engine, and for a label-private bundle (the cloud
+predicts the pooled output, the device's head makes the logits).
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ def _reviews(first: int, count: int) -> list[str]:
     return [row.split("\t")[2] for row in rows]
 
 
-@pytest.fixture(scope="module", params=ENGINES)
+@pytest.fixture(scope="module", params=[*ENGINES, "onnx-label-private"])
 def trained(request, tmp_path_factory, tiny_model_dir) -> tuple[Path, Path, Path]:
     """A bundle, the edge's checkpoint dir and the cloud's state dir after STEPS steps of ``sft-edge train``."""
-    root = export_cached(tmp_path_factory, tiny_model_dir, **tiny_options(request.param))
+    engine, private = request.param.removesuffix("-label-private"), request.param.endswith("-label-private")
+    root = export_cached(tmp_path_factory, tiny_model_dir, **tiny_options(engine),
+                         **({"label_private": True} if private else {}))
     work = tmp_path_factory.mktemp("run")
     lines = movie_reviews_path().read_text(encoding="utf-8").splitlines()
     (work / "train.tsv").write_text("\n".join(lines[:41]) + "\n", encoding="utf-8")
@@ -82,6 +85,8 @@ def test_the_assembled_model_gives_the_logits_of_split_inference(trained, tmp_pa
     assert np.abs(z - initial_z).max() > 1e-3  # the halves really are fine-tuned
     session = CloudSession.restore(cloud_state, bundle=bundle, device=torch.device("cpu"))
     want = session.predict(Predict(1, z, lengths))
+    if bundle.label_private:  # the cloud's part ends at the pooled output: the device's head makes the logits
+        want = engine.label_head.logits(want)
 
     ort = onnxruntime()
     served = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
