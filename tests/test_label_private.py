@@ -1,6 +1,9 @@
 """Labels never leave the device (issue 15): the U-shaped split of ``sft-export --label-private``.
 
-The device's head (``edge_runtime.label_head``, numpy) computes torch's loss and gradients; every
+The device's head (``edge_runtime.label_head``, numpy) computes torch's loss and gradients; each
+side refuses a frame of the other mode, the pooled output and its gradient are checked like every
+tensor, and the cloud's step rules (``splitwire.steps``, without sockets) hold a step between its two
+round trips and apply it once; every
 frame of a real label-private run, recorded by a websocket proxy between a real edge and a real
 ``sft-cloud`` and decoded with ``splitwire.protocol``, carries no label, loss, logit or metric, and
 the cloud's log and state dir hold none either (the same check on a standard run finds them, so it
@@ -32,7 +35,12 @@ from edge_runtime.api import EdgeTrainer
 from edge_runtime.label_head import PREFIX, LabelHead as DeviceHead
 from models import EncoderSpec, LabelHead, SplitSpec
 from splitwire.bundle import load_bundle
-from splitwire.protocol import REPLAYED, Kind, decode
+from splitwire.codecs import Carries, codec_for
+from splitwire.errors import ProtocolError, StepOrderError
+from splitwire.protocol import (
+    REPLAYED, Frame, Gradient, Kind, Prediction, Top, TopGradient, Train, WireLimits, decode, encode,
+)
+from splitwire.steps import CloudSteps
 
 HIDDEN = 16
 
@@ -69,6 +77,80 @@ def test_the_device_head_computes_torchs_loss_logits_and_gradients(pooling, num_
         np.testing.assert_allclose(gradients[PREFIX + name], p.grad.numpy(), rtol=1e-4, atol=1e-7, err_msg=name)
     counted = "squared_error" if num_labels == 1 else "correct"
     assert step.metrics["count"] == 6 and counted in step.metrics
+
+
+# ---------------------------------------------------------------------------- the protocol and the step rules
+
+LIMITS = WireLimits(max_batch=8, max_length=16, width=4, num_labels=2, pooled=HIDDEN)
+CODEC = codec_for("int8+sr+packed", Carries.GRADIENT, seed=1)
+
+
+def _train(labels) -> Train:
+    rng = np.random.default_rng(0)
+    return Train(1, rng.standard_normal((3, 5, 4)).astype(np.float32), np.array([5, 3, 1], np.int32), labels)
+
+
+def test_each_side_refuses_a_frame_of_the_other_mode():
+    fp32 = codec_for("fp32", Carries.ACTIVATION)
+    standard = WireLimits(8, 16, 4, 2)
+    private_train = decode(encode(_train(None).to_frame(session=1, codec=fp32)))
+    assert Train.from_frame(private_train, limits=LIMITS, codec=fp32).labels is None
+    with pytest.raises(ProtocolError, match="lacks tensor 'labels'"):
+        Train.from_frame(private_train, limits=standard, codec=fp32)
+    with pytest.raises(ProtocolError, match="unexpected tensors"):  # labels never reach a label-private cloud
+        Train.from_frame(decode(encode(_train(np.array([0, 1, 1])).to_frame(session=1, codec=fp32))),
+                         limits=LIMITS, codec=fp32)
+    dz = _train(None).z
+    with_loss = decode(encode(Gradient(1, dz, 0.7, {"correct": 2.0}).to_frame(session=1, codec=fp32,
+                                                                             lengths=np.array([5, 3, 1]))))
+    with pytest.raises(ProtocolError, match="dz alone"):
+        Gradient.from_frame(with_loss, codec=fp32, shape=dz.shape, lengths=np.array([5, 3, 1]), label_private=True)
+    pooled = np.random.default_rng(1).standard_normal((3, HIDDEN)).astype(np.float32)
+    prediction = decode(encode(Prediction(1, pooled).to_frame(session=1, pooled=True)))
+    np.testing.assert_array_equal(Prediction.from_frame(prediction, batch=3, num_labels=2, pooled=HIDDEN).logits,
+                                  pooled)
+    with pytest.raises(ProtocolError, match="lacks tensor 'logits'"):  # a standard edge gets no pooled output
+        Prediction.from_frame(prediction, batch=3, num_labels=2)
+
+
+def test_the_pooled_output_and_its_gradient_are_checked_like_every_tensor():
+    pooled = np.random.default_rng(2).standard_normal((3, HIDDEN)).astype(np.float32)
+    frame = decode(encode(TopGradient(4, pooled).to_frame(session=1, codec=CODEC)))
+    back = TopGradient.from_frame(frame, codec=CODEC, batch=3, width=HIDDEN).dpooled
+    assert back.shape == (3, HIDDEN) and np.abs(back - pooled).max() <= np.abs(pooled).max() / 127
+    for wrong, message in ((dict(batch=4), "batch of 4"), (dict(width=HIDDEN + 1), "must have shape")):
+        with pytest.raises(ProtocolError, match=message):
+            TopGradient.from_frame(frame, codec=CODEC, **({"batch": 3, "width": HIDDEN} | wrong))
+    with pytest.raises(ProtocolError, match="expected TOP"):
+        Top.from_frame(frame, codec=CODEC, batch=3, width=HIDDEN)
+    bad = pooled.copy()
+    bad[1, 2] = np.nan
+    fp32 = codec_for("fp32", Carries.ACTIVATION)
+    with pytest.raises(ProtocolError, match="NaN"):
+        Top.from_frame(decode(encode(Top(4, bad).to_frame(session=1, codec=fp32))), codec=fp32, batch=3, width=HIDDEN)
+    extra = decode(encode(Frame(Kind.TOP, 1, 4, {"batch": 3, "loss": 0.5}, {"pooled": pooled})))
+    with pytest.raises(ProtocolError, match="carry nothing else"):
+        Top.from_frame(extra, codec=fp32, batch=3, width=HIDDEN)
+
+
+def test_the_cloud_holds_a_step_between_its_round_trips_and_applies_it_once():
+    steps = CloudSteps("s", step=4)
+    assert steps.cached_top(5, "a") is None  # step 5 begins
+    steps.began(5, "a", b"top-5")
+    assert steps.cached_top(5, "a") == b"top-5"  # a resent TRAIN: the TOP already sent
+    assert steps.cached_top(5, "b") is None  # another request for step 5: computed afresh
+    assert steps.cached_gradient(5) is None  # the pending step is applied by its gradient
+    for wrong in (4, 6):
+        with pytest.raises(StepOrderError):
+            steps.cached_gradient(wrong)
+    with pytest.raises(StepOrderError):
+        steps.cached_top(7, "a")
+    steps.applied(5, "", b"gradient-5")
+    assert steps.pending is None and (steps.step, steps.replay.digest, steps.replay.top) == (5, "a", b"top-5")
+    assert steps.cached_top(5, "a") == b"top-5" and steps.cached_gradient(5).reply == b"gradient-5"
+    assert steps.meets(4) and steps.meets(5) and not steps.meets(3)
+    with pytest.raises(StepOrderError, match="no forward of step 6"):
+        steps.cached_gradient(6)
 
 
 # ---------------------------------------------------------------------------- what crosses the wire
