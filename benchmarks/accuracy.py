@@ -25,6 +25,14 @@ accuracy, and the rank correlation of fidelity with accuracy across variants.
 (``models.split.LabelHead``: the classifier and the loss on the device, without dropout), which
 must train to the standard mode's accuracy at the same settings and seeds.
 
+``--fleet`` adds, at each fp32 rank, the movie reviews split across 4 devices that train one
+shared top part (``models.fleet.Fleet``, what ``sft-cloud``'s synchronous fleets compute): IID
+shards, label-skewed shards (two devices 80 % negative, two 80 % positive) and the skewed
+shards with their edge halves averaged (FedAvg weighted by examples) every 20 steps. A round
+takes ``batch/4`` rows from every device, so the fleet sees the one-device run's budget of
+examples; its accuracy is the mean over the 4 devices, each pairing its own edge half with the
+shared top, on the one test set.
+
 ``make bench-accuracy`` runs the default grid; every run is appended to a JSON-lines log
 as it finishes, so a long study can be stopped and resumed (``--resume``).
 """
@@ -88,13 +96,19 @@ class Variant:
     heal_steps: int = 0
     edge: str | None = None  # EDGE_OPTIONS: what the device trains (None: every edge weight, fp32 AdamW)
     label_private: bool = False  # the U-shaped split: the classifier and the loss on the device
+    fleet: str | None = None  # FLEETS: 4 devices, one shared top part, their shards IID or label-skewed
+    average_every: int = 0  # a fleet's edge halves are averaged (FedAvg) every this many rounds (0: never)
 
 
 LABEL_PRIVATE = ", label-private"  # the suffix of a label-private variant's name
+FLEET = ", fleet of 4 "  # the name of a fleet variant: SFT r=8 fp32, fleet of 4 IID
+FLEET_DEVICES = 4
+FLEETS = {"IID": ("iid", 0), "label-skewed": ("skew", 0), "label-skewed, FedAvg every 20": ("skew", 20)}
 
 
 def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads: list[str] = ("svd",),
-             heal_steps: int = 300, edge_options: list[str] = (), label_private: bool = False) -> list[Variant]:
+             heal_steps: int = 300, edge_options: list[str] = (), label_private: bool = False,
+             fleet: bool = False) -> list[Variant]:
     """Full fine-tuning, the vanilla split, then each head at ``ranks`` in fp32 and at ``codec_ranks`` with ``codecs``.
 
     The paper's head keeps its old names (``SFT r=8 fp32``); the others name theirs (``SFT r=8 principal fp32``).
@@ -108,6 +122,8 @@ def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads:
                 for r, c in grid]
     out += [Variant(f"SFT r={r} fp32, edge {option}", r, edge=option) for r in ranks for option in edge_options]
     out += [Variant(f"SFT r={r} fp32{LABEL_PRIVATE}", r, label_private=True) for r in ranks if label_private]
+    out += [Variant(f"SFT r={r} fp32{FLEET}{kind}", r, fleet=shards, average_every=every)
+            for r in ranks if fleet for kind, (shards, every) in FLEETS.items()]
     return out
 
 
@@ -163,6 +179,10 @@ def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, token
     num_labels = int(max(train.labels.max(), test.labels.max())) + 1
     model, fidelity = build_variant(variant, encoder=encoder, num_labels=num_labels, seed=seed,
                                     calibration=calibration)
+    if variant.fleet is not None:
+        return {**run_fleet(variant, model, train=train, test=test, tokenizer=tokenizer, seed=seed, steps=steps,
+                            lr=lr, batch_size=batch_size, hidden=encoder.spec.hidden_size),
+                "fidelity": fidelity, "head": variant.head, "heal_steps": 0}
     curve = []
     rounded = _edge_training(model, variant)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
@@ -196,6 +216,50 @@ def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, token
     curve.append([steps, scores["accuracy"]])
     return {**scores, "reduction": vanilla / sent if compressed else 1.0, "fidelity": fidelity, "curve": curve,
             "head": variant.head if compressed else None, "heal_steps": variant.heal_steps}
+
+
+def fleet_shards(labels: np.ndarray, kind: str, *, seed: int) -> list[np.ndarray]:
+    """Row indices of each device: ``iid`` equal random shards; ``skew``: devices 0-1 hold 80 % of their
+    rows from class 0, devices 2-3 80 % from class 1 (each class's rows split 0.4/0.4/0.1/0.1 or the reverse)."""
+    rng = np.random.default_rng([seed, 4])
+    if kind == "iid":
+        return np.array_split(rng.permutation(len(labels)), FLEET_DEVICES)
+    shards: list[list[int]] = [[] for _ in range(FLEET_DEVICES)]
+    for cls, shares in ((0, (0.4, 0.4, 0.1, 0.1)), (1, (0.1, 0.1, 0.4, 0.4))):
+        rows = rng.permutation(np.flatnonzero(labels == cls))
+        cuts = np.cumsum(np.array(shares[:-1]) * len(rows)).astype(int)
+        for device, part in enumerate(np.split(rows, cuts)):
+            shards[device] += part.tolist()
+    return [rng.permutation(np.array(shard)) for shard in shards]
+
+
+def run_fleet(variant: Variant, model, *, train: TextData, test: TextData, tokenizer: EdgeTokenizer, seed: int,
+              steps: int, lr: float, batch_size: int, hidden: int) -> dict:
+    """``variant``'s fleet: 4 copies of the edge half, one shared top, one round a step (``models.fleet``)."""
+    import copy
+
+    from models import SplitModel
+    from models.fleet import DeviceBatch, Fleet
+
+    schedule = Schedule(lr, "linear", steps // 10, steps)
+    shards = [train.subset(rows) for rows in fleet_shards(train.labels, variant.fleet, seed=seed)]
+    fleet = Fleet([copy.deepcopy(model.edge) for _ in shards], model.cloud, rate=schedule.rate, seed=seed,
+                  optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
+    plans = [training_batches(shard, tokenizer, batch_size=batch_size // len(shards), epochs=100, seed=seed + d,
+                              max_steps=steps, group_by_length=True) for d, shard in enumerate(shards)]
+    sent = vanilla = 0
+    for batches in zip(*plans):
+        fleet.train_round([DeviceBatch({k: torch.from_numpy(v) for k, v in b.inputs.feeds().items()},
+                                       torch.from_numpy(b.labels)) for b in batches])
+        sent += sum(b.inputs.input_ids.size * variant.rank * 4 for b in batches)
+        vanilla += sum(b.inputs.input_ids.size * hidden * 4 for b in batches)
+        if variant.average_every and fleet.round % variant.average_every == 0:
+            fleet.average_edges([len(shard) for shard in shards])
+    devices = [evaluate(SplitModel(edge, fleet.cloud), test, tokenizer) for edge in fleet.edges]
+    accuracy = float(np.mean([d["accuracy"] for d in devices]))
+    return {"accuracy": accuracy, "macro_f1": round(float(np.mean([d["macro_f1"] for d in devices])), 4),
+            "device_accuracy": [d["accuracy"] for d in devices], "reduction": vanilla / sent,
+            "curve": [[steps, accuracy]], "rounds": fleet.round}
 
 
 def _edge_training(model, variant: Variant) -> list[torch.nn.Parameter]:
@@ -233,12 +297,14 @@ def _variant_order(name: str) -> tuple:
     """Full fine-tuning, the vanilla split, then SFT by rank, the paper's head first, fp32 before the codecs."""
     if not name.startswith("SFT"):
         return (0, name != "full fine-tuning")
+    name, fleet = name.split(FLEET)[0], name.partition(FLEET)[2]
     name, private = name.removesuffix(LABEL_PRIVATE), name.endswith(LABEL_PRIVATE)
     name, _, edge = name.partition(", edge ")
     rank, rest = name.removeprefix("SFT r=").split(" ", 1)
     head, _, codec = rest.rpartition(" ")
     option = list(EDGE_OPTIONS).index(edge) + 1 if edge else 0
-    return (1, int(rank), HEADS.index(head) if head else 0, codec != "fp32", codec, option, private)
+    return (1, int(rank), HEADS.index(head) if head else 0, codec != "fp32", codec, option, private,
+            list(FLEETS).index(fleet) + 1 if fleet else 0)
 
 
 def _mean_curve(group: list[dict]) -> list[tuple[int, float]]:
@@ -307,6 +373,13 @@ def _findings(rows: list[dict]) -> list[str]:
                 out.append(f"- **{dataset}**, {private['variant']}: {private['accuracy']:.2f} ± {private['std']:.2f} % "
                            f"against the standard mode's {standard['accuracy']:.2f} ± {standard['std']:.2f} % at the "
                            f"same settings and seeds ({private['accuracy'] - standard['accuracy']:+.2f} points).")
+        for fleet in (r for r in mine if FLEET in r["variant"]):
+            alone = next((r for r in mine if r["variant"] == fleet["variant"].split(FLEET)[0]), None)
+            if alone is not None:
+                out.append(f"- **{dataset}**, {fleet['variant']}: {fleet['accuracy']:.2f} ± {fleet['std']:.2f} % "
+                           f"(mean over the 4 devices' models) against one device training on all the rows with the "
+                           f"same budget of examples, {alone['accuracy']:.2f} ± {alone['std']:.2f} % "
+                           f"({fleet['accuracy'] - alone['accuracy']:+.2f} points).")
         full = next((r for r in mine if r["variant"] == "full fine-tuning"), None)
         sft = [r for r in mine if r["variant"].startswith("SFT")]
         if full is None or not sft:
@@ -436,6 +509,9 @@ def main() -> None:
                              f"--freeze-embeddings, --edge-moments): {'; '.join(EDGE_OPTIONS)}")
     parser.add_argument("--label-private", action="store_true",
                         help="also train the label-private (U-shaped) split at each fp32 rank (sft-export --label-private)")
+    parser.add_argument("--fleet", action="store_true",
+                        help="also train, at each fp32 rank, 4 devices with one shared top part (IID, label-skewed, "
+                             "label-skewed with FedAvg every 20 rounds) on the same budget of examples")
     parser.add_argument("--heal-steps", type=int, default=300, help="healing steps of principal+heal (default 300)")
     parser.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
                         help="sentence vector (default auto, as sft-export: mean for the packaged MiniLM)")
@@ -473,7 +549,7 @@ def main() -> None:
                 "heal_steps": args.heal_steps, "eval_every": args.eval_every}
     # Seed-major order: a study stopped early has every variant on every dataset for its first seeds.
     grid = variants(args.ranks, args.codecs, args.codec_ranks, args.heads, args.heal_steps, args.edge_options,
-                    args.label_private)
+                    args.label_private, args.fleet)
     unknown = sorted(set(args.only or ()) - {v.name for v in grid})
     if unknown:
         parser.error(f"--only names no variant of this grid: {', '.join(unknown)}; known: "
