@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from cloud_backend.auth import TokenStore
 from cloud_backend.fleet import FleetSettings
+from cloud_backend.rounds import Barrier, Batcher
 from cloud_backend.server import serve_cloud
 from edge_runtime.api import EdgeTrainer
 from edge_runtime.batches import training_batches
@@ -85,6 +86,46 @@ def test_fedavg_is_the_example_weighted_mean():
     with pytest.raises(ValueError):
         fedavg(weights, [1, 0, 2])
 
+
+
+def test_a_round_waits_for_every_member_in_fixed_order_and_goes_ahead_without_the_missing_after_its_timeout():
+    rounds: Barrier[str] = Barrier(timeout=5.0, quorum=3)
+    for member in ("c", "a", "b"):
+        rounds.join(member)
+    rounds.submit("c", "c1", now=0.0)
+    rounds.submit("a", "a1", now=1.0)
+    assert not rounds.ready(4.9) and rounds.deadline() == 5.0 and rounds.waiting_for() == {"b"}
+    rounds.submit("b", "b1", now=2.0)
+    assert rounds.ready(2.0) and rounds.take(2.0) == [("a", "a1"), ("b", "b1"), ("c", "c1")]
+    rounds.submit("a", "a2", now=10.0)
+    rounds.submit("c", "c2", now=11.0)
+    assert not rounds.ready(14.9) and rounds.ready(15.0)
+    assert rounds.take(15.0) == [("a", "a2"), ("c", "c2")] and rounds.absent == {"b"}
+    rounds.submit("a", "a3", now=20.0)
+    rounds.submit("c", "c3", now=20.0)
+    assert rounds.ready(20.0)  # b dropped: not waited for again
+    rounds.take(20.0)
+    rounds.submit("b", "b4", now=30.0)  # b rejoins by sending
+    assert rounds.absent == set() and rounds.waiting_for() == {"a", "c"}
+    rounds.leave("a")
+    assert rounds.waiting_for() == {"c"}
+
+
+def test_the_first_round_waits_for_its_quorum_and_the_async_batcher_takes_what_arrived():
+    rounds: Barrier[str] = Barrier(timeout=1.0, quorum=2)
+    rounds.join("a")
+    rounds.submit("a", "a1", now=0.0)
+    assert not rounds.ready(100.0) and rounds.deadline() is None  # the second device has not joined
+    rounds.join("b")
+    assert not rounds.ready(0.5) and rounds.ready(1.0)
+    batcher: Batcher[str] = Batcher(max_rows=8, max_wait=0.01)
+    batcher.submit("a", "a1", 4, now=0.0)
+    assert not batcher.ready(0.005) and batcher.ready(0.01)
+    batcher.submit("b", "b1", 3, now=0.006)
+    batcher.submit("c", "c1", 2, now=0.007)
+    assert batcher.ready(0.007)  # 9 rows waiting: over max_rows, no need to wait
+    assert batcher.take(0.007) == [("a", "a1"), ("b", "b1")] and batcher.deadline() == 0.017
+    assert batcher.take(0.02) == [("c", "c1")] and batcher.deadline() is None
 
 # ---------------------------------------------------------------------------- real edges, a real cloud
 
@@ -288,6 +329,22 @@ def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_
     assert back.result.start_step == 2 and back.result.steps == list(range(3, steps + 1))
     assert fleet.members["dev-2"].step == steps
     assert fleet.top.step > steps  # dev-2's steps after its return went into rounds of their own or shared
+
+
+def test_the_asynchronous_schedule_stacks_concurrent_requests_into_fewer_cloud_steps(bundle, tmp_path):
+    steps, devices = 3, 3
+
+    async def scenario():
+        settings = FleetSettings("async", max_rows=64, max_wait=0.2)
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=settings) as server:
+            members = await asyncio.gather(*(train_member(bundle, server.url, f"dev-{i}", device_data(i), steps,
+                                                          tmp_path / f"dev-{i}") for i in range(devices)))
+            return members, server.fleets["f"]
+
+    members, fleet = asyncio.run(scenario())
+    assert all(m.result.steps == list(range(1, steps + 1)) for m in members)
+    assert {m: s.step for m, s in fleet.members.items()} == {f"dev-{i}": steps for i in range(devices)}
+    assert steps <= fleet.top.step < steps * devices  # some steps were stacked, none applied twice
 
 
 def test_a_token_not_allowed_in_the_fleet_is_refused(bundle, tmp_path):
