@@ -29,6 +29,7 @@ Exit status: 0 every check passed; 1 a check failed (outside the tolerance, a wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -161,16 +162,17 @@ def parity(args: argparse.Namespace, model: CloudPart, device: torch.device) -> 
 
 
 def throughput(args: argparse.Namespace, model: CloudPart, device: torch.device) -> list[dict[str, float]]:
-    """Seconds per cloud training step and examples per second, for each batch size."""
+    """Seconds per cloud training step and examples per second, for each batch size; also the process's CPU
+    seconds per step (all threads), which a machine shared with other work inflates less than the wall time."""
     model = copy.deepcopy(model).float().to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
     rows = []
     for batch in args.batch_sizes:
         z, mask, labels = (t.to(device) for t in step_inputs(batch, args.length, args.rank, seed=batch))
-        times = []
+        times, cpu_times = [], []
         for step in range(args.steps + 1):  # the first is a warm-up
             synchronize(device)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             zz = z.clone().requires_grad_(True)
             loss = model.loss(model(zz, mask), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -180,9 +182,11 @@ def throughput(args: argparse.Namespace, model: CloudPart, device: torch.device)
             synchronize(device)
             if step:
                 times.append(time.perf_counter() - started)
+                cpu_times.append(time.process_time() - cpu_started)
         mean = sum(times) / len(times)
         rows.append({"batch": batch, "length": args.length, "step_s": mean, "min_step_s": min(times),
-                     "examples_per_s": batch / mean})
+                     "examples_per_s": batch / mean, "process_cpu_s": sum(cpu_times) / len(cpu_times),
+                     "threads": torch.get_num_threads()})
     return rows
 
 
@@ -243,8 +247,17 @@ def allreduce(args: argparse.Namespace, numel: int) -> dict[str, Any]:
             "ranks": ranks}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> dict[str, Any]:
-    about = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    about = {"host": platform.node(), "cpu": cpu_model(), "cpus": os.cpu_count(),
              "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         about |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
@@ -268,7 +281,8 @@ def scaling_lines(parameters: int) -> list[str]:
 
 def report(result: dict[str, Any]) -> str:
     p, a = result["parity"], result["allreduce"]
-    lines = [f"machine: {json.dumps(result['machine'])}",
+    lines = [f"machine: {json.dumps(result['machine'])}; load average at the end "
+             f"{' / '.join(f'{x:.1f}' for x in result['load_average'])}",
              f"top part: {result['model']} split {result['split']} rank {result['rank']}: {result['parameters']:,} "
              f"parameters, {4 * result['parameters']:,} bytes of float32 gradients per all-reduce",
              f"parity (float32 on {result['machine']['device']} vs float64 CPU, {p['tensors']} tensors): worst "
@@ -277,7 +291,8 @@ def report(result: dict[str, Any]) -> str:
     lines += [f"  {kind}: {error:.2e}" for kind, error in p["by_kind"].items()]
     lines.append("throughput (forward, backward, dz to host, AdamW):")
     lines += [f"  batch {r['batch']:>4} x {r['length']}: {1000 * r['step_s']:9.1f} ms/step, "
-              f"{r['examples_per_s']:9.1f} examples/s" for r in result["throughput"]]
+              f"{r['examples_per_s']:9.1f} examples/s, process CPU {1000 * r['process_cpu_s']:9.1f} ms/step "
+              f"({r['threads']} threads)" for r in result["throughput"]]
     lines.append(f"all-reduce ({a['backend']}, {a['world_size']} processes, {a['bytes']:,} bytes): "
                  f"{1000 * a['round_s']:.1f} ms/round, algorithm {a['algorithm_gbit_s']:.2f} Gbit/s, "
                  f"bus {a['bus_gbit_s']:.2f} Gbit/s, max error {a['max_error']:.1e}: "
@@ -300,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
               "parameters": sum(p.numel() for p in model.parameters()),
               "parity": parity(args, model, device), "throughput": throughput(args, model, device)}
     result["allreduce"] = allreduce(args, result["parameters"])
+    result["load_average"] = os.getloadavg()  # 1, 5, 15 min at the end: how much other work shared the machine
     print(report(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
