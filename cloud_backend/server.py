@@ -538,7 +538,8 @@ class CloudServer:
         else:
             reply = await self.compute.run(session.session_id, session.train, request, digest=digest, answer=answer)
         self.stats.steps += 1
-        live.activity.loss = losses[-1]
+        if losses:  # none when a fleet member's resend was answered by the round its first send joined
+            live.activity.loss = losses[-1]
         return reply
 
     async def _begin(self, live: LiveSession, frame: Frame, digest: str) -> bytes:
