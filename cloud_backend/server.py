@@ -619,8 +619,21 @@ class CloudServer:
                 for session_id, live in sorted(self.sessions.items())]
 
     def fleet_statuses(self) -> list[FleetStatus]:
-        """Sessions of this server train alone: no fleets."""
-        return []
+        """Every fleet in memory, by the ``session_key`` of its shared top part (never its members' ids):
+        its shared step, and its connected members' traffic summed, their last loss and step latency."""
+        rows = []
+        for fleet in sorted(self.fleets.values(), key=lambda fleet: fleet.key):
+            members = [live for live in self.members.values() if live.fleet is fleet]
+            latest = max(members, key=lambda live: live.activity.last_seen, default=None)
+            rows.append(FleetStatus(
+                fleet=session_key(fleet.key), schedule=fleet.settings.schedule, devices=len(fleet.members),
+                connected=sum(live.connection is not None for live in members), step=fleet.top.step,
+                bytes_in=sum(live.activity.bytes_in for live in members),
+                bytes_out=sum(live.activity.bytes_out for live in members),
+                loss=None if latest is None else latest.activity.loss,
+                step_seconds=None if latest is None else latest.activity.step_seconds,
+                last_seen=time.time() if latest is None else latest.activity.last_seen))
+        return rows
 
     async def close(self) -> None:
         """Checkpoint every session (when there is a state dir) and stop the worker thread."""

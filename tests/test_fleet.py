@@ -7,6 +7,7 @@ The in-process reference is ``models.fleet.Fleet``; the cloud's fleets are the r
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +346,32 @@ def test_the_asynchronous_schedule_stacks_concurrent_requests_into_fewer_cloud_s
     assert all(m.result.steps == list(range(1, steps + 1)) for m in members)
     assert {m: s.step for m, s in fleet.members.items()} == {f"dev-{i}": steps for i in range(devices)}
     assert steps <= fleet.top.step < steps * devices  # some steps were stacked, none applied twice
+
+
+def test_the_status_port_shows_the_fleet_its_shared_step_and_its_members_bytes_and_no_session_id(bundle, tmp_path):
+    from test_observe import get, status
+
+    from cloud_backend.session import session_key
+
+    steps = 2
+
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=FleetSettings("sync", 60.0, 2),
+                               status_port=0) as server:
+            members = await asyncio.gather(*(train_member(bundle, server.url, f"dev-{i}", device_data(i), steps,
+                                                          tmp_path / f"dev-{i}") for i in range(2)))
+            return members, await asyncio.to_thread(status, server.status_url), \
+                await asyncio.to_thread(get, server.status_url + "/metrics")
+
+    members, document, (_, _, metrics) = asyncio.run(scenario())
+    (row,) = document["fleets"]
+    assert row["fleet"] == session_key("fleet:f") and row["schedule"] == "sync"
+    assert row["devices"] == 2 and row["connected"] == 0 and row["step"] == steps
+    assert row["bytes_in"] == sum(m.bytes_sent for m in members)
+    assert row["bytes_out"] == sum(m.bytes_received for m in members)
+    assert row["loss"] in {m.result.losses[-1] for m in members}
+    for body in (json.dumps(document), metrics):
+        assert "dev-0" not in body and "dev-1" not in body and '"f"' not in body
 
 
 def test_a_token_not_allowed_in_the_fleet_is_refused(bundle, tmp_path):
