@@ -69,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
                    help="train only the top N edge layers (the split layer's attention block counts as one; 0: only "
                         "the compression head); the embeddings and the layers below are frozen, so the edge's "
                         "backward stops at the first trained layer (default: all of them train)")
+    p.add_argument("--edge-lora-rank", type=_positive_int, metavar="R",
+                   help="LoRA adapters of rank R on the edge layers' attention and FFN projections: only the adapters "
+                        "and the compression head train on the device; they merge into the weights for inference "
+                        "(onnx engine)")
+    p.add_argument("--edge-lora-alpha", type=float, metavar="A",
+                   help="the adapters' scale is A / R (default A = 2 R)")
     p.add_argument("--edge-moments", choices=MOMENT_DTYPES, default="fp32",
                    help="dtype of the edge AdamW's two moments: fp32 (exact torch.optim.AdamW; the default) or bf16 "
                         "(half the optimizer memory and checkpoint, moments rounded each step; onnx engine only)")
@@ -123,6 +129,7 @@ def _export(args: argparse.Namespace, chatter: io.StringIO | None) -> Path:
         model=args.model, split=args.split, rank=None if args.no_compression else args.rank,
         num_labels=args.num_labels, max_length=args.max_length, freeze_embeddings=args.freeze_embeddings,
         train_edge_layers=args.train_edge_layers, edge_moments=args.edge_moments,
+        edge_lora_rank=args.edge_lora_rank, edge_lora_alpha=args.edge_lora_alpha,
         init=args.init, revision=args.revision, tokenizer=args.tokenizer, engine=args.engine, pooling=args.pooling,
         head=args.head, label_private=args.label_private, calibration_text=args.calibration_text, calibration_column=args.calibration_column,
         heal_steps=args.heal_steps, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps, seed=args.seed,

@@ -20,9 +20,10 @@ from exporter.calibration import Calibration, describe_source, heal_and_measure,
 from exporter.progress import Log, stderr_log, timed
 from models import EdgePart, LoadedEncoder, SplitModel, SplitSpec, build_split, load_encoder
 from models.loading import unreachable_message
+from models.lora import add_adapters, is_adapter
 from splitwire.manifest import (
     CLOUD_WEIGHTS, EDGE_WEIGHTS, EMBEDDING_TABLES, ENGINES, LABEL_HEAD, LABEL_HEAD_WEIGHTS, MOMENT_DTYPES, TOKENIZER,
-    WEIGHTS, CloudSection, EdgeSection, Optimizer, TokenizerSettings,
+    WEIGHTS, Adapters, CloudSection, EdgeSection, Optimizer, TokenizerSettings,
 )
 
 # Each engine's builder: write_edge_files(edge, *, out_dir, frozen, optimizer, max_length, log) -> role → path.
@@ -40,6 +41,8 @@ def export_bundle(
     freeze_embeddings: bool = False,
     train_edge_layers: int | None = None,
     edge_moments: str = "fp32",
+    edge_lora_rank: int | None = None,
+    edge_lora_alpha: float | None = None,
     init: str = "pretrained",
     revision: str | None = None,
     tokenizer: str | None = None,
@@ -65,6 +68,8 @@ def export_bundle(
     ``train_edge_layers``: train only the top N edge layers (the split layer's attention block counts as one)
     and the compression head; the embeddings and the layers below are frozen, so the backward graph stops at
     the first trained layer. ``edge_moments``: the dtype of the edge AdamW's moments (``MOMENT_DTYPES``).
+    ``edge_lora_rank``: LoRA adapters of that rank (``models.lora``, scale ``edge_lora_alpha / rank``,
+    alpha 2·rank by default) on the edge layers' projections; only they and the compression head train.
     ``label_private``: the U-shaped split; the edge also holds the pooling layer, the classifier and
     the loss (``edge/label_head.safetensors``), the cloud part ends at the pooled top output.
     ``head``: how the compression head is made (``models.heads``); the calibrated heads and
@@ -74,7 +79,8 @@ def export_bundle(
     check_target(out, force=force)
     builder = _edge_builder(engine)
     _check_numbers(max_length=max_length, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    _check_edge_training(engine=engine, split=split, train_edge_layers=train_edge_layers, edge_moments=edge_moments)
+    _check_edge_training(engine=engine, split=split, train_edge_layers=train_edge_layers, edge_moments=edge_moments,
+                         edge_lora_rank=edge_lora_rank, edge_lora_alpha=edge_lora_alpha)
     spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None, head=head,
                      label_private=label_private)
     texts = _calibration_text(spec, calibration_text, calibration_column, heal_steps)
@@ -97,8 +103,12 @@ def export_bundle(
         compression["calibration"] = describe_source(calibration_text, texts, calibration_column)
     else:
         log("no fidelity report: it needs --calibration-text")
+    adapters = None
+    if edge_lora_rank is not None:
+        adapters = Adapters(edge_lora_rank, float(edge_lora_alpha or 2 * edge_lora_rank))
+        add_adapters(split_model.edge, rank=adapters.rank, alpha=adapters.alpha, seed=seed)
     frozen = frozen_parameters(split_model.edge, freeze_embeddings=freeze_embeddings,
-                               train_edge_layers=train_edge_layers)
+                               train_edge_layers=train_edge_layers, adapters=adapters is not None)
     log("classifier: the checkpoint's fine-tuned head" if split_model.fine_tuned_head
         else f"classifier: new, {spec.num_labels} outputs")
     optimizer = Optimizer(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -112,7 +122,7 @@ def export_bundle(
         if library_log is not None:
             (root / EXPORT_LOG).write_text(library_log.getvalue())
         with timed(log, "hashing and writing the manifest"):
-            edge_section = _edge_section(split_model, edge_files, frozen, train_edge_layers)
+            edge_section = _edge_section(split_model, edge_files, frozen, train_edge_layers, adapters)
             body = _manifest_body(loaded, spec, engine=engine, edge=edge_section, optimizer=optimizer,
                                   tokenizer=tokenizer_info, max_length=max_length)
             manifest = write_manifest(root, body | ({"compression": compression} if compression else {}))
@@ -154,7 +164,17 @@ def _check_numbers(*, max_length: int, lr: float, weight_decay: float, betas: tu
         raise ExportError(f"bad optimizer settings: lr {lr}, weight decay {weight_decay}, betas {betas}, eps {eps}")
 
 
-def _check_edge_training(*, engine: str, split: int, train_edge_layers: int | None, edge_moments: str) -> None:
+def _check_edge_training(*, engine: str, split: int, train_edge_layers: int | None, edge_moments: str,
+                         edge_lora_rank: int | None, edge_lora_alpha: float | None) -> None:
+    if edge_lora_rank is not None:
+        if edge_lora_rank < 1 or edge_lora_alpha is not None and not edge_lora_alpha > 0:
+            raise ExportError(f"--edge-lora-rank must be >= 1 and --edge-lora-alpha > 0, got {edge_lora_rank} "
+                              f"and {edge_lora_alpha}")
+        if train_edge_layers is not None or engine != "onnx":
+            raise ExportError("--edge-lora-rank needs the onnx engine and trains every edge layer's adapters "
+                              "(without --train-edge-layers)")
+    elif edge_lora_alpha is not None:
+        raise ExportError("--edge-lora-alpha needs --edge-lora-rank")
     if train_edge_layers is not None and not 0 <= train_edge_layers <= split:
         raise ExportError(f"--train-edge-layers must lie in 0..{split} (the edge's layers at split {split}), "
                           f"got {train_edge_layers}")
@@ -165,10 +185,14 @@ def _check_edge_training(*, engine: str, split: int, train_edge_layers: int | No
                           "float32 AdamW state)")
 
 
-def frozen_parameters(edge: EdgePart, *, freeze_embeddings: bool, train_edge_layers: int | None) -> list[str]:
+def frozen_parameters(edge: EdgePart, *, freeze_embeddings: bool, train_edge_layers: int | None,
+                      adapters: bool = False) -> list[str]:
     """The edge parameters that do not train: the embedding tables with ``freeze_embeddings``; with
-    ``train_edge_layers`` N, everything below the top N edge layers (the embeddings included)."""
+    ``train_edge_layers`` N, everything below the top N edge layers (the embeddings included); with
+    ``adapters``, everything but the LoRA adapters and the compression head."""
     names = list(edge.state_dict())
+    if adapters:
+        return [name for name in names if not is_adapter(name) and not name.startswith("head.")]
     tables = [name for name in EMBEDDING_TABLES if name in names]  # DistilBERT: no token types
     layers = [f"layers.{i}." for i in range(len(edge.layers))] + ["split_attention."]
     trained = len(layers) if train_edge_layers is None else train_edge_layers
@@ -235,11 +259,12 @@ def _write_weights(model: SplitModel, root: Path) -> None:
         save_numpy_weights(root / LABEL_HEAD_WEIGHTS, {k: v.detach().numpy() for k, v in model.head.state_dict().items()})
 
 
-def _edge_section(model: SplitModel, files: dict[str, str], frozen: list[str], trained_layers: int | None) -> dict:
+def _edge_section(model: SplitModel, files: dict[str, str], frozen: list[str], trained_layers: int | None,
+                  adapters: Adapters | None) -> dict:
     names = list(model.edge.state_dict())
     head = {LABEL_HEAD: LABEL_HEAD_WEIGHTS} if model.head is not None else {}
     return EdgeSection({**files, WEIGHTS: EDGE_WEIGHTS, **head}, tuple(n for n in names if n not in frozen),
-                       tuple(frozen), trained_layers).to_dict()
+                       tuple(frozen), trained_layers, adapters).to_dict()
 
 
 def _manifest_body(loaded: LoadedEncoder, spec: SplitSpec, *, engine: str, edge: dict, optimizer: dict,

@@ -7,7 +7,8 @@ top half. To serve the fine-tuned model anywhere onnxruntime runs, this module
   for ``ort-training`` with onnxruntime-training's ``Module.export_model_for_inferencing``
   (its eval graph with the checkpoint's parameters bound); for ``onnx`` the bundle's
   ``z``-only inference graph with the trained parameters (and the frozen ones) bound as
-  initializers;
+  initializers; for an edge with LoRA adapters, the plain ``EdgePart`` with every adapter
+  merged into its weight (``models.lora.merged_state``), exported by ``torch.onnx.export``;
 - exports the fine-tuned **cloud half** (``CloudPart`` from the cloud session's checkpoint,
   eval mode: no dropout) with ``torch.onnx.export`` at the edge graph's opset;
 - for a label-private bundle, puts the device's fine-tuned head (pooling layer and classifier,
@@ -48,7 +49,8 @@ from edge_runtime.ort_import import training_api
 from edge_runtime.checkpoints import CheckpointDir
 from exporter.bundle_writer import ExportError
 from edge_runtime.label_head import PREFIX
-from models import CloudPart, EncoderSpec, LabelHead, SplitSpec
+from models import CloudPart, EdgePart, EncoderSpec, LabelHead, SplitSpec
+from models.lora import merged_state
 from splitwire import manifest
 from splitwire.manifest import EDGE_INPUTS
 from splitwire.bundle import Bundle, BundleError, load_bundle
@@ -65,7 +67,32 @@ def edge_inference_graph(bundle: Bundle, engine_dir: Path) -> onnx.ModelProto:
         return _exported_for_inferencing(bundle, engine_dir / ort_training.CHECKPOINT)
     frozen = load_file(str(bundle.edge_file(manifest.WEIGHTS)))
     values = {name: frozen[name] for name in bundle.manifest.edge.frozen} | engine.parameters()
-    return bind_parameters(onnx.load(str(bundle.edge_file(manifest.INFER))), values)
+    infer = onnx.load(str(bundle.edge_file(manifest.INFER)))
+    if bundle.manifest.edge.adapters is not None:
+        return merged_edge_graph(bundle, values, opset=_opset(infer))
+    return bind_parameters(infer, values)
+
+
+def merged_edge_graph(bundle: Bundle, values: dict[str, np.ndarray], *, opset: int) -> onnx.ModelProto:
+    """An adapted (LoRA) edge with every adapter merged into its weight, as the plain ``EdgePart``'s graph with
+    those weights as initializers: inputs → ``z``, no adapter left to compute."""
+    adapters = bundle.manifest.edge.adapters
+    state = merged_state({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in values.items()},
+                         rank=adapters.rank, alpha=adapters.alpha)
+    edge = EdgePart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split)).eval()
+    edge.load_state_dict(state)
+    example = tuple(torch.zeros(2, 3, dtype=torch.long) for _ in EDGE_INPUTS)
+    axes = {name: {0: "batch", 1: "length"} for name in (*EDGE_INPUTS, Z)}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, as for the cloud half
+        torch.onnx.export(edge, example, buffer, dynamo=False, opset_version=opset, input_names=list(EDGE_INPUTS),
+                          output_names=[Z], dynamic_axes=axes)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _exported_for_inferencing(bundle: Bundle, checkpoint: Path) -> onnx.ModelProto:
@@ -153,7 +180,7 @@ def assemble(bundle_dir: str | Path, *, edge_checkpoint: str | Path, cloud_state
     bundle = load_bundle(bundle_dir)
     checkpoint, session = _same_run(bundle, Path(edge_checkpoint), Path(cloud_state))
     edge = edge_inference_graph(bundle, checkpoint.engine_dir)
-    opset = next(o.version for o in edge.opset_import if o.domain in ("", "ai.onnx"))
+    opset = _opset(edge)
     top = session.model if not bundle.label_private else TopWithDeviceHead(
         session.model, device_head(bundle, checkpoint.engine_dir))
     cloud = cloud_inference_graph(top, width=bundle.wire_width, opset=opset)

@@ -85,6 +85,14 @@ class TokenizerSettings:
 
 
 @dataclass(frozen=True)
+class Adapters:
+    """LoRA on the edge layers' projections (``models.lora``): ``ΔW = (alpha / rank) · B A``."""
+
+    rank: int
+    alpha: float
+
+
+@dataclass(frozen=True)
 class EdgeSection:
     """The edge engine's files by role, and which of its weights train."""
 
@@ -92,10 +100,12 @@ class EdgeSection:
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
     trained_layers: int | None = None  # the top edge layers that train (below them all is frozen); None: all
+    adapters: Adapters | None = None  # LoRA: only the adapters (and the compression head) train
 
     def to_dict(self) -> dict[str, Any]:
         return {"files": dict(self.files), "trainable": list(self.trainable), "frozen": list(self.frozen),
-                "trained_layers": self.trained_layers}
+                "trained_layers": self.trained_layers,
+                "adapters": None if self.adapters is None else asdict(self.adapters)}
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,7 @@ class Manifest(Mapping[str, Any]):
             raw=raw, engine=raw["engine"], max_length=raw["max_length"], encoder=raw["encoder"], split=raw["split"],
             edge=EdgeSection(edge["files"], _names(edge, "trainable", where), _names(edge, "frozen", where),
                              _whole(raw, "edge", "trained_layers", where, minimum=0, optional=True)
-                             if "trained_layers" in edge else None),
+                             if "trained_layers" in edge else None, _adapters(edge, where)),
             cloud=CloudSection(cloud["files"], _flag(cloud, "dropout", where)),
             optimizer=Optimizer(lr=_number(opt, "lr", where), betas=_betas(opt, where), eps=_number(opt, "eps", where),
                                 weight_decay=_number(opt, "weight_decay", where, zero=True),
@@ -267,6 +277,17 @@ def _whole(manifest: dict[str, Any], section: str, key: str, where: Path | str, 
         raise BundleError(f"{where}: {section}.{key} must be a whole number >= {minimum}"
                           f"{' or null' if optional else ''}, got {str(value)[:40]!r}")
     return value
+
+
+def _adapters(section: dict[str, Any], where: Path | str) -> Adapters | None:
+    value = section.get("adapters")
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) == {"rank", "alpha"} and type(value["rank"]) is int
+            and value["rank"] >= 1 and type(value["alpha"]) in (int, float) and 0 < value["alpha"] <= 1e6):
+        raise BundleError(f"{where}: edge.adapters must be null or {{rank: whole number >= 1, alpha: positive "
+                          f"number}}, got {str(value)[:60]!r}")
+    return Adapters(value["rank"], float(value["alpha"]))
 
 
 def _choice(section: dict[str, Any], key: str, choices: tuple[str, ...], where: Path | str) -> str:

@@ -103,6 +103,11 @@ def reference_edge(bundle_root: Path):
 
     bundle = load_bundle(bundle_root, parts=["edge"])
     edge = EdgePart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split))
+    adapters = bundle.manifest.edge.adapters
+    if adapters is not None:  # LoRA: the adapted projections (their initial values come from the weights file)
+        from models.lora import add_adapters
+
+        add_adapters(edge, rank=adapters.rank, alpha=adapters.alpha)
     weights = load_file(str(bundle.edge_file("weights")))
     edge.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
     return edge

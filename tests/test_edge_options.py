@@ -1,4 +1,4 @@
-"""The lighter edge's export options: frozen bottom layers and bfloat16 AdamW moments.
+"""The lighter edge's export options: frozen bottom layers, bfloat16 AdamW moments, LoRA adapters.
 
 ``--train-edge-layers N``: only the top N edge layers and the compression head train; the
 backward graph stops at the first trained layer (no gradient, no parameter read and far
@@ -6,6 +6,9 @@ fewer saved activations below it), the gradients of what trains equal PyTorch's,
 real websockets the run equals in-process training with the same parameters frozen, which
 stay bit-identical. ``--edge-moments bf16``: the numpy AdamW equals ``torch.optim.AdamW``
 whose moments are rounded to bfloat16 after every step, and its checkpoint is smaller.
+``--edge-lora-rank R``: only the adapters and the compression head train, their gradients equal
+PyTorch's, and the assembled edge with the adapters merged into its weights gives the logits
+of the unmerged one.
 """
 
 from __future__ import annotations
@@ -151,3 +154,76 @@ def test_bf16_moments_halve_the_edge_checkpoint(tmp_path_factory, tiny_model_dir
         assert all(np.array_equal(restored.parameters()[n], w) for n, w in engine.parameters().items())
         sizes[name] = (tmp_path / name / "edge_state.safetensors").stat().st_size
     assert sizes["bf16"] < 0.7 * sizes["fp32"]  # parameters + 2 moments: 3 units of 4 bytes → 4 + 2 + 2
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory, tiny_model_dir):
+    """Split 3 of the 4-layer BERT with rank-4 adapters on every edge projection."""
+    return export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("onnx"), edge_lora_rank=4)
+
+
+def _trained_engine(root, tmp_path):
+    """The engine after two AdamW steps at a large learning rate (the adapters' B leaves zero), and its checkpoint."""
+    engine = open_engine(load_bundle(root, parts=["edge"]), threads=1)
+    engine.set_learning_rate(1e-2)
+    rng = np.random.default_rng(7)
+    for lengths in ([32, 5], [17, 32, 9]):
+        batch = padded_batch(rng, lengths)
+        engine.forward(batch)
+        engine.backward(upstream_gradient(rng, batch, 8))
+        engine.optimizer_step()
+    engine.save(tmp_path)
+    return engine
+
+
+def test_only_the_adapters_and_the_head_train_and_their_gradients_equal_torch(lora, tmp_path):
+    bundle = load_bundle(lora, parts=["edge"])
+    adapters = bundle.manifest.edge.adapters
+    assert (adapters.rank, adapters.alpha) == (4, 8.0)
+    trainable = set(bundle.manifest.edge.trainable)
+    assert trainable and all(n.endswith((".lora_a", ".lora_b")) or n.startswith("head.") for n in trainable)
+    assert {n.rsplit(".", 2)[-2] for n in trainable if "lora" in n} == {
+        "query", "key", "value", "output", "dense_in", "dense_out"}
+    engine = _trained_engine(lora, tmp_path)
+    edge = reference_edge(lora)
+    edge.load_state_dict({n: torch.from_numpy(w) for n, w in engine.parameters().items()}, strict=False)
+    for name in bundle.manifest.edge.frozen:
+        edge.get_parameter(name).requires_grad_(False)
+    rng = np.random.default_rng(8)
+    batch = padded_batch(rng, [32, 11, 26])
+    g = upstream_gradient(rng, batch, 8)
+    engine.forward(batch)
+    engine.backward(g)
+    (edge(*(torch.from_numpy(a) for a in batch.feeds().values())) * torch.from_numpy(g)).sum().backward()
+    got = engine.gradients()
+    assert set(got) == trainable
+    for name in trainable:
+        want = edge.get_parameter(name).grad.numpy()
+        assert np.abs(want).max() > 0, name  # B moved off zero, so every A has a gradient
+        assert np.abs(got[name] - want).max() <= 1e-4 * np.abs(want).max(), name
+
+
+def test_merged_adapters_give_the_logits_of_the_unmerged_ones(lora, tmp_path):
+    import onnxruntime
+    from safetensors.torch import load_file
+
+    from exporter.inference import edge_inference_graph
+    from models import CloudPart, EncoderSpec, SplitSpec
+
+    bundle = load_bundle(lora)
+    engine = _trained_engine(lora, tmp_path)
+    merged = edge_inference_graph(bundle, tmp_path)
+    assert not [i.name for i in merged.graph.initializer if "lora" in i.name]  # nothing left to add at run time
+    session = onnxruntime.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
+    batch = padded_batch(np.random.default_rng(9), [32, 12, 1])
+    merged_z = session.run(["z"], batch.feeds())[0]
+    unmerged_z = engine.infer(batch)
+    cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=False)
+    cloud.load_state_dict(load_file(str(bundle.path(bundle.manifest["cloud"]["files"]["weights"]))))
+    mask = torch.from_numpy(batch.attention_mask)
+    with torch.no_grad():
+        logits = [cloud(torch.from_numpy(z), mask).numpy() for z in (merged_z, unmerged_z)]
+    assert np.abs(merged_z - unmerged_z).max() <= 1e-5 * np.abs(unmerged_z).max()
+    assert np.abs(logits[0] - logits[1]).max() <= 1e-5 * np.abs(logits[1]).max()
+    initial = open_engine(bundle, threads=1).infer(batch)
+    assert np.abs(unmerged_z - initial).max() > 1e-3 * np.abs(initial).max()  # the adapters changed z

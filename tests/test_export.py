@@ -33,8 +33,8 @@ def test_minilm_bundle_runs_one_split_training_step(minilm_bundle, minilm_dir):
     assert manifest["optimizer"] == {"name": "adamw", "lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
                                      "weight_decay": 0.01, "moments": "fp32"}
     assert manifest["edge"]["frozen"] == [] and set(manifest["edge"]) == {"files", "trainable", "frozen",
-                                                                          "trained_layers"}
-    assert manifest.edge.trained_layers is None
+                                                                          "trained_layers", "adapters"}
+    assert manifest.edge.trained_layers is None and manifest.edge.adapters is None
     assert manifest.optimizer.betas == (0.9, 0.999) and manifest.cloud.dropout
 
     cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=False)
