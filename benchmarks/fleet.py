@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.load import MODELS, _bundle, _cpu_seconds
+from benchmarks.load import MODELS, _bundle, cloud_usage
 from benchmarks.report import ROOT, save_plot, write_section
 from cloud_backend.session import checkpoint_path, saved_step
 from edge_runtime.client import CloudClient
@@ -80,19 +78,13 @@ def _measure(bundle: Bundle, mode: str, devices: int, steps: int, max_wait_ms: f
         fleet = None if mode == "isolated" else FLEET
         try:
             asyncio.run(_train_all(bundle, cloud.url, "warm-up", 1, 2, fleet=None))  # torch's first-use costs
-            cpu_before, started = _cpu_seconds(cloud.proc.pid), time.perf_counter()
-            asyncio.run(_train_all(bundle, cloud.url, "device", devices, steps, fleet=fleet))
-            seconds = time.perf_counter() - started
-            cpu = _cpu_seconds(cloud.proc.pid) - cpu_before
-            peak_mib = cloud.vm_hwm_kib() / 1024
+            row = cloud_usage(cloud, lambda: asyncio.run(_train_all(bundle, cloud.url, "device", devices, steps,
+                                                                    fleet=fleet)), steps=devices * steps)
         finally:
             cloud.stop()
-        total = devices * steps
-        cloud_steps = total if fleet is None else saved_step(checkpoint_path(work / "state", "fleet:" + fleet,
-                                                                             "latest"))
-    return {"load_average": round(os.getloadavg()[0], 1), "steps": total, "cloud_steps": cloud_steps,
-            "seconds": round(seconds, 2), "steps_per_s": round(total / seconds, 2),
-            "cloud_cpu_ms_per_step": round(1000 * cpu / total, 1), "cloud_peak_mib": round(peak_mib, 1)}
+        cloud_steps = row["steps"] if fleet is None else saved_step(checkpoint_path(work / "state", "fleet:" + fleet,
+                                                                                    "latest"))
+    return {**row, "cloud_steps": cloud_steps}
 
 
 async def _train_all(bundle: Bundle, url: str, prefix: str, devices: int, steps: int, *, fleet: str | None) -> None:

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.report import ROOT, write_section, save_plot
 from splitwire.bundle import load_bundle
@@ -84,6 +85,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def cloud_usage(cloud: CloudProcess, work: Callable[[], None], *, steps: int) -> dict:
+    """Run ``work`` (devices training ``steps`` steps in all against ``cloud``): the wall clock, steps/s,
+    the cloud's CPU ms per step and its peak resident memory, with the machine's load average."""
+    cpu_before, started = _cpu_seconds(cloud.proc.pid), time.perf_counter()
+    work()
+    seconds = time.perf_counter() - started
+    cpu = _cpu_seconds(cloud.proc.pid) - cpu_before
+    return {"load_average": round(os.getloadavg()[0], 1), "steps": steps, "seconds": round(seconds, 2),
+            "steps_per_s": round(steps / seconds, 2), "cloud_cpu_ms_per_step": round(1000 * cpu / steps, 1),
+            "cloud_peak_mib": round(cloud.vm_hwm_kib() / 1024, 1)}
+
+
 def _measure(bundle, clients: int, steps: int, batch: int) -> dict:
     rows = 3 * batch
     runs = [EdgeSession(bundle, f"device-{i}", review_data(movie_reviews_path(), slice(rows * i, rows * (i + 1))),
@@ -94,17 +107,9 @@ def _measure(bundle, clients: int, steps: int, batch: int) -> dict:
         try:
             warm_up = EdgeSession(bundle, "warm-up", runs[0].data, seed=0, steps=2, batch_size=batch)
             asyncio.run(_train_all([warm_up], cloud.url, work))  # torch's first-use costs, not the load's
-            cpu_before, started = _cpu_seconds(cloud.proc.pid), time.perf_counter()
-            asyncio.run(_train_all(runs, cloud.url, work))
-            seconds = time.perf_counter() - started
-            cpu = _cpu_seconds(cloud.proc.pid) - cpu_before
-            peak_mib = cloud.vm_hwm_kib() / 1024
+            return cloud_usage(cloud, lambda: asyncio.run(_train_all(runs, cloud.url, work)), steps=clients * steps)
         finally:
             cloud.stop()
-    total = clients * steps
-    return {"load_average": round(os.getloadavg()[0], 1), "steps": total, "seconds": round(seconds, 2),
-            "steps_per_s": round(total / seconds, 2),
-            "cloud_cpu_ms_per_step": round(1000 * cpu / total, 1), "cloud_peak_mib": round(peak_mib, 1)}
 
 
 async def _train_all(runs: list[EdgeSession], url: str, work: Path) -> None:
