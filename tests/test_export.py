@@ -27,7 +27,8 @@ SFT_EXPORT = Path(sys.executable).with_name("sft-export")
 def test_minilm_bundle_runs_one_split_training_step(minilm_bundle, minilm_dir):
     bundle = load_bundle(minilm_bundle)
     manifest = bundle.manifest
-    assert manifest["split"] == {"split": 3, "rank": 8, "num_labels": 2, "link_elimination": True, "head": "svd"}
+    assert manifest["split"] == {"split": 3, "rank": 8, "num_labels": 2, "link_elimination": True, "head": "svd",
+                                 "label_private": False}
     assert manifest["base_model"]["id"] == str(minilm_dir) and manifest["base_model"]["init"] == "pretrained"
     assert manifest["format_version"] == 2 and not {"task", "wire"} & set(manifest)  # format 2: no dead fields
     assert manifest["optimizer"] == {"name": "adamw", "lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,

@@ -36,7 +36,8 @@ from edge_runtime.label_head import PREFIX, LabelHead as DeviceHead
 from models import EncoderSpec, LabelHead, SplitSpec
 from splitwire.bundle import load_bundle
 from splitwire.codecs import Carries, codec_for
-from splitwire.errors import ProtocolError, StepOrderError
+from splitwire.errors import BundleError, ProtocolError, StepOrderError
+from splitwire.manifest import Manifest
 from splitwire.protocol import (
     REPLAYED, Frame, Gradient, Kind, Prediction, Top, TopGradient, Train, WireLimits, decode, encode,
 )
@@ -307,3 +308,15 @@ def test_the_gradient_the_cloud_receives_still_gives_the_labels_away_up_to_their
     np.testing.assert_allclose(np.abs(cosine), 1.0, atol=1e-5)  # one line
     guessed = (cosine > 0).astype(int)  # the cloud's guess: the rows on row 0's side of it share its label
     assert np.array_equal(guessed, labels == labels[0])
+
+
+def test_the_manifest_records_the_mode_typed_and_checked(bundle):
+    raw = json.loads((bundle.root / "manifest.json").read_text())
+    assert bundle.manifest.label_private and raw["split"]["label_private"] is True
+    assert raw["edge"]["files"]["label_head"] in raw["files"]  # hashed like every file
+    for change, message in ((lambda m: m["split"].update(label_private="yes"), "must be true or false"),
+                            (lambda m: m["edge"]["files"].pop("label_head"), "needs the edge file 'label_head'")):
+        broken = json.loads(json.dumps(raw))
+        change(broken)
+        with pytest.raises(BundleError, match=message):
+            Manifest.parse(broken, "manifest.json")
