@@ -227,7 +227,7 @@ class CloudSession:
         if held is None or held.step != request.step:
             raise StepOrderError(f"session {self.session_id!r} holds no forward of step {request.step}")
         self.optimizer.zero_grad(set_to_none=True)
-        held.pooled.backward(torch.tensor(request.dpooled, device=self.device, dtype=held.pooled.dtype))
+        held.pooled.backward(torch.tensor(request.values, device=self.device, dtype=held.pooled.dtype))
         self._check_finite(request.step, None, held.z.grad)
         reply = self._answered(answer, StepResult(held.z.grad.float().cpu().numpy(), None, None))
         self.held = None

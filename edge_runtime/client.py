@@ -318,7 +318,7 @@ class CloudClient:
             top = await self._exchange_once(train, step, lambda reply: Top.from_frame(
                 reply, codec=self._activation, batch=batch, width=width))
             first = self._last
-            result = head(np.array(top.pooled))
+            result = head(np.array(top.values))
             up = encode(TopGradient(step, result.dpooled).to_frame(session=self._tag, codec=self._gradient))
             TopGradient.from_frame(decode(up), codec=self._gradient, batch=batch, width=width)
             gradient, flags = await self._exchange_once(up, step, lambda reply: (Gradient.from_frame(

@@ -59,7 +59,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -560,53 +560,45 @@ def _pooled_shape(batch: int, width: int) -> tuple[Shape3, np.ndarray]:
     return (batch, 1, width), np.ones(batch, dtype=np.int32)
 
 
-def _pooled_frame(kind: Kind, session: int, step: int, name: str, codec: Codec, values: np.ndarray) -> Frame:
-    if values.ndim != 2:
-        raise ProtocolError(f"{name} must be B×hidden, got shape {values.shape}")
-    shape, lengths = _pooled_shape(*values.shape)
-    parts = coded_parts(name, codec, values.reshape(shape), lengths, step=step)
-    return Frame(kind, session, step, {"batch": values.shape[0]}, parts)
-
-
-def _pooled_values(frame: Frame, name: str, codec: Codec, batch: int, width: int) -> np.ndarray:
-    if field_of(frame.meta, "batch", int) != batch or set(frame.meta) != {"batch"}:
-        raise ProtocolError(f"{frame.kind.name} must be for the step's batch of {batch} and carry nothing else")
-    shape, lengths = _pooled_shape(batch, width)
-    values = coded(frame, name, codec, shape, lengths)
-    only(frame, _names(name, codec, shape, lengths))
-    return values.reshape(batch, width)
-
-
 @dataclass(frozen=True)
-class Top:
+class PooledMessage:
+    """A label-private step's ``B×hidden`` float32 tensor, sent through the codecs as ``B`` rows of one
+    token, with the batch size as its only metadata: ``Top`` and ``TopGradient``."""
+
+    step: int
+    values: np.ndarray
+    KIND: ClassVar[Kind]
+    NAME: ClassVar[str]
+
+    def to_frame(self, *, session: int, codec: Codec) -> Frame:
+        if self.values.ndim != 2:
+            raise ProtocolError(f"{self.NAME} must be B×hidden, got shape {self.values.shape}")
+        shape, lengths = _pooled_shape(*self.values.shape)
+        parts = coded_parts(self.NAME, codec, self.values.reshape(shape), lengths, step=self.step)
+        return Frame(self.KIND, session, self.step, {"batch": self.values.shape[0]}, parts)
+
+    @classmethod
+    def from_frame(cls, frame: Frame, *, codec: Codec, batch: int, width: int) -> "PooledMessage":
+        """Checked against the step's ``batch`` and the model's ``width`` (hidden)."""
+        expect(frame, cls.KIND)
+        if field_of(frame.meta, "batch", int) != batch or set(frame.meta) != {"batch"}:
+            raise ProtocolError(f"{frame.kind.name} must be for the step's batch of {batch} and carry nothing else")
+        shape, lengths = _pooled_shape(batch, width)
+        values = coded(frame, cls.NAME, codec, shape, lengths)
+        only(frame, _names(cls.NAME, codec, shape, lengths))
+        return cls(frame.step, values.reshape(batch, width))
+
+
+class Top(PooledMessage):
     """Label-private step, the cloud's first answer: the pooled top output ``B×hidden``."""
 
-    step: int
-    pooled: np.ndarray
-
-    def to_frame(self, *, session: int, codec: Codec) -> Frame:
-        return _pooled_frame(Kind.TOP, session, self.step, "pooled", codec, self.pooled)
-
-    @classmethod
-    def from_frame(cls, frame: Frame, *, codec: Codec, batch: int, width: int) -> "Top":
-        expect(frame, Kind.TOP)
-        return cls(frame.step, _pooled_values(frame, "pooled", codec, batch, width))
+    KIND, NAME = Kind.TOP, "pooled"
 
 
-@dataclass(frozen=True)
-class TopGradient:
+class TopGradient(PooledMessage):
     """Label-private step, the edge's second message: ``dL/dpooled`` ``B×hidden``, from the device's loss."""
 
-    step: int
-    dpooled: np.ndarray
-
-    def to_frame(self, *, session: int, codec: Codec) -> Frame:
-        return _pooled_frame(Kind.TOP_GRADIENT, session, self.step, "dpooled", codec, self.dpooled)
-
-    @classmethod
-    def from_frame(cls, frame: Frame, *, codec: Codec, batch: int, width: int) -> "TopGradient":
-        expect(frame, Kind.TOP_GRADIENT)
-        return cls(frame.step, _pooled_values(frame, "dpooled", codec, batch, width))
+    KIND, NAME = Kind.TOP_GRADIENT, "dpooled"
 
 
 @dataclass(frozen=True)

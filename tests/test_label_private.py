@@ -117,7 +117,7 @@ def test_each_side_refuses_a_frame_of_the_other_mode():
 def test_the_pooled_output_and_its_gradient_are_checked_like_every_tensor():
     pooled = np.random.default_rng(2).standard_normal((3, HIDDEN)).astype(np.float32)
     frame = decode(encode(TopGradient(4, pooled).to_frame(session=1, codec=CODEC)))
-    back = TopGradient.from_frame(frame, codec=CODEC, batch=3, width=HIDDEN).dpooled
+    back = TopGradient.from_frame(frame, codec=CODEC, batch=3, width=HIDDEN).values
     assert back.shape == (3, HIDDEN) and np.abs(back - pooled).max() <= np.abs(pooled).max() / 127
     for wrong, message in ((dict(batch=4), "batch of 4"), (dict(width=HIDDEN + 1), "must have shape")):
         with pytest.raises(ProtocolError, match=message):
