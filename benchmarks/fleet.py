@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.load import MODELS, _bundle, cloud_usage
-from benchmarks.report import ROOT, save_plot, write_section
+from benchmarks.report import BENCH_DIR, ROOT, save_plot, write_section
 from cloud_backend.session import checkpoint_path, saved_step
 from edge_runtime.client import CloudClient
 from splitwire.bundle import Bundle, load_bundle
@@ -97,29 +97,39 @@ async def _train_all(bundle: Bundle, url: str, prefix: str, devices: int, steps:
     await asyncio.gather(*(device(i) for i in range(devices)))
 
 
-def _report(args: argparse.Namespace, rows: list[dict]) -> None:
+def plot(rows: list[dict]) -> None:
+    """docs/bench/fleet.png from the rows (``python -c 'from benchmarks.fleet import *; replot()'`` redraws it
+    from fleet.json)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for model, mode in dict.fromkeys((r["model"], r["mode"]) for r in rows):
+        mine = [r for r in rows if r["model"] == model and r["mode"] == mode]
+        for axis, key in zip(axes, ("cloud_peak_mib", "steps_per_s")):
+            axis.plot([r["devices"] for r in mine], [r[key] for r in mine], marker="o", label=f"{model} {mode}")
+    for axis, label in zip(axes, ("cloud peak RSS (MiB)", "steps/s, all devices (log)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("devices training at once")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=7)
+    axes[1].set_yscale("log")
+    save_plot(figure, "fleet")
+
+
+def replot() -> None:
+    plot(json.loads((BENCH_DIR / "fleet.json").read_text())["results"])
+
+
+def _report(args: argparse.Namespace, rows: list[dict]) -> None:
     table = ["| model | mode | devices | device steps | cloud steps | seconds | steps/s (all devices) | "
              "cloud CPU ms/step | cloud peak RSS MiB | load average |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     table += [f"| {r['model']} | {r['mode']} | {r['devices']} | {r['steps']} | {r['cloud_steps']} | {r['seconds']} | "
               f"{r['steps_per_s']} | {r['cloud_cpu_ms_per_step']} | {r['cloud_peak_mib']} | {r['load_average']} |"
               for r in rows]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for model in args.models:
-        for mode in args.modes:
-            mine = [r for r in rows if r["model"] == model and r["mode"] == mode]
-            for axis, key in zip(axes, ("cloud_peak_mib", "steps_per_s")):
-                axis.plot([r["devices"] for r in mine], [r[key] for r in mine], marker="o", label=f"{model} {mode}")
-    for axis, label in zip(axes, ("cloud peak RSS (MiB)", "steps/s, all devices")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("devices training at once")
-        axis.set_ylabel(label)
-        axis.legend(fontsize=7)
-    save_plot(figure, "fleet")
+    plot(rows)
     body = "\n".join(table) + "\n\n" + "\n".join(f"- {name}: {text}" for name, text in MODELS.items()) + (
         "\n\n*isolated*: every device its own top part and AdamW (the default); *fleet-async*: one fleet, "
         f"requests stacked as they arrive (max wait {args.max_wait_ms:g} ms); *fleet-sync*: one fleet, one step a "
