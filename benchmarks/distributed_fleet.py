@@ -114,11 +114,13 @@ class Rank:
         wire = [z.detach().requires_grad_(True) for z in zs]  # what crosses the wire
         dist.barrier()  # time the cloud from a common start
         start = time.perf_counter()
-        share = self.top.backward(wire, [b.inputs["attention_mask"] for b in batches], [b.labels for b in batches])
+        share = self.top.forward(wire, [b.inputs["attention_mask"] for b in batches], [b.labels for b in batches])
         self.done = round_
         if share is None:
             return
-        self.top.reduce_gradients(refused=False)
+        if share.loss is not None:
+            share.loss.backward()
+        self.top.reduce_gradients()
         self.applied += 1
         _step(self.top_optimizer, self.rate(self.applied))
         self.timings.append({"cloud_s": time.perf_counter() - start, "reduce_s": self.top.reduce_s,

@@ -10,6 +10,9 @@ Safe by default: it listens on loopback only. Listening on any other interface n
 per-session tokens (``--tokens FILE`` or ``$SFT_CLOUD_TOKENS``) and TLS (``--tls-cert`` and
 ``--tls-key``, so tokens and activations are not sent in clear), unless ``--insecure`` says
 the network is trusted. Tokens are never taken from the command line. See docs/SECURITY.md.
+
+With ``--distributed`` it is one worker of a group that torchrun started, serving its share of
+a fleet's devices (``cloud_backend.fleet_workers``, docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -18,17 +21,22 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import ssl
 import sys
 from pathlib import Path
 
 from cloud_backend.auth import TOKENS_ENV, TokenStore
-from cloud_backend.fleet import SCHEDULES as FLEET_SCHEDULES, FleetSettings
+from cloud_backend.distributed import init_from_env
+from cloud_backend.fleet import SCHEDULES as FLEET_SCHEDULES, CloudFleet, FleetSettings
+from cloud_backend.fleet_workers import WorkerFleet
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S
 from cloud_backend.launch import LISTENING, STATUS
+from cloud_backend.model import pick_device
 from cloud_backend.server import (
-    DEFAULT_HELLO_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_STATE_BYTES, DEFAULT_SESSION_TTL_S, serve_cloud,
+    DEFAULT_HELLO_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_STATE_BYTES, DEFAULT_SESSION_TTL_S, log_event,
+    serve_cloud,
 )
 from splitwire.bundle import load_bundle
 from splitwire.errors import UsageError
@@ -102,6 +110,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fleets.add_argument("--fleet-max-wait-ms", type=float, default=1000 * FleetSettings.max_wait,
                         help="async: how long a step waits for more requests after the first "
                              f"(default: {1000 * FleetSettings.max_wait:g})")
+    fleets.add_argument("--distributed", action="store_true",
+                        help="run as one worker of a group that torchrun started (torchrun --nproc-per-node N -m "
+                             "cloud_backend.cli --distributed ...): each worker serves its share of a fleet's "
+                             "devices and the fleet's top part is data-parallel across the workers (gloo on the "
+                             "CPU, NCCL on CUDA); the worker of local rank r listens on --port + r and keeps its "
+                             "state in --state-dir/rank-R; sync schedule only, no averaging (docs/SCALING.md)")
+    fleets.add_argument("--distributed-timeout", type=float, default=1800.0,
+                        help="--distributed: a collective that waits longer than this many seconds for a worker "
+                             "fails, and the group stops (default: 1800)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss:// (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--insecure", action="store_true",
@@ -125,6 +142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(str(exc))
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
+    if args.distributed and (args.fleet_schedule != "sync" or args.port == 0 or not args.distributed_timeout > 0):
+        parser.error("--distributed needs --fleet-schedule sync, a --port other than 0 (worker r listens on "
+                     "--port + r) and a positive --distributed-timeout")
     return args
 
 
@@ -158,21 +178,32 @@ def tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     return context
 
 
+def _worker(args: argparse.Namespace) -> tuple[int, Path | None, type[CloudFleet]]:
+    """Join torchrun's group: this worker's port, state dir and fleet class (``cloud_backend.fleet_workers``)."""
+    worker = init_from_env(pick_device(args.device), timeout_s=args.distributed_timeout)
+    log_event("distributed_worker", rank=worker.rank, world_size=worker.world_size, local_rank=worker.local_rank,
+              pid=os.getpid())
+    state_dir = None if args.state_dir is None else args.state_dir / f"rank-{worker.rank}"
+    return args.port + worker.local_rank, state_dir, WorkerFleet
+
+
 async def _serve(args: argparse.Namespace) -> None:
     tokens = TokenStore.load(args.tokens)
     check_exposure(args, tokens)
     tls = tls_context(args.tls_cert, args.tls_key)
     bundle = load_bundle(args.bundle, parts=["cloud"])
+    port, state_dir, fleet_type = _worker(args) if args.distributed else (args.port, args.state_dir, CloudFleet)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with serve_cloud(bundle, host=args.host, port=args.port, device=args.device, state_dir=args.state_dir,
+    async with serve_cloud(bundle, host=args.host, port=port, device=args.device, state_dir=state_dir,
                            max_sessions=args.max_sessions, max_batch=args.max_batch, ssl=tls, tokens=tokens,
                            idle_timeout=args.idle_timeout, max_connections=args.max_connections,
                            hello_timeout=args.hello_timeout, send_timeout=args.send_timeout,
                            session_ttl=args.session_ttl,
-                           max_state_bytes=(args.max_state_mb << 20) or None, fleets=args.fleets, status_host=args.status_host,
+                           max_state_bytes=(args.max_state_mb << 20) or None, fleets=args.fleets, fleet_type=fleet_type,
+                           status_host=args.status_host,
                            status_port=args.status_port) as server:
         print(f"{LISTENING}{server.url}", flush=True)
         if server.status_url:

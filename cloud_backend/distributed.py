@@ -74,8 +74,20 @@ def init_from_env(device: torch.device, *, timeout_s: float) -> Worker:
     worker = Worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         torch.cuda.set_device(worker.local_rank)
-    dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend_for(device), store=_store(worker, timeout), rank=worker.rank,
+                            world_size=worker.world_size, timeout=timeout)
     return worker
+
+
+def _store(worker: Worker, timeout: timedelta) -> dist.Store:
+    """torchrun's store, as ``env://`` would open it, with its keys kept apart per start of the group:
+    torchrun keeps one store across ``--max-restarts`` restarts and ``env://`` does not prefix it, so a
+    restarted worker could read a dead peer's address and fail to connect (seen with torch 2.13)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)  # hosted by torchrun's agent
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), worker.world_size,
+                          is_master=not shared and worker.rank == 0, timeout=timeout, multi_tenant=not shared)
+    return dist.PrefixStore(f"splitft/start-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def common_step(saved: Sequence[int], *, device: torch.device = torch.device("cpu"),
@@ -101,11 +113,11 @@ def common_step(saved: Sequence[int], *, device: torch.device = torch.device("cp
 
 @dataclass(frozen=True)
 class Share:
-    """One worker's share of a round: its devices' joint loss (``None`` with no rows here) and the
-    rows of the whole round."""
+    """One worker's share of a round: its devices' joint forward (``None`` with no rows here), the loss it
+    back-propagates (its rows' loss sum over the whole round's rows) and the rows of the whole round."""
 
     joint: JointLoss | None
-    local_rows: int
+    loss: torch.Tensor | None
     total_rows: int
 
 
@@ -124,22 +136,33 @@ class DataParallelTop:
         dist.all_reduce(count, group=self.group)
         return int(count.item())
 
-    def backward(self, zs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
-                 labels: Sequence[torch.Tensor]) -> Share | None:
-        """This worker's share of the round's loss back-propagated (gradients land in ``.grad`` and in
-        each ``z``); ``None`` when the round has no rows anywhere (no step then, and no further collective)."""
+    def forward(self, zs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                labels: Sequence[torch.Tensor]) -> Share | None:
+        """This worker's share of the round's loss, to back-propagate; ``None`` when the round has no rows
+        anywhere (no step then, and no further collective)."""
         local = sum(z.shape[0] for z in zs)
         total = self.total_rows(local)
         if total == 0:
             return None
-        joint = joint_loss(self.model, zs, masks, labels) if zs else None
-        if joint is not None:
-            (joint.loss * (local / total)).backward()
-        return Share(joint, local, total)
+        if not zs:
+            return Share(None, None, total)
+        joint = joint_loss(self.model, zs, masks, labels)
+        return Share(joint, joint.loss * (local / total), total)
 
-    def reduce_gradients(self, *, refused: bool) -> None:
-        """Sum the top part's gradients over the workers, in place; ``NonFinite`` on every worker if any
-        worker ``refused`` its share (the gradients are then dropped everywhere, and nobody steps)."""
+    def reduce_gradients(self) -> None:
+        """Sum the top part's gradients over the workers, in place. If another worker refused its share
+        (``refuse``), ``NonFinite`` on every worker that calls this: the gradients go and nobody steps."""
+        if self._all_reduce(refused=False):
+            raise NonFinite("a worker of this fleet refused its share of the round (a device's step would not be "
+                            "finite or could not be answered), so no worker stepped and the top part is unchanged")
+
+    def refuse(self) -> None:
+        """Enter the round's gradient all-reduce saying this worker's share cannot be applied: no worker steps."""
+        self._all_reduce(refused=True)
+
+    def _all_reduce(self, *, refused: bool) -> bool:
+        """One flat bucket: which parameters have a gradient, whether this worker refused, the gradients
+        (zeros for none). Whether any worker refused; if none did, each gradient is the sum."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         flags = torch.tensor([p.grad is not None for p in params] + [refused], dtype=params[0].dtype,
                              device=self.device)
@@ -150,9 +173,9 @@ class DataParallelTop:
         self.reduce_s = time.perf_counter() - start
         if bucket[len(params)].item() > 0:
             self.model.zero_grad(set_to_none=True)
-            raise NonFinite("a worker of this fleet refused its share of the round (a device's step would not be "
-                            "finite or could not be answered), so no worker stepped and the top part is unchanged")
+            return True
         offset = len(params) + 1
         for p, has_grad in zip(params, bucket[:len(params)].tolist()):
             p.grad = bucket[offset:offset + p.numel()].view_as(p) if has_grad > 0 else None
             offset += p.numel()
+        return False

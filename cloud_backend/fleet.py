@@ -31,10 +31,11 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import torch
 
+from cloud_backend.distributed import DataParallelTop
 from cloud_backend.fair_compute import FairCompute
 from cloud_backend.rounds import Barrier, Batcher
 from cloud_backend.session import CloudSession, StepResult, read_checkpoint, write_checkpoint
@@ -105,8 +106,10 @@ class CloudFleet:
         self.averages: Barrier = Barrier(settings.round_timeout)
         self.averaged_bytes = 0  # edge weights received and sent by averaging rounds
         self.saved_step: int | None = None  # the cloud step of the last requested snapshot
+        self.saved_members: dict[str, int] = {}  # each member's step in that snapshot
         self._in_flight: dict[str, _Job] = {}  # each member's step waiting for its round
         self._changed = asyncio.Event()
+        self.parallel: DataParallelTop | None = None  # the top's collectives across workers (``cloud_backend.fleet_workers``)
         for member in self.members:
             self._join_barriers(member)
 
@@ -162,6 +165,8 @@ class CloudFleet:
         self.members[member].check_checkpoint(step)
         if self._snapshot("requested") is None:
             return False
+        if self.saved_step == self.top.step and self.saved_members.get(member) == step:
+            return True  # asked again after a reconnect (the reply was lost): it is saved, and no round waits for it
         if self.settings.schedule == "async":
             await self._save("requested")
             return True
@@ -191,15 +196,7 @@ class CloudFleet:
             ready = next(((queue, run) for queue, run in kinds if queue.ready(now)), None)
             if ready is not None:
                 queue, run = ready
-                jobs = [job for _, job in queue.take(now)]
-                try:
-                    await run(jobs)
-                except Exception as exc:  # the round failed as a whole: every member hears why
-                    for job in jobs:
-                        if self._in_flight.get(job.member) is job:
-                            del self._in_flight[job.member]
-                        if not job.future.done():
-                            job.future.set_exception(exc)
+                await self._run_round(run, [job for _, job in queue.take(now)])
                 continue
             deadlines = [d for queue, _ in kinds if (d := queue.deadline()) is not None]
             try:
@@ -207,10 +204,21 @@ class CloudFleet:
             except TimeoutError:
                 pass
 
+    async def _run_round(self, run: Callable[[list[_Job]], Awaitable[None]], jobs: list[_Job]) -> None:
+        """Run one round of ``jobs``; if it fails, each of its members hears why."""
+        try:
+            await run(jobs)
+        except Exception as exc:  # the round failed as a whole: every member hears why
+            for job in jobs:
+                if self._in_flight.get(job.member) is job:
+                    del self._in_flight[job.member]
+                if not job.future.done():
+                    job.future.set_exception(exc)
+
     async def _train_round(self, jobs: list[_Job]) -> None:
         items = [job.payload for job in jobs]
         replies = await self.compute.run(self.key, self.top.train_group, [item.request for item in items],
-                                         [item.answer for item in items])
+                                         [item.answer for item in items], parallel=self.parallel)
         for job, item, reply in zip(jobs, items, replies):
             self.members[job.member].applied(item.request.step, item.digest, reply)
             self._in_flight.pop(job.member, None)
@@ -239,6 +247,7 @@ class CloudFleet:
         await self.compute.run(self.key, self._write, path, members)
         if snapshot == "requested":
             self.saved_step = self.top.step
+            self.saved_members = {member: steps.step for member, steps in members.items()}
 
     def _write(self, path: Path, members: dict[str, CloudSteps]) -> None:
         """The shared top's snapshot plus every member's step and cached reply, in one atomic file."""
@@ -273,5 +282,6 @@ class CloudFleet:
         fleet = cls(meta["fleet"]["name"], top, settings, compute=compute, shapes=shapes, snapshot=snapshot,
                     members=members)
         fleet.saved_step = top.step
+        fleet.saved_members = {member: steps.step for member, steps in members.items()}
         return fleet
 

@@ -70,9 +70,10 @@ class Barrier(Generic[T]):
             return False
         return not self.waiting_for() or now >= self.deadline()
 
-    def take(self, now: float) -> list[tuple[str, T]]:
-        """The round's items in member order; the members it went ahead without become absent."""
-        if not self.ready(now):
+    def take(self, now: float, *, force: bool = False) -> list[tuple[str, T]]:
+        """The round's items in member order; the members it went ahead without become absent. ``force``:
+        the round goes ahead now, ready here or not (a round across workers, ``cloud_backend.fleet_workers``)."""
+        if not force and not self.ready(now):
             raise RuntimeError("the round is not ready")
         self.absent |= self.waiting_for()
         items = sorted(self.pending.items())

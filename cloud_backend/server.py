@@ -140,7 +140,8 @@ class CloudServer:
                  max_batch: int, tokens: TokenStore | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
                  max_connections: int | None = None, hello_timeout: float = DEFAULT_HELLO_TIMEOUT_S,
                  send_timeout: float = DEFAULT_SEND_TIMEOUT_S, session_ttl: float = DEFAULT_SESSION_TTL_S,
-                 max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES, fleets: FleetSettings | None = None) -> None:
+                 max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES, fleets: FleetSettings | None = None,
+                 fleet_type: type[CloudFleet] = CloudFleet) -> None:
         self.bundle = bundle
         self.device = device
         self.state_dir = state_dir
@@ -155,6 +156,7 @@ class CloudServer:
         self.limits = WireLimits.from_bundle(bundle, max_batch=max_batch)
         self.sessions: dict[str, LiveSession] = {}
         self.fleet_settings = fleets or FleetSettings()
+        self.fleet_type = fleet_type  # ``cloud_backend.fleet_workers.WorkerFleet`` under torchrun
         self.fleets: dict[str, CloudFleet] = {}  # by name (``cloud_backend.fleet``)
         self.members: dict[str, LiveSession] = {}  # fleet members, by session id
         self._fleet_tasks: list[asyncio.Task] = []
@@ -329,7 +331,7 @@ class CloudServer:
         fleet = None
         for _, path in sorted(self._saved(key).items(), reverse=True):
             try:
-                fleet = await self.compute.run(key, CloudFleet.restore, path, self.fleet_settings, bundle=self.bundle,
+                fleet = await self.compute.run(key, self.fleet_type.restore, path, self.fleet_settings, bundle=self.bundle,
                                                device=self.device, compute=self.compute, shapes=shapes,
                                                snapshot=snapshot)
                 break
@@ -341,7 +343,7 @@ class CloudServer:
         else:
             top = await self.compute.run(key, CloudSession, session_id=key, bundle=self.bundle, config=hello.config,
                                          device=self.device)
-            fleet = CloudFleet(hello.fleet, top, self.fleet_settings, compute=self.compute, shapes=shapes,
+            fleet = self.fleet_type(hello.fleet, top, self.fleet_settings, compute=self.compute, shapes=shapes,
                                snapshot=snapshot)
             log_event("new_fleet", fleet=hello.fleet, schedule=self.fleet_settings.schedule, device=str(self.device))
         self.fleets[hello.fleet] = fleet
@@ -671,6 +673,7 @@ async def serve_cloud(
     session_ttl: float = DEFAULT_SESSION_TTL_S,
     max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
     fleets: FleetSettings | None = None,
+    fleet_type: type[CloudFleet] = CloudFleet,
     status_host: str = "127.0.0.1",
     status_port: int | None = None,
 ) -> AsyncIterator[CloudServer]:
@@ -685,6 +688,7 @@ async def serve_cloud(
     limit) by deleting the least recently saved sessions. On exit the connections are closed (1001, going away), in-flight steps
     finish, and every session is checkpointed into ``state_dir``. ``status_port``: also serve the status page,
     its JSON and Prometheus metrics over HTTP on ``status_host`` (``cloud_backend.observe``; see ``.status_url``).
+    ``fleet_type``: the class of its fleets (``cloud_backend.fleet_workers.WorkerFleet`` for a worker under torchrun).
     """
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -694,7 +698,8 @@ async def serve_cloud(
     server = CloudServer(bundle, device=pick_device(device), state_dir=state_dir, max_sessions=max_sessions,
                          max_batch=max_batch, tokens=tokens, idle_timeout=idle_timeout,
                          max_connections=max_connections, hello_timeout=hello_timeout, send_timeout=send_timeout,
-                         session_ttl=session_ttl, max_state_bytes=max_state_bytes, fleets=fleets)
+                         session_ttl=session_ttl, max_state_bytes=max_state_bytes, fleets=fleets,
+                         fleet_type=fleet_type)
     try:
         async with serve(server.handle, host, port, compression=None, ssl=ssl, max_queue=RECEIVE_QUEUE_FRAMES,
                          max_size=server.limits.max_frame_bytes(), close_timeout=CLOSE_GRACE_S,

@@ -41,6 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cloud_backend.distributed import DataParallelTop
 from cloud_backend.model import load_cloud_part
 from models.fleet import joint_loss
 from splitwire.atomic import write_atomically
@@ -243,30 +244,46 @@ class CloudSession:
             self.optimizer.zero_grad(set_to_none=True)
             raise
 
-    def train_group(self, requests: Sequence[Train], answers: Sequence[Callable[[StepResult], bytes]]) -> list[bytes]:
+    def train_group(self, requests: Sequence[Train], answers: Sequence[Callable[[StepResult], bytes]], *,
+                    parallel: DataParallelTop | None = None) -> list[bytes]:
         """One step of this top part, shared by a fleet, on its devices' requests stacked in the given
         order (``models.fleet.joint_loss``: the mean loss over all their rows), at ``schedule.rate`` of
         the group's number (``step`` counts groups). Every reply is built by its ``answers`` entry and
         checked before the optimizer steps; the devices' own step order and replay caches are the
-        fleet's (``cloud_backend.fleet``)."""
+        fleet's (``cloud_backend.fleet``). With ``parallel`` the group is this worker's share of a round
+        across sft-cloud workers (``cloud_backend.distributed``): ``requests`` may be empty, the loss is
+        its rows' share of the whole round's mean, the gradients are summed over the workers before
+        AdamW, and a share refused on one worker is refused on all."""
         group = self.step + 1
         inputs = [self._inputs(request.z, request.lengths) for request in requests]
         zs = [z.requires_grad_(True) for z, _ in inputs]
+        masks = [mask for _, mask in inputs]
         labels = [torch.tensor(request.labels, device=self.device) for request in requests]
         with self._forked_rng():
             _set_rng(self.device, self.rng)
-            joint = joint_loss(self.model, zs, [mask for _, mask in inputs], labels)
+            share = joint_loss(self.model, zs, masks, labels) if parallel is None else parallel.forward(zs, masks, labels)
             rng = _get_rng(self.device)
+        if share is None:  # no rows on any worker: no step
+            return []
+        joint = share if parallel is None else share.joint
         self.optimizer.zero_grad(set_to_none=True)
-        joint.loss.backward()
-        self._check_finite(group, joint.loss, torch.cat([z.grad.reshape(-1) for z in zs]))
+        if share.loss is not None:
+            share.loss.backward()
         try:
+            if joint is not None:
+                self._check_finite(group, joint.loss, torch.cat([z.grad.reshape(-1) for z in zs]))
             replies = [answer(StepResult(z.grad.float().cpu().numpy(), loss,
                                          self._metrics(joint.logits[rows].detach(), label)))
-                       for answer, z, loss, rows, label in zip(answers, zs, joint.device_losses, joint.rows, labels)]
+                       for answer, z, loss, rows, label in zip(answers, zs, joint.device_losses, joint.rows, labels)
+                       ] if joint is not None else []
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)
+            if parallel is not None:
+                parallel.refuse()
             raise
+        if parallel is not None:
+            parallel.reduce_gradients()
+            self._check_finite(group, None, torch.zeros(0))  # the summed gradients: the same check on every worker
         self._apply(group, rng)
         self.steps = CloudSteps(self.session_id, step=group)
         return replies

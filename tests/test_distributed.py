@@ -1,18 +1,24 @@
 """A fleet's shared top part data-parallel across torchrun workers (issue 17, ``cloud_backend.distributed``).
 
-Real processes: ``torchrun`` starts the ranks (gloo, localhost), each rank serves its block of
-the fleet's devices (``benchmarks.distributed_fleet``); they are compared with one worker
-holding all the devices and with the one-process reference ``models.fleet.Fleet``. The tiny
-BERT's dropout probabilities are 0, so the runs must agree within float rounding (with cloud
-dropout each worker draws its own rows' masks: see the module's docstring).
+Real processes: ``torchrun`` starts the ranks (gloo, localhost). First the data-parallel step
+alone: each rank trains its block of in-process devices (``benchmarks.distributed_fleet``).
+Then real ``sft-cloud --distributed`` workers under torchrun, with real edges (ORT engines
+driven by ``EdgeTrainer``, as in ``tests/test_fleet.py``) connected to each worker's port.
+Both are compared with one worker holding all the devices and with the one-process reference
+``models.fleet.Fleet``. The tiny BERT's dropout probabilities are 0, so the runs must agree
+within float rounding (with cloud dropout each worker draws its own rows' masks: see
+``cloud_backend.distributed``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,11 +26,15 @@ import numpy as np
 import pytest
 import torch
 from bundles import export_cached, reference_edge
+from safetensors.numpy import load_file as load_numpy
+from test_fleet import _Hooks, assert_close_weights, device_data, reference as fleet_reference, train_member
 
 from benchmarks.distributed_fleet import (
     REPO, RUN_ENV, SEED, adamw, device_batch, present, read_run, schedule, torchrun, torchrun_command,
 )
+from cloud_backend.launch import LISTENING
 from cloud_backend.model import load_cloud_part
+from cloud_backend.session import checkpoint_path, saved_step
 from models.fleet import Fleet
 from splitwire.bundle import load_bundle
 
@@ -134,3 +144,163 @@ def test_kill_9_of_one_worker_then_torchruns_restart_of_the_group_ends_with_the_
     assert set(got) == set(want)
     assert all(torch.equal(got[n], want[n]) for n in want)
     assert [r["losses"] for r in reports] == [r["losses"] for r in want_reports]
+
+
+# ---------------------------------------------------------------------------- sft-cloud --distributed
+
+
+def free_ports(count: int) -> int:
+    """A base port with ``count`` free ports from it (worker r listens on base + r)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count <= 65535 and all(_free(base + r) for r in range(count)):
+            return base
+    raise RuntimeError("no run of free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Workers:
+    """``torchrun --nproc-per-node N -m cloud_backend.cli --distributed``: its workers' output in one log."""
+
+    def __init__(self, bundle_root: Path, state_dir: Path, log_path: Path, *, workers: int, extra: tuple[str, ...],
+                 max_restarts: int = 0) -> None:
+        self.state_dir, self.log_path, self.workers = state_dir, log_path, workers
+        self.base = free_ports(workers)
+        self.command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers), "--standalone",
+                        "--max-restarts", str(max_restarts), "-m", "cloud_backend.cli", "--distributed",
+                        "--bundle", str(bundle_root), "--port", str(self.base), "--device", "cpu",
+                        "--state-dir", str(state_dir), *extra]
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, rank: int) -> str:
+        return f"ws://127.0.0.1:{self.base + rank}"
+
+    def start(self) -> "Workers":
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(self.command, env=RUN_ENV, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_listening(1)
+        return self
+
+    def lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines()
+
+    def wait_listening(self, times: int, timeout_s: float = 180) -> None:
+        """Until the log holds ``times`` x workers "listening" lines (``times``: starts of the group)."""
+        deadline = time.monotonic() + timeout_s
+        while sum(line.startswith(LISTENING) for line in self.lines()) < times * self.workers:
+            assert self.proc.poll() is None and time.monotonic() < deadline, "\n".join(self.lines()[-40:])
+            time.sleep(0.1)
+
+    def events(self, name: str) -> list[dict]:
+        events = [json.loads(line) for line in self.lines() if line.startswith("{")]
+        return [e for e in events if e["event"] == name]
+
+    def pid(self, rank: int) -> int:
+        """The live process of worker ``rank``: torchrun's child with ``RANK=rank`` in its environment."""
+        for pid in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split():
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+        raise AssertionError(f"torchrun has no worker of rank {rank}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        finally:
+            self.proc.kill()
+
+    def saved_top(self, rank: int, fleet: str) -> tuple[int, dict[str, np.ndarray]]:
+        """Worker ``rank``'s requested checkpoint of ``fleet``: its step and the shared top's weights."""
+        path = checkpoint_path(self.state_dir / f"rank-{rank}", f"fleet:{fleet}", "requested")
+        tensors = load_numpy(str(path))
+        return saved_step(path), {n[len("model."):]: v for n, v in tensors.items() if n.startswith("model.")}
+
+
+def run_fleet(bundle, group: Workers, tmp: Path, steps: int, *, checkpoint_every: int, hook=None):
+    """4 real edges, device i on worker i * workers // 4, all in fleet ``f``."""
+    return asyncio.run(_gather(*(train_member(bundle, group.url(i * group.workers // 4), f"dev-{i}", device_data(i),
+                                              steps, tmp / f"dev-{i}", checkpoint_every=checkpoint_every,
+                                              hooks=_Hooks(begin=hook) if hook and i == 0 else None)
+                                 for i in range(4))))
+
+
+async def _gather(*runs):
+    return await asyncio.gather(*runs)
+
+
+@pytest.mark.slow
+def test_two_sft_cloud_workers_under_torchrun_with_two_real_edges_each_equal_one_worker_with_all_four(bundle, tmp_path):
+    steps = 4
+    runs = {}
+    for workers in (2, 1):
+        extra = ("--fleet-quorum", str(4 // workers), "--round-timeout", "60")
+        group = Workers(bundle.root, tmp_path / f"state-{workers}", tmp_path / f"w{workers}.log", workers=workers,
+                        extra=extra).start()
+        group.wait_listening(1)
+        try:
+            members = run_fleet(bundle, group, tmp_path / f"edges-{workers}", steps, checkpoint_every=steps)
+        finally:
+            group.stop()
+        runs[workers] = members, [group.saved_top(rank, "f") for rank in range(workers)]
+    want, want_losses = fleet_reference(bundle, [device_data(i) for i in range(4)], steps)
+    want_top = {n: p.detach().numpy() for n, p in want.cloud.named_parameters()}
+    (two, two_tops), (one, one_tops) = runs[2], runs[1]
+    assert [step for step, _ in two_tops + one_tops] == [steps] * 3  # one shared step a round, on every worker
+    assert all(np.array_equal(two_tops[0][1][n], two_tops[1][1][n]) for n in want_top)  # the workers agree exactly
+    assert_close_weights(two_tops[0][1], want_top, steps, "2 workers' top")
+    assert_close_weights(one_tops[0][1], want_top, steps, "1 worker's top")
+    for i in range(4):
+        for members, what in ((two, "2 workers"), (one, "1 worker")):
+            assert members[i].result.steps == list(range(1, steps + 1))
+            assert np.allclose(members[i].result.losses, want_losses[i], rtol=REL), f"{what} losses {i}"
+            assert_close_weights(members[i].parameters, want.edge_weights(i), steps, f"{what} edge {i}")
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_sft_cloud_worker_then_a_restart_of_the_group_ends_with_the_weights_of_an_unbroken_run(
+        bundle, tmp_path):
+    """Worker 1 is killed with SIGKILL before round 5 (the fleet's last checkpoint: round 4, which every device
+    asked for and every worker wrote); worker 0's next collective fails and it exits, torchrun restarts the
+    group (``--max-restarts 1``), both workers restore round 4 from their own state dirs and agree on it, the
+    devices reconnect and go on. Everything ends bit-equal to the same fleet trained without the crash."""
+    steps = 6
+    extra = ("--fleet-quorum", "2", "--round-timeout", "60")
+    runs = {}
+    for name in ("crash", "whole"):
+        group = Workers(bundle.root, tmp_path / f"state-{name}", tmp_path / f"{name}.log", workers=2, extra=extra,
+                        max_restarts=1).start()
+        killed = []
+
+        def kill_before_round_5(step: int) -> None:
+            if name == "crash" and step == 5 and not killed:
+                os.kill(group.pid(1), signal.SIGKILL)
+                killed.append(step)
+
+        try:
+            members = run_fleet(bundle, group, tmp_path / name, steps, checkpoint_every=2, hook=kill_before_round_5)
+        finally:
+            group.stop()
+        runs[name] = members, [group.saved_top(rank, "f") for rank in range(2)], group, killed
+    (crashed, crashed_tops, group, killed), (whole, whole_tops, _, _) = runs["crash"], runs["whole"]
+    assert killed == [5]
+    assert len(group.events("distributed_worker")) == 4  # the group started twice
+    assert [e["step"] for e in group.events("restored_fleet")] == [4, 4]
+    for i in range(4):
+        assert crashed[i].result.steps[-1] == steps
+        assert crashed[i].result.losses[-2:] == whole[i].result.losses[-2:]
+        for name, value in whole[i].parameters.items():
+            np.testing.assert_array_equal(crashed[i].parameters[name], value, err_msg=f"edge {i} {name}")
+    for (got_step, got), (want_step, want) in zip(crashed_tops, whole_tops):
+        assert got_step == want_step == steps
+        for name, value in want.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=f"top {name}")
