@@ -46,7 +46,7 @@ from cloud_backend.model import load_cloud_part
 from models.fleet import joint_loss
 from splitwire.atomic import write_atomically
 from splitwire.bundle import Bundle
-from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite, StepOrderError
+from splitwire.errors import BundleMismatch, CheckpointCorrupt, ConfigMismatch, NonFinite
 from splitwire.protocol import Predict, SessionConfig, TopGradient, Train
 from splitwire.steps import CloudSteps, Replay
 
@@ -224,16 +224,14 @@ class CloudSession:
     def finish(self, request: TopGradient, *, answer: Callable[[StepResult], bytes]) -> bytes:
         """Label-private step, second half: back-propagate the device's ``dL/dpooled``, ``answer`` with
         ``dz``, then AdamW at ``schedule.rate(step)``."""
-        held = self.held
-        if held is None or held.step != request.step:
-            raise StepOrderError(f"session {self.session_id!r} holds no forward of step {request.step}")
+        held, pending = self.held, self.steps.take_pending(request.step)
+        self.held = None  # the backward frees the graph: a step refused from here on is begun again
         self.optimizer.zero_grad(set_to_none=True)
         held.pooled.backward(torch.tensor(request.values, device=self.device, dtype=held.pooled.dtype))
         self._check_finite(request.step, None, held.z.grad)
         reply = self._answered(answer, StepResult(held.z.grad.float().cpu().numpy(), None, None))
-        self.held = None
         self._apply(request.step, held.rng)
-        self.steps.applied(request.step, "", reply)
+        self.steps.applied(request.step, pending.digest, reply, pending.top)
         return reply
 
     def _answered(self, answer: Callable[[StepResult], bytes], result: StepResult) -> bytes:

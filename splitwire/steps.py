@@ -29,6 +29,8 @@ cloud's forward ran; it holds the step as *pending* with its graph), then ``TOP_
   generator only moves on when a step is applied, so the forward is computed afresh exactly;
 - a ``TOP_GRADIENT`` n applies pending step n, or is answered from the replay cache when n was
   applied last; with nothing pending it is ``StepOrderError``;
+- a ``TOP_GRADIENT`` the cloud refuses (a gradient that would not be finite) ends the pending step:
+  it is begun again by the next ``TRAIN``;
 - a pending step is never checkpointed, so after a reconnect in the middle of a step the edge
   resends the whole step from its ``TRAIN`` (a cloud that restarted has lost the pending step; one
   that did not answers the ``TRAIN`` from its cache), which is exact either way.
@@ -83,14 +85,9 @@ class CloudSteps:
             raise StepOrderError(f"session {self.session_id!r} is at step {self.step}; "
                                  f"expected step {self.step + 1}, got {step}")
 
-    def applied(self, step: int, digest: str, reply: bytes) -> None:
-        """Step ``step`` was applied and answered with ``reply`` (label-private: the pending step)."""
+    def applied(self, step: int, digest: str, reply: bytes, top: bytes | None = None) -> None:
+        """Step ``step`` was applied and answered with ``reply`` (label-private: its first reply was ``top``)."""
         self.check_next(step)
-        top = None
-        if self.pending is not None:
-            if self.pending.step != step:
-                raise StepOrderError(f"session {self.session_id!r} holds step {self.pending.step}, not {step}")
-            digest, top, self.pending = self.pending.digest, self.pending.top, None
         self.step = step
         self.replay = Replay(step, digest, reply, top)
 
@@ -108,6 +105,14 @@ class CloudSteps:
         """Label-private step ``step``'s forward ran and was answered with ``top``; it waits for its gradient."""
         self.check_next(step)
         self.pending = Pending(step, digest, top)
+
+    def take_pending(self, step: int) -> Pending:
+        """The pending step ``step``, no longer pending: it is applied now, or refused and begun again."""
+        pending = self.pending
+        if pending is None or pending.step != step:
+            raise StepOrderError(f"session {self.session_id!r} holds no forward of step {step}")
+        self.pending = None
+        return pending
 
     def cached_gradient(self, step: int) -> Replay | None:
         """For a TOP_GRADIENT of ``step``: the cached reply of a resend, ``None`` for the pending step;

@@ -31,16 +31,18 @@ from test_faults import (  # noqa: F401 (collected here again, with this module'
 )
 
 from cloud_backend.server import serve_cloud
+from cloud_backend.session import CloudSession
 from edge_runtime.api import EdgeTrainer
 from edge_runtime.label_head import PREFIX, LabelHead as DeviceHead
 from models import EncoderSpec, LabelHead, SplitSpec
 from splitwire.bundle import load_bundle
 from splitwire.codecs import Carries, codec_for
-from splitwire.errors import BundleError, ProtocolError, StepOrderError
+from splitwire.errors import BundleError, NonFinite, ProtocolError, StepOrderError
 from splitwire.manifest import Manifest
 from splitwire.protocol import (
-    REPLAYED, Frame, Gradient, Kind, Prediction, Top, TopGradient, Train, WireLimits, decode, encode,
+    REPLAYED, Frame, Gradient, Kind, Prediction, SessionConfig, Top, TopGradient, Train, WireLimits, decode, encode,
 )
+from splitwire.schedule import Schedule
 from splitwire.steps import CloudSteps
 
 HIDDEN = 16
@@ -146,12 +148,39 @@ def test_the_cloud_holds_a_step_between_its_round_trips_and_applies_it_once():
             steps.cached_gradient(wrong)
     with pytest.raises(StepOrderError):
         steps.cached_top(7, "a")
-    steps.applied(5, "", b"gradient-5")
+    pending = steps.take_pending(5)
+    steps.applied(5, pending.digest, b"gradient-5", pending.top)
     assert steps.pending is None and (steps.step, steps.replay.digest, steps.replay.top) == (5, "a", b"top-5")
     assert steps.cached_top(5, "a") == b"top-5" and steps.cached_gradient(5).reply == b"gradient-5"
     assert steps.meets(4) and steps.meets(5) and not steps.meets(3)
     with pytest.raises(StepOrderError, match="no forward of step 6"):
         steps.cached_gradient(6)
+
+
+def test_a_refused_gradient_ends_the_held_step_which_is_begun_again_exactly(bundle):
+    """A TOP_GRADIENT whose step would not be finite is refused and changes nothing; the held step is gone (its
+    graph was used), so its gradient alone is refused next, and the step begun again from its TRAIN ends
+    exactly where a session that never saw the bad gradient does."""
+    config = SessionConfig(Schedule(lr=1e-3), 0, "fp32")
+    refused, clean = (CloudSession(session_id="s", bundle=bundle, config=config, device=torch.device("cpu"))
+                      for _ in range(2))
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 3], np.int32)
+    z = rng.standard_normal((2, 5, bundle.wire_width)).astype(np.float32)
+    request = Train(1, z * (np.arange(5) < lengths[:, None])[..., None], lengths, None)
+    good = TopGradient(1, rng.standard_normal((2, bundle.pooled_width)).astype(np.float32))
+    for session in (refused, clean):
+        session.begin(request, digest="a", answer=lambda pooled: b"top")
+    with pytest.raises(NonFinite):
+        refused.finish(TopGradient(1, np.full((2, bundle.pooled_width), 1e30, np.float32)), answer=lambda r: b"g")
+    assert refused.step == 0 and refused.held is None and refused.steps.pending is None
+    with pytest.raises(StepOrderError):
+        refused.finish(good, answer=lambda r: b"g")
+    refused.begin(request, digest="a", answer=lambda pooled: b"top")
+    for session in (refused, clean):
+        session.finish(good, answer=lambda r: b"g")
+    assert refused.step == clean.step == 1
+    assert_same(*({k: v.detach().numpy() for k, v in s.model.state_dict().items()} for s in (refused, clean)))
 
 
 # ---------------------------------------------------------------------------- what crosses the wire
