@@ -173,17 +173,26 @@ ids = np.array([[101, 7592, 2088, 102], [101, 2307, 102, 0]], dtype=np.int64)
 mask = (ids != 0).astype(np.int64)
 batch = EdgeBatch(ids, mask, np.zeros_like(ids), np.tile(np.arange(4, dtype=np.int64), (2, 1)))
 z = engine.forward(batch)
-before = engine.parameters()["head.s"]
+names = [n for n in ("head.s", "label_head.classifier.weight") if n in engine.parameters()]
+before = {n: engine.parameters()[n] for n in names}
+if engine.label_head is not None:  # label-private: the device's head takes the pooled output and the labels
+    engine.label_head.backward(np.ones((2, bundle.pooled_width), np.float32), np.array([0, 1]))
 engine.backward(np.ones_like(z) * mask[..., None].astype(np.float32))
 engine.optimizer_step()
-print(json.dumps({"z": list(z.shape), "moved": bool((engine.parameters()["head.s"] != before).any()),
+print(json.dumps({"z": list(z.shape), "moved": [bool((engine.parameters()[n] != before[n]).any()) for n in names],
                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))}))
 """
 
 
+@pytest.mark.parametrize("label_private", [False, True], ids=["standard", "label-private"])
 @pytest.mark.parametrize("torch_importable", [False, True], ids=["torch blocked", "torch installed"])
-def test_the_edge_half_loads_and_trains_without_torch(bundle, tmp_path, torch_importable):
-    """Where ``import torch`` fails, and where it would work but must not happen (``loaded`` stays empty)."""
+def test_the_edge_half_loads_and_trains_without_torch(bundle, tmp_path, torch_importable, label_private,
+                                                       tmp_path_factory, tiny_model_dir):
+    """Where ``import torch`` fails, and where it would work but must not happen (``loaded`` stays empty);
+    label-private, the device's head trains too."""
+    if label_private:
+        bundle = copy_bundle(export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("ort-training"),
+                                           label_private=True), tmp_path / "private")
     site = tmp_path / "site"
     site.mkdir()
     if not torch_importable:
@@ -196,4 +205,4 @@ def test_the_edge_half_loads_and_trains_without_torch(bundle, tmp_path, torch_im
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"z": [2, 4, 8], "moved": True, "loaded": []}
+    assert result == {"z": [2, 4, 8], "moved": [True] * (1 + label_private), "loaded": []}
