@@ -15,9 +15,17 @@ The ``ort-training`` engine recomputes the forward inside ``train_step`` (no cal
 upstream gradient), so its backward column holds a second forward; the *recompute* column is
 that engine's eval forward over the rest of its step: what a single-pass engine saves.
 
+Settings (``SETTINGS``): what the edge trains, as ``sft-export`` flags: every weight, frozen
+embeddings, bf16 AdamW moments, only the top edge layer (``--train-edge-layers 1``), and
+that with bf16 moments, and LoRA adapters of rank 8 (``--edge-lora-rank 8``) with and
+without bf16 moments. PyTorch does the same freezing (with its own float32 AdamW);
+ort-training runs the first two. For each setting the table gives the step against PyTorch's
+and against the all-trained step of the same engine, the peak RSS, the size of the edge
+checkpoint (the onnx engine's saved state), and whether an onnx child trains inside a
+``--cap`` memory cgroup on one core (``benchmarks.edge_budget``'s cap; needs root).
+
 Run: ``python -m benchmarks.edge_engines`` (bert-base dims with random weights, split 4,
-rank 8, a batch × length grid, all parameters trained and embeddings frozen). Writes
-docs/bench/edge_engines.{md,json,png}.
+rank 8, a batch × length grid). Writes docs/bench/edge_engines.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +46,17 @@ from benchmarks.assets import minilm_path
 from benchmarks.report import ROOT, save_plot, write_section
 
 KINDS = ("torch", "onnx", "ort-training")
+SETTINGS = {  # what the edge trains: sft-export's options
+    "all trained": {},
+    "frozen embeddings": {"freeze_embeddings": True},
+    "bf16 moments": {"edge_moments": "bf16"},
+    "top 1 layer": {"train_edge_layers": 1},
+    "top 1 layer + bf16 moments": {"train_edge_layers": 1, "edge_moments": "bf16"},
+    "LoRA rank 8": {"edge_lora_rank": 8},
+    "LoRA rank 8 + bf16 moments": {"edge_lora_rank": 8, "edge_moments": "bf16"},
+}
+ORT_SETTINGS = ("all trained", "frozen embeddings")  # ort-training keeps float32 moments; the rest are onnx's
+BASELINE = "all trained"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,16 +66,19 @@ def main(argv: list[str] | None = None) -> None:
                                 batch=args.batch, length=args.length)))
         return
     shapes = [_shape(text) for text in args.grid]
-    runs = []
-    for frozen in (False, True):
-        bundles = {kind: _bundle(args, kind, frozen=frozen) for kind in ("onnx", "ort-training")}
+    runs, capped = [], {}
+    for setting in args.settings:
+        engines = ("onnx", "ort-training") if setting in ORT_SETTINGS else ("onnx",)
+        bundles = {kind: _bundle(args, kind, setting=setting) for kind in engines}
+        kinds = [k for k in KINDS if k in ("torch", *engines)]
         for repeat in range(args.repeats):
             for batch, length in shapes:
-                kinds = KINDS[repeat % 3:] + KINDS[:repeat % 3]  # rotate who goes first
-                for kind in kinds:
-                    runs.append(_spawn(args, kind, bundles, batch=batch, length=length, frozen=frozen,
+                for kind in kinds[repeat % len(kinds):] + kinds[:repeat % len(kinds)]:  # rotate who goes first
+                    runs.append(_spawn(args, kind, bundles, batch=batch, length=length, setting=setting,
                                        repeat=repeat))
-    _report(args, runs, shapes)
+        if args.cap:
+            capped[setting] = _capped(args, bundles["onnx"])
+    _report(args, runs, shapes, capped)
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -68,11 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="bert-base-uncased", help="model id (random weights from its config)")
     p.add_argument("--split", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--grid", nargs="+", default=["4x64", "8x128", "16x64"], help="batch x length cases")
+    p.add_argument("--grid", nargs="+", default=["8x128"], help="batch x length cases (default 8x128)")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="SETTING",
+                   help=f"what the edge trains (default all): {'; '.join(SETTINGS)}")
+    p.add_argument("--cap", default="512MiB",
+                   help="also train each setting's onnx edge once at batch 8 x max-length on 1 core inside a memory "
+                        "cgroup of this size (default 512MiB; 'none' to skip; needs root)")
     p.add_argument("--max-length", type=int, default=128, help="the bundles' max_length")
     p.add_argument("--threads", type=int, default=1, help="threads of every engine (default 1: a Pi core each)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per child (after one warm-up step)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per child (after one warm-up step)")
     p.add_argument("--bundles", default=str(ROOT / "runs" / "bench" / "edge_engines"), help="export cache")
     p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
@@ -81,21 +109,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bundle(args: argparse.Namespace, engine: str, *, frozen: bool) -> Path:
-    """The bundle for ``engine``, exported once into the cache directory."""
+def _bundle(args: argparse.Namespace, engine: str, *, setting: str) -> Path:
+    """The bundle for ``engine`` and ``setting``, exported once into the cache directory."""
     from exporter.export import export_bundle
 
-    name = f"{Path(args.model).name}-s{args.split}-r{args.rank}-l{args.max_length}-{engine}" + ("-frozen" * frozen)
+    slug = "" if setting == BASELINE else "-" + setting.replace(" + ", "-").replace(" ", "-")
+    name = f"{Path(args.model).name}-s{args.split}-r{args.rank}-l{args.max_length}-{engine}{slug}"
     out = Path(args.bundles) / name
     if not (out / "manifest.json").is_file():
         export_bundle(model=args.model, init="random", split=args.split, rank=args.rank,
                       max_length=args.max_length, engine=engine, tokenizer=minilm_path(),  # BERT uncased, offline
-                      freeze_embeddings=frozen, out=out, force=True)
+                      out=out, force=True, **SETTINGS[setting])
     return out
 
 
+def _capped(args: argparse.Namespace, bundle: Path) -> dict:
+    """One capped training child (``benchmarks.edge_budget``): fits or killed, and its peak RSS."""
+    from benchmarks.edge_budget import run_child
+    from edge_runtime.doctor import parse_size
+
+    if args.cap == "none":
+        return {}
+    try:
+        result = run_child(bundle, cores=1, cap=parse_size(args.cap), batch=8)
+    except OSError as exc:  # no memory cgroup to write (not root, or no controller)
+        return {"fits": None, "why": str(exc)}
+    print(f"{bundle.name} under {args.cap}: {result}", flush=True)
+    return result
+
+
 def _spawn(args: argparse.Namespace, kind: str, bundles: dict[str, Path], *, batch: int, length: int,
-           frozen: bool, repeat: int) -> dict:
+           setting: str, repeat: int) -> dict:
     bundle = bundles.get(kind, bundles["onnx"])  # torch rebuilds the EdgePart from the same initial weights
     command = [sys.executable, "-m", "benchmarks.edge_engines", "--child", kind, "--bundle", str(bundle),
                "--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(batch),
@@ -105,8 +149,8 @@ def _spawn(args: argparse.Namespace, kind: str, bundles: dict[str, Path], *, bat
     if done.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result |= {"kind": kind, "batch": batch, "length": length, "frozen": frozen, "repeat": repeat}
-    print(f"{kind:>12} {batch} x {length}{' frozen embeddings' * frozen}: step {result['step_s']:.3f} s, "
+    result |= {"kind": kind, "batch": batch, "length": length, "setting": setting, "repeat": repeat}
+    print(f"{kind:>12} {batch} x {length} {setting}: step {result['step_s']:.3f} s, "
           f"peak {result['peak_mib']:.0f} MiB", flush=True)
     return result
 
@@ -116,16 +160,27 @@ def _child(kind: str, bundle_root: Path, *, threads: int, steps: int, batch: int
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 30000, (batch, length), dtype=np.int64)
     feeds = (ids, np.ones_like(ids), np.zeros_like(ids), np.tile(np.arange(length, dtype=np.int64), (batch, 1)))
-    step = _torch_step(bundle_root, feeds, threads) if kind == "torch" else _engine_step(bundle_root, feeds, threads)
+    step, save = (_torch_step if kind == "torch" else _engine_step)(bundle_root, feeds, threads)
     timings = [_with_cpu_time(step) for _ in range(steps + 1)][1:]
+    peak = _vm_hwm_mib()  # before the checkpoint is written
     return {
+        "checkpoint_mib": _checkpoint_mib(save),
         "step_s": statistics.median(sum(t[:3]) for t in timings),
         "cpu_s": statistics.median(t[3] for t in timings),
         "forward_s": statistics.median(t[0] for t in timings),
         "backward_s": statistics.median(t[1] for t in timings),
         "optimizer_s": statistics.median(t[2] for t in timings),
-        "peak_mib": _vm_hwm_mib(),
+        "peak_mib": peak,
     }
+
+
+def _checkpoint_mib(save) -> float | None:
+    """Size of what the engine saves (parameters it trains and their optimizer state); None for torch."""
+    if save is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        save(Path(directory))
+        return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file()) / 2**20
 
 
 def _with_cpu_time(step) -> tuple[float, float, float, float]:
@@ -153,7 +208,7 @@ def _engine_step(bundle_root: Path, feeds: tuple[np.ndarray, ...], threads: int)
         engine.optimizer_step()
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    return step
+    return step, engine.save
 
 
 def _torch_step(bundle_root: Path, feeds: tuple[np.ndarray, ...], threads: int):
@@ -161,12 +216,16 @@ def _torch_step(bundle_root: Path, feeds: tuple[np.ndarray, ...], threads: int):
     from safetensors.numpy import load_file
 
     from models import EdgePart, EncoderSpec, SplitSpec
+    from models.lora import add_adapters
     from splitwire.bundle import load_bundle
     from splitwire.manifest import WEIGHTS
 
     torch.set_num_threads(threads)
     bundle = load_bundle(bundle_root, parts=["edge"])
     edge = EdgePart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split))
+    adapters = bundle.manifest.edge.adapters
+    if adapters is not None:
+        add_adapters(edge, rank=adapters.rank, alpha=adapters.alpha)
     edge.load_state_dict({n: torch.from_numpy(a) for n, a in load_file(str(bundle.edge_file(WEIGHTS))).items()})
     frozen = set(bundle.manifest.edge.frozen)
     for name, parameter in edge.named_parameters():
@@ -189,7 +248,7 @@ def _torch_step(bundle_root: Path, feeds: tuple[np.ndarray, ...], threads: int):
         optimizer.step()
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    return step
+    return step, None
 
 
 def _vm_hwm_mib() -> float:
@@ -202,61 +261,81 @@ def _vm_hwm_mib() -> float:
 KEYS = ("step_s", "cpu_s", "forward_s", "backward_s", "optimizer_s", "peak_mib")
 
 
-def _summary(runs: list[dict], shapes: list[tuple[int, int]]) -> dict[tuple, dict[str, float]]:
-    """Median over repeats for every (engine, frozen, batch, length), in table order."""
-    cases: dict[tuple, list[dict]] = {(kind, frozen, b, l): [] for frozen in (False, True) for b, l in shapes
-                                      for kind in KINDS}
+def _summary(runs: list[dict]) -> dict[tuple, dict[str, float]]:
+    """Median over repeats for every (setting, batch, length, engine) that ran, in the order they ran."""
+    cases: dict[tuple, list[dict]] = {}
     for r in runs:
-        cases[(r["kind"], r["frozen"], r["batch"], r["length"])].append(r)
-    return {case: {key: statistics.median(r[key] for r in mine) for key in KEYS} for case, mine in cases.items()}
+        cases.setdefault((r["setting"], r["batch"], r["length"], r["kind"]), []).append(r)
+    summary = {case: {key: statistics.median(r[key] for r in mine) for key in KEYS} for case, mine in cases.items()}
+    for case, mine in cases.items():
+        summary[case]["checkpoint_mib"] = mine[0]["checkpoint_mib"]
+    return summary
 
 
-def _report(args: argparse.Namespace, runs: list[dict], shapes: list[tuple[int, int]]) -> None:
-    summary, rows = _summary(runs, shapes), []
-    for (kind, frozen, b, l), s in summary.items():
-        base, ort = summary[("torch", frozen, b, l)], summary[("ort-training", frozen, b, l)]
+def _cap_cell(result: dict | None) -> str:
+    if not result:
+        return "–"
+    if result.get("fits") is None:
+        return "not measured"
+    return f"yes ({result['peak_rss_mib']:.0f} MiB)" if result["fits"] else "no (killed)"
+
+
+def _report(args: argparse.Namespace, runs: list[dict], shapes: list[tuple[int, int]], capped: dict) -> None:
+    summary, rows = _summary(runs), []
+    for (setting, b, l, kind), s in summary.items():
+        torch_s, all_trained = summary[(setting, b, l, "torch")], summary.get((BASELINE, b, l, kind))
+        ort = summary.get((setting, b, l, "ort-training"))
         recompute = f"{s['forward_s'] / (s['step_s'] - s['forward_s']):.0%}" if kind == "ort-training" else "–"
-        rows.append(f"| {'frozen embeddings' if frozen else 'all trained'} | {b} × {l} | {kind} | {s['step_s']:.3f} "
-                    f"| {s['cpu_s']:.3f} | {s['forward_s']:.3f} | {s['backward_s']:.3f} | {s['optimizer_s']:.3f} "
-                    f"| **{s['step_s'] / base['step_s']:.2f}** | {s['cpu_s'] / base['cpu_s']:.2f} "
-                    f"| {s['step_s'] / ort['step_s']:.2f} | {recompute} | {s['peak_mib']:.0f} "
-                    f"| **{s['peak_mib'] / base['peak_mib']:.2f}** |")
-    _plot(summary, shapes)
+        versus_all = f"{s['step_s'] / all_trained['step_s']:.2f}" if all_trained else "–"
+        versus_ort = f"{s['step_s'] / ort['step_s']:.2f}" if ort else "–"
+        checkpoint = "–" if s["checkpoint_mib"] is None else f"{s['checkpoint_mib']:.0f}"
+        cap = _cap_cell(capped.get(setting)) if kind == "onnx" and (b, l) == shapes[0] else "–"
+        rows.append(f"| {setting} | {b} × {l} | {kind} | {s['step_s']:.3f} | {s['cpu_s']:.3f} | {s['forward_s']:.3f} "
+                    f"| {s['backward_s']:.3f} | {s['optimizer_s']:.3f} | **{s['step_s'] / torch_s['step_s']:.2f}** "
+                    f"| {s['cpu_s'] / torch_s['cpu_s']:.2f} | {versus_all} | {versus_ort} | {recompute} "
+                    f"| {s['peak_mib']:.0f} | {s['peak_mib'] / torch_s['peak_mib']:.2f} | {checkpoint} | {cap} |")
+    _plot(summary)
     body = (
         f"Each cell: the median over {args.repeats} fresh child processes (engines alternating) of each child's "
-        f"median over {args.steps} timed steps (forward → backward(dz) → AdamW, fp32, {args.threads} thread) "
-        "after a warm-up step; peak RSS is the child's VmHWM. Ratios are to PyTorch (× torch: wall; CPU × torch: "
-        "process CPU time, steadier on a shared machine) and to ort-training, in the same run. *Recompute*: the "
-        "ort-training step's eval forward over the rest of its step, i.e. the extra work of its two-pass step "
-        "(`train_step` runs the forward again).\n\n"
-        "| setting | batch × length | engine | step s | CPU s | forward s | backward s | AdamW s | × torch "
-        "| CPU × torch | × ort-training | recompute | peak MiB | RSS × torch |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        f"median over {args.steps} timed steps (forward → backward(dz) → AdamW, {args.threads} thread) "
+        "after a warm-up step; peak RSS is the child's VmHWM. Ratios are to PyTorch doing the same (same weights "
+        "frozen, its own float32 AdamW; × torch: wall; CPU × torch: process CPU time, steadier on a shared "
+        "machine), to the same engine with every weight trained (× all trained) and to ort-training, in the same "
+        "run. *Recompute*: the ort-training step's eval forward over the rest of its step, i.e. the extra work "
+        "of its two-pass step (`train_step` runs the forward again). *Checkpoint*: what the engine saves (its "
+        f"trained parameters and their optimizer state). *{args.cap} cap*: one onnx child at batch 8 × "
+        f"{args.max_length} on one core inside a memory cgroup of that size (no swap), "
+        "as `benchmarks.edge_budget` caps: did it train, and its peak.\n\n"
+        f"| setting | batch × length | engine | step s | CPU s | forward s | backward s | AdamW s | × torch "
+        f"| CPU × torch | × all trained | × ort-training | recompute | peak MiB | RSS × torch | checkpoint MiB "
+        f"| trains in {args.cap} |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
         + "\n\n![edge engines](edge_engines.png)\n")
     settings = {"model": f"{args.model} (random weights)", "split": args.split, "rank": args.rank,
                 "grid": args.grid, "max_length": args.max_length, "threads": args.threads,
-                "repeats": args.repeats, "steps": args.steps}
+                "repeats": args.repeats, "steps": args.steps, "settings": args.settings, "cap": args.cap}
     write_section("edge_engines", title="Edge engines: step time and peak memory",
-                  command="python -m benchmarks.edge_engines", settings=settings, body=body, results=runs)
+                  command="python -m benchmarks.edge_engines", settings=settings, body=body,
+                  results={"runs": runs, "capped": capped})
 
 
-def _plot(summary: dict[tuple, dict[str, float]], shapes: list[tuple[int, int]]) -> None:
+def _plot(summary: dict[tuple, dict[str, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    cases = [(frozen, b, l) for frozen in (False, True) for b, l in shapes]
-    labels = [f"{b}×{l}{' F' * frozen}" for frozen, b, l in cases]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    cases = list(dict.fromkeys(case[:3] for case in summary))
+    labels = [f"{setting}\n{b}×{l}" for setting, b, l in cases]
     width = 0.27
     for i, kind in enumerate(KINDS):
         xs = [j + (i - 1) * width for j in range(len(cases))]
-        axes[0].bar(xs, [summary[(kind, *c)]["step_s"] for c in cases], width, label=kind)
-        axes[1].bar(xs, [summary[(kind, *c)]["peak_mib"] for c in cases], width, label=kind)
+        for ax, key in zip(axes, ("step_s", "peak_mib")):
+            ax.bar(xs, [summary.get((*c, kind), {}).get(key, 0.0) for c in cases], width, label=kind)
     for ax, title in zip(axes, ("step time (s)", "peak RSS (MiB)")):
-        ax.set_xticks(range(len(cases)), labels, fontsize=8)
-        ax.set_title(f"{title}; F = frozen embeddings")
+        ax.set_xticks(range(len(cases)), labels, fontsize=7, rotation=20)
+        ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
     save_plot(fig, "edge_engines")

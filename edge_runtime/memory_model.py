@@ -16,7 +16,9 @@ dense gradient: the ``onnx`` engine materialises it), ``runtime`` the interprete
 onnxruntime and the sessions, ``c`` activation bytes saved and worked on per ``B·L·H`` per
 layer, ``a`` the layers whose activations the step holds: all ``k`` when every layer trains; with
 ``--train-edge-layers N`` (``N < k``) the ``N`` trained ones, whose activations the backward keeps,
-plus one for the frozen layers below, whose forward keeps nothing but the layer it is in. ``runtime``, ``e`` and ``c`` are calibrated per engine by ``benchmarks/edge_budget.py``
+plus ``f`` for the frozen layers below, whose forward keeps nothing but the layer it is in (``f``
+from one measured peak: bert-base split 4, ``--train-edge-layers 1``, onnx; a guess of 1 for
+ort-training). ``runtime``, ``e`` and ``c`` are calibrated per engine by ``benchmarks/edge_budget.py``
 on measured peak RSS (bert-base splits 2/4/6, with and without frozen embeddings, and MiniLM
 split 3, batch 8 × length 128, 1 and 2 threads, glibc's default allocator): least squares,
 then ``runtime`` raised until no measured peak exceeds its estimate, so the estimate errs
@@ -46,12 +48,13 @@ class Calibration:
     runtime_bytes: int
     activation: float  # c: bytes per B·L·H per edge layer
     embedding_scratch: float  # e: float32 copies of the trained word-embedding table in backward
+    frozen_forward: float  # f: layers' worth of activations the frozen layers' forward adds (--train-edge-layers)
 
 
 # Fitted by `python -m benchmarks.edge_budget` (docs/bench/edge_budget.md; rounded up); update from its output.
 CALIBRATION = {
-    "ort-training": Calibration(runtime_bytes=188 * MIB, activation=99.0, embedding_scratch=0.75),
-    "onnx": Calibration(runtime_bytes=128 * MIB, activation=134.0, embedding_scratch=1.6),
+    "ort-training": Calibration(runtime_bytes=188 * MIB, activation=99.0, embedding_scratch=0.75, frozen_forward=1.0),
+    "onnx": Calibration(runtime_bytes=128 * MIB, activation=134.0, embedding_scratch=1.6, frozen_forward=0.5),
 }
 
 
@@ -110,9 +113,11 @@ class EdgeSize:
         return replace(self, moment_bytes=MOMENT_BYTES["bf16"])
 
     @property
-    def activation_layers(self) -> int:
+    def activation_layers(self) -> float:
         """``a``: the layers' worth of activations a step holds (see the module docstring)."""
-        return self.layers if self.trained_layers >= self.layers else self.trained_layers + 1
+        if self.trained_layers >= self.layers:
+            return self.layers
+        return self.trained_layers + CALIBRATION[self.engine].frozen_forward
 
     def peak_bytes(self, *, batch: int, length: int) -> int:
         """Estimated peak resident memory of one training step at ``batch × length``."""
