@@ -171,6 +171,7 @@ def _child(kind: str, bundle_root: Path, *, threads: int, steps: int, batch: int
         "backward_s": statistics.median(t[1] for t in timings),
         "optimizer_s": statistics.median(t[2] for t in timings),
         "peak_mib": peak,
+        "load_1min": os.getloadavg()[0],  # how shared the machine was while this child ran
     }
 
 
@@ -295,7 +296,10 @@ def _report(args: argparse.Namespace, runs: list[dict], shapes: list[tuple[int, 
                     f"| {s['cpu_s'] / torch_s['cpu_s']:.2f} | {versus_all} | {versus_ort} | {recompute} "
                     f"| {s['peak_mib']:.0f} | {s['peak_mib'] / torch_s['peak_mib']:.2f} | {checkpoint} | {cap} |")
     _plot(summary)
+    loads = [r["load_1min"] for r in runs]
     body = (
+        f"**The machine was shared**: 1-minute load average {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} "
+        "cores while the children ran, so wall times are inflated and noisy; the CPU-time columns are steadier.\n\n"
         f"Each cell: the median over {args.repeats} fresh child processes (engines alternating) of each child's "
         f"median over {args.steps} timed steps (forward → backward(dz) → AdamW, {args.threads} thread) "
         "after a warm-up step; peak RSS is the child's VmHWM. Ratios are to PyTorch doing the same (same weights "
