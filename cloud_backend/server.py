@@ -60,7 +60,7 @@ from splitwire.errors import (
     BundleMismatch, CheckpointCorrupt, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, TooManyInFlight,
 )
 from splitwire.protocol import (
-    Average, DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top,
+    Average, DEFAULT_MAX_BATCH, SessionConfig, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top,
     TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag, weights_frame_bytes,
 )
 
@@ -120,12 +120,20 @@ class LiveSession:
     activity: Activity = dataclasses.field(default_factory=Activity)  # for the status port (``observe``)
     fleet: CloudFleet | None = None  # a fleet member: ``session`` is the fleet's shared top part
     member: str = ""  # a fleet member's session id
+    member_config: SessionConfig | None = None  # a fleet member's own schedule, seed and codec
 
     @classmethod
-    def of(cls, session: CloudSession, fleet: CloudFleet | None = None, member: str = "") -> "LiveSession":
-        config = session.config
+    def of(cls, session: CloudSession, fleet: CloudFleet | None = None, member: str = "",
+           config: SessionConfig | None = None) -> "LiveSession":
+        """``config``: a fleet member's own (its codec); the shared top steps on the fleet's schedule."""
+        config = config or session.config
         return cls(session, codec_for(config.codec, Carries.ACTIVATION, seed=config.seed),
-                   codec_for(config.codec, Carries.GRADIENT, seed=config.seed), fleet=fleet, member=member)
+                   codec_for(config.codec, Carries.GRADIENT, seed=config.seed), fleet=fleet, member=member,
+                   member_config=None if fleet is None else config)
+
+    @property
+    def config(self) -> SessionConfig:
+        return self.session.config if self.member_config is None else self.member_config
 
     @property
     def steps(self) -> CloudSteps:
@@ -280,7 +288,7 @@ class CloudServer:
                 f"({self.bundle.root}): give both sides the same sft-export output"
             )
         live = await (self._session(hello) if hello.fleet is None else self._member(hello))
-        if live.session.config != hello.config:
+        if live.config != hello.config:
             raise ConfigMismatch(
                 f"session {hello.session_id!r} was started with {live.session.config.to_meta()}, the edge now "
                 f"asks for {hello.config.to_meta()}: resume with the same schedule, seed and codec, or use a new "
@@ -294,7 +302,7 @@ class CloudServer:
                 await self._rewind(live, hello.resume_from)
             resume = live.steps.step
         tag = session_tag(hello.session_id)
-        welcome = encode(Welcome(self.bundle.hash, live.session.config, resume, self.limits.max_batch, hello.fleet)
+        welcome = encode(Welcome(self.bundle.hash, live.config, resume, self.limits.max_batch, hello.fleet)
                          .to_frame(session=tag))
         if live.fleet is not None:  # its edge weights come up for averaging: larger frames, after the token check
             ws.protocol.max_message_size = max(ws.protocol.max_message_size or 0,
@@ -317,8 +325,9 @@ class CloudServer:
             fleet = self.fleets.get(hello.fleet) or await self._open_fleet(hello)
             fleet.join(hello.session_id)
             live = self.members.get(hello.session_id)
-            if live is None or live.fleet is not fleet:
-                live = self.members[hello.session_id] = LiveSession.of(fleet.top, fleet, hello.session_id)
+            if live is None or live.fleet is not fleet or live.config != hello.config:
+                live = self.members[hello.session_id] = LiveSession.of(fleet.top, fleet, hello.session_id,
+                                                                       hello.config)
             return live
 
     async def _open_fleet(self, hello: Hello) -> CloudFleet:

@@ -332,6 +332,33 @@ def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_
     assert fleet.top.step > steps  # dev-2's steps after its return went into rounds of their own or shared
 
 
+def test_a_device_that_joins_mid_training_and_leaves_early_never_makes_the_fleet_wait_for_a_timeout(bundle, tmp_path):
+    """dev-2 joins after round 2 and says bye after its 2 steps; the round timeout (60 s) never fires."""
+    steps, timeout = 6, 60.0
+    late: list[asyncio.Task] = []
+
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=FleetSettings("sync", timeout, 2)) as server:
+            def join_after_round_2(info) -> None:
+                if info.step == 2 and not late:
+                    late.append(asyncio.get_running_loop().create_task(train_member(
+                        bundle, server.url, "dev-2", device_data(2), 2, tmp_path / "dev-2")))
+
+            started = time.monotonic()
+            early = await asyncio.gather(*(train_member(bundle, server.url, f"dev-{i}", device_data(i), steps,
+                                                        tmp_path / f"dev-{i}",
+                                                        hooks=_Hooks(end=join_after_round_2) if i == 0 else None)
+                                           for i in range(2)))
+            joined = await late[0]
+            return early, joined, time.monotonic() - started, server.fleets["f"]
+
+    early, joined, seconds, fleet = asyncio.run(scenario())
+    assert all(m.result.steps == list(range(1, steps + 1)) for m in early) and joined.result.steps == [1, 2]
+    assert seconds < timeout  # no round waited for a device that was not there
+    assert fleet.top.step == steps  # dev-2's steps went into the others' rounds, none of its own
+    assert {m: s.step for m, s in fleet.members.items()} == {"dev-0": steps, "dev-1": steps, "dev-2": 2}
+
+
 def test_the_asynchronous_schedule_stacks_concurrent_requests_into_fewer_cloud_steps(bundle, tmp_path):
     steps, devices = 3, 3
 
