@@ -240,7 +240,8 @@ def build_split(
     return model
 
 
-def u_shaped(encoder: EncoderSpec, split: SplitSpec, edge: EdgePart, cloud: CloudPart, cloud_dropout: bool) -> SplitModel:
+def u_shaped(encoder: EncoderSpec, split: SplitSpec, edge: EdgePart, cloud: CloudPart,
+             cloud_dropout: bool) -> SplitModel:
     """The label-private split of a built ``cloud``: the same weights, its pooling layer and classifier
     moved into the device's ``LabelHead``."""
     top = CloudPart(encoder, split, dropout=cloud_dropout)

@@ -5,8 +5,9 @@ kind — bit flips, truncations, splices, header fields (version, kind, flags, s
 metadata length), the JSON metadata (shapes, dtypes, names, values of the wrong type, huge
 or negative numbers, missing and extra keys) and the tensor bytes (NaN, ±Inf, huge values).
 
-At the decoder (10,000 frames) every frame must parse into checked values or raise a
-``SplitftError``, nothing else. At the live server, sent on fresh connections before or
+At the decoder (10,000 frames, read as a standard and as a label-private edge and cloud
+would read them) every frame must parse into checked values or raise a ``SplitftError``,
+nothing else. At the live server, sent on fresh connections before or
 after a valid hello, every frame must get an answer or a typed error and a close within a
 timeout (no crash, no hang, no "internal" error), while a good session trains beside the
 fuzzer and ends with exactly the weights of its run alone: a few hundred frames by
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import struct
@@ -33,8 +35,8 @@ from splitwire.bundle import load_bundle
 from splitwire.codecs import Carries, Fp32Codec
 from splitwire.errors import SplitftError
 from splitwire.protocol import (
-    HEADER, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Train, Welcome, WireLimits,
-    decode, encode, session_tag,
+    HEADER, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top, TopGradient, Train, Welcome,
+    WireLimits, decode, encode, session_tag,
 )
 
 FAST, SLOW = 400, 10_000
@@ -66,6 +68,10 @@ class FrameFuzzer:
             encode(Prediction(1, np.zeros((B, bundle.num_labels), np.float32)).to_frame(session=tag)),
             encode(Checkpointed(1, True).to_frame(session=tag)),
             encode(Error("protocol", "bad").to_frame(session=tag)),
+            # the label-private split's: a TRAIN without labels, the pooled output and its gradient
+            encode(dataclasses.replace(request, labels=None).to_frame(session=tag, codec=CODEC)),
+            encode(Top(1, request.z[:, 0]).to_frame(session=tag, codec=CODEC)),
+            encode(TopGradient(1, request.z[:, 0]).to_frame(session=tag, codec=CODEC)),
         ]
         self.mutations = [self._random_bytes, self._flip_bits, self._truncate, self._splice, self._header,
                           self._meta, self._tensor_values, self._insert_delete]
@@ -170,13 +176,17 @@ def read_any(data: bytes, limits: WireLimits):
     """What the cloud and the edge do with a frame of each kind: decode it and read its message."""
     frame = decode(data)
     shape, lengths = (B, L, limits.width), np.full(B, L, np.int32)
+    pooled = limits.pooled or limits.width  # the fuzzer's TOP frames carry the activation's width
     readers = {
         Kind.HELLO: Hello.from_frame,
         Kind.WELCOME: Welcome.from_frame,
         Kind.TRAIN: lambda f: Train.from_frame(f, limits=limits, codec=CODEC),
         Kind.PREDICT: lambda f: Predict.from_frame(f, limits=limits, codec=CODEC),
         Kind.GRADIENT: lambda f: Gradient.from_frame(f, codec=CODEC, shape=shape, lengths=lengths),
-        Kind.PREDICTION: lambda f: Prediction.from_frame(f, batch=B, num_labels=limits.num_labels),
+        Kind.PREDICTION: lambda f: Prediction.from_frame(f, batch=B, num_labels=limits.num_labels,
+                                                         pooled=limits.pooled),
+        Kind.TOP: lambda f: Top.from_frame(f, codec=CODEC, batch=B, width=pooled),
+        Kind.TOP_GRADIENT: lambda f: TopGradient.from_frame(f, codec=CODEC, batch=B, width=pooled),
         Kind.CHECKPOINTED: Checkpointed.from_frame,
         Kind.ERROR: Error.from_frame,
     }
@@ -184,8 +194,10 @@ def read_any(data: bytes, limits: WireLimits):
     return frame if reader is None else reader(frame)
 
 
-def fuzz_decoder(bundle, count: int, seed: int) -> dict[str, int]:
+def fuzz_decoder(bundle, count: int, seed: int, *, label_private: bool = False) -> dict[str, int]:
     limits = WireLimits.from_bundle(bundle)
+    if label_private:  # the pooled width of the fuzzer's TOP frames: the same bundle's sizes, read the other way
+        limits = dataclasses.replace(limits, pooled=limits.width)
     fuzzer, outcomes = FrameFuzzer(bundle, seed), {"read": 0, "refused": 0}
     for _ in range(count):
         try:
@@ -196,13 +208,15 @@ def fuzz_decoder(bundle, count: int, seed: int) -> dict[str, int]:
         outcomes["read"] += 1
         if isinstance(message, Train):  # what passed is safe to compute with
             assert np.isfinite(message.z).all() and message.z.shape[2] == limits.width
-            assert ((message.labels >= 0) & (message.labels < limits.num_labels)).all()
+            assert (message.labels is None) == label_private
+            assert label_private or ((message.labels >= 0) & (message.labels < limits.num_labels)).all()
             assert ((message.lengths >= 1) & (message.lengths <= message.z.shape[1])).all()
     return outcomes
 
 
-def test_the_decoder_reads_or_refuses_10000_fuzzed_frames(bundle):
-    outcomes = fuzz_decoder(bundle, SLOW, seed=1)
+@pytest.mark.parametrize("label_private", [False, True], ids=["standard", "label-private"])
+def test_the_decoder_reads_or_refuses_10000_fuzzed_frames(bundle, label_private):
+    outcomes = fuzz_decoder(bundle, SLOW, seed=1, label_private=label_private)
     assert outcomes["read"] + outcomes["refused"] == SLOW
     assert outcomes["read"] > SLOW // 20 and outcomes["refused"] > SLOW // 2  # both paths were exercised
 

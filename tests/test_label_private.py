@@ -27,7 +27,8 @@ from cloud_harness import CloudProcess, EdgeSession, RecordingProxy, tiny_dropou
 from safetensors import safe_open
 from test_faults import (  # noqa: F401 (collected here again, with this module's label-private bundle)
     assert_same, cloud_process, cloud_weights, reviews, test_connections_cut_at_random_points_lose_no_training,
-    test_kill_9_of_the_cloud_mid_training_loses_no_training, test_kill_9_of_the_edge_resumes_from_its_checkpoint_exactly,
+    test_kill_9_of_the_cloud_mid_training_loses_no_training,
+    test_kill_9_of_the_edge_resumes_from_its_checkpoint_exactly,
 )
 
 from cloud_backend.server import serve_cloud
