@@ -125,7 +125,8 @@ def replot() -> None:
 
 def _report(args: argparse.Namespace, rows: list[dict]) -> None:
     table = ["| model | mode | devices | device steps | cloud steps | seconds | steps/s (all devices) | "
-             "cloud CPU ms/step | cloud peak RSS MiB | load average |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "cloud CPU ms/step | cloud peak RSS MiB | load average |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     table += [f"| {r['model']} | {r['mode']} | {r['devices']} | {r['steps']} | {r['cloud_steps']} | {r['seconds']} | "
               f"{r['steps_per_s']} | {r['cloud_cpu_ms_per_step']} | {r['cloud_peak_mib']} | {r['load_average']} |"
               for r in rows]

@@ -401,6 +401,42 @@ def test_the_status_port_shows_the_fleet_its_shared_step_and_its_members_bytes_a
         assert "dev-0" not in body and "dev-1" not in body and '"f"' not in body
 
 
+def test_two_torch_free_sft_edge_processes_train_one_fleet_and_end_with_the_same_averaged_edge_half(bundle, tmp_path):
+    """``sft-edge train --fleet f --average-every 4`` in two processes where torch cannot be imported: both
+    exit 0, their reports count the averaging bytes, and their last checkpoints hold the same edge weights."""
+    from test_edge_trainer import _final_edge_weights, _sft_edge
+
+    header, *rows = movie_reviews_path().read_text(encoding="utf-8").splitlines()
+    for i, name in enumerate("ab"):  # each device its own 40 rows
+        (tmp_path / f"{name}.tsv").write_text("\n".join([header, *rows[40 * i:40 * i + 40]]) + "\n", encoding="utf-8")
+
+    def args(url: str, name: str) -> list[str]:
+        return ["train", "--bundle", str(bundle.root), "--cloud", url, "--session", name, "--fleet", "f",
+                "--average-every", "4", "--checkpoint-dir", str(tmp_path / name),
+                "--data", str(tmp_path / f"{name}.tsv"),
+                "--label-column", "sentiment", "--label-threshold", "0", "--batch-size", "8", "--max-steps", "4",
+                "--lr", "1e-3", "--seed", "3", "--threads", "1", "--no-progress",
+                "--report", str(tmp_path / f"{name}.json")]
+
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=FleetSettings("sync", 120.0, 2)) as server:
+            runs = await asyncio.gather(_sft_edge(*args(server.url, "a")), _sft_edge(*args(server.url, "b")))
+            return runs, server.fleets["f"].top.step
+
+    runs, cloud_steps = asyncio.run(scenario())
+    for code, output in runs:
+        assert code == 0, output
+        assert "fleet averaging of the edge half:" in output
+    reports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in "ab"]
+    weights = [_final_edge_weights(bundle, tmp_path / name) for name in "ab"]
+    weight_bytes = sum(v.nbytes for v in weights[0].values())
+    assert cloud_steps == 4 and all(2 * weight_bytes < r["averaging_bytes"] < r["bytes_sent"] + r["bytes_received"]
+                                    for r in reports)
+    for name, value in weights[0].items():
+        np.testing.assert_array_equal(weights[1][name], value, err_msg=name)
+    assert reports[0]["losses"] != reports[1]["losses"]  # the two devices trained on different rows
+
+
 def test_a_token_not_allowed_in_the_fleet_is_refused(bundle, tmp_path):
     alice, bob = "a" * 24, "b" * 24
     tokens = TokenStore.parse(f"alice {alice} f,g\nbob {bob}\n", source="tokens")
