@@ -84,12 +84,17 @@ def decide(summed: Sequence[int], world_size: int) -> str | None:
     return None
 
 
+def header(offers: Sequence[Offer]) -> list[int]:
+    """One worker's header, an offer per kind in ``KINDS`` order; the workers' headers are summed."""
+    return [int(v) for o in offers for v in (o.pending, o.ready)]
+
+
 def _exchange(offers: Sequence[Offer]) -> list[int]:
-    header = torch.tensor([v for o in offers for v in (o.pending, o.ready)], dtype=torch.int64)
+    header_ = torch.tensor(header(offers), dtype=torch.int64)
     if dist.get_backend() == "nccl":
-        header = header.cuda()
-    dist.all_reduce(header)
-    return header.tolist()
+        header_ = header_.cuda()
+    dist.all_reduce(header_)
+    return header_.tolist()
 
 
 class _DaemonThread:

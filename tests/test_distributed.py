@@ -32,8 +32,10 @@ from test_fleet import _Hooks, assert_close_weights, device_data, reference as f
 from benchmarks.distributed_fleet import (
     REPO, RUN_ENV, SEED, adamw, device_batch, present, read_run, schedule, torchrun, torchrun_command,
 )
+from cloud_backend.fleet_workers import Offer, decide, header, offer
 from cloud_backend.launch import LISTENING
 from cloud_backend.model import load_cloud_part
+from cloud_backend.rounds import Barrier
 from cloud_backend.session import checkpoint_path, saved_step
 from models.fleet import Fleet
 from splitwire.bundle import load_bundle
@@ -118,6 +120,7 @@ def progress(out: Path, rank: int) -> dict | None:
         return None
 
 
+@pytest.mark.slow
 def test_kill_9_of_one_worker_then_torchruns_restart_of_the_group_ends_with_the_weights_of_an_unbroken_run(
         bundle, tmp_path):
     """Rank 1 is killed with SIGKILL in round 4 (checkpoints after rounds 2, 4, 6); rank 0 fails in its next
@@ -304,3 +307,33 @@ def test_kill_9_of_one_sft_cloud_worker_then_a_restart_of_the_group_ends_with_th
         assert got_step == want_step == steps
         for name, value in want.items():
             np.testing.assert_array_equal(got[name], value, err_msg=f"top {name}")
+
+
+# ---------------------------------------------------------------------------- the header's rules, without I/O
+
+
+def test_the_header_runs_a_round_once_every_worker_is_ready_and_one_holds_items():
+    here, there = Barrier(timeout=30.0, quorum=2), Barrier(timeout=30.0, quorum=1)
+    assert offer(here, 0.0, None, 30.0) == Offer(False, False)  # its quorum has not joined: not ready
+    for member in ("a", "b"):
+        here.join(member)
+    there.join("c")
+    here.submit("a", 1, now=1.0)
+    assert offer(here, 2.0, None, 30.0) == Offer(True, False)  # still waits for b
+    assert offer(there, 2.0, None, 30.0) == Offer(False, False)  # waits for c, which has sent nothing
+    assert offer(there, 2.0 + 30.0, 2.0, 30.0) == Offer(False, True)  # the round opened elsewhere 30 s ago
+    assert offer(here, 31.0, None, 30.0) == Offer(True, True)  # its own first item came 30 s ago
+    here.submit("b", 2, now=3.0)
+    assert offer(here, 3.0, None, 30.0) == Offer(True, True)
+    there.leave("c")
+    assert offer(there, 3.0, None, 30.0) == Offer(False, True)  # nobody to wait for: zero rows
+
+    def summed(*workers: tuple[Offer, Offer]) -> list[int]:  # the all-reduce: (train, checkpoint) offers per worker
+        return [sum(column) for column in zip(*(header(offers) for offers in workers))]
+
+    ready, idle, waiting = Offer(True, True), Offer(False, True), Offer(True, False)
+    assert decide(summed((ready, idle), (idle, idle)), 2) == "train"  # worker 1 has no rows and waits for nobody
+    assert decide(summed((waiting, idle), (idle, idle)), 2) is None  # worker 0 still waits for a device
+    assert decide(summed((waiting, ready), (idle, ready)), 2) == "checkpoint"  # the train round waits, these do not
+    assert decide(summed((idle, idle), (idle, idle)), 2) is None  # nothing held anywhere: no round
+    assert here.take(3.0, force=True) == [("a", 1), ("b", 2)]
