@@ -7,8 +7,8 @@ round trips and apply it once; every
 frame of a real label-private run, recorded by a websocket proxy between a real edge and a real
 ``sft-cloud`` and decoded with ``splitwire.protocol``, carries no label, loss, logit or metric, and
 the cloud's log and state dir hold none either (the same check on a standard run finds them, so it
-is not vacuous); a connection cut between the two round trips of a step, at either point, loses no
-training; and the fault tests of ``test_faults`` run here again on the label-private bundle
+is not vacuous); a connection cut between the two round trips of a step, at either point, and a
+``kill -9`` of the cloud while it holds a step lose no training; and the fault tests of ``test_faults`` run here again on the label-private bundle
 (imported below: they use this module's ``bundle``), so random cuts, a ``kill -9`` of the cloud and
 of the edge end bit-equal to an unbroken run. Over the wire equals in process for this bundle on
 both engines: ``test_end_to_end``.
@@ -156,6 +156,40 @@ def test_the_cloud_holds_a_step_between_its_round_trips_and_applies_it_once():
     assert steps.meets(4) and steps.meets(5) and not steps.meets(3)
     with pytest.raises(StepOrderError, match="no forward of step 6"):
         steps.cached_gradient(6)
+
+
+def test_a_cloud_killed_between_the_two_round_trips_of_a_step_loses_no_training(bundle, reviews, tmp_path):
+    """``kill -9`` of ``sft-cloud`` right after it sent the TOP of step 8 (it held step 8; its last checkpoint is
+    step 6): it restarts from its state dir without the held step, the edge's reconnect finds it at step 6, goes
+    back to its own checkpoint 6 and trains on, ending bit-equal to an unbroken run on both halves."""
+    cloud = CloudProcess(bundle.root, tmp_path / "state", log_path=tmp_path / "cloud.log").start()
+    killed = []
+
+    def kill_after_the_top_of_step_8(direction: str, data: bytes) -> bool:
+        frame = decode(data)
+        if direction == "down" and (frame.kind, frame.step) == (Kind.TOP, 8) and not killed:
+            cloud.kill9()
+            killed.append(frame.step)
+            cloud.start(wait=False)  # same port; the edge's reconnects find it once it listens
+            return True
+        return False
+
+    async def between_halves():
+        async with RecordingProxy(cloud.url, drop=kill_after_the_top_of_step_8) as proxy:
+            return await train_edge(EdgeSession(bundle, "between", reviews, seed=9, steps=10), proxy.url,
+                                    tmp_path / "between")
+
+    try:
+        crashed = asyncio.run(between_halves())
+        cloud.wait_listening()
+        whole = asyncio.run(train_edge(EdgeSession(bundle, "whole", reviews, seed=9, steps=10), cloud.url,
+                                       tmp_path / "whole"))
+    finally:
+        cloud.stop()
+    assert killed == [8] and crashed.reconnects >= 1 and "restored" in cloud.events()
+    assert crashed.result.steps == list(range(1, 11)) and crashed.result.losses == whole.result.losses
+    assert_same(crashed.parameters, whole.parameters)
+    assert_same(cloud.saved_weights("between"), cloud.saved_weights("whole"))
 
 
 def test_a_refused_gradient_ends_the_held_step_which_is_begun_again_exactly(bundle):
