@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundles import export_cached, reference_edge
+from bundles import reference_edge
 from cloud_harness import FAST_RETRY, CloudProcess, review_data, tiny_dropout_bundle
 from conftest import movie_reviews_path
 from safetensors.torch import load_file
@@ -42,9 +42,9 @@ KEY_BIAS = "attention.key.bias"
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, tiny_model_dir):
-    return load_bundle(export_cached(tmp_path_factory, tiny_model_dir, split=2, rank=4, init="random",
-                                     max_length=48, lr=1e-3, engine="ort-training"))
+def bundle(tmp_path_factory, tiny_model_dir):
+    """The tiny BERT with dropout 0.1 (the shared top's RNG matters), split 2, rank 4, ``ort-training``."""
+    return load_bundle(tiny_dropout_bundle(tmp_path_factory, tiny_model_dir))
 
 
 def cloud_part(bundle) -> CloudPart:
@@ -53,12 +53,12 @@ def cloud_part(bundle) -> CloudPart:
     return cloud
 
 
-def test_a_joint_step_gives_each_device_its_own_gradient_scaled_by_its_share_of_rows(tiny_bundle):
+def test_a_joint_step_gives_each_device_its_own_gradient_scaled_by_its_share_of_rows(bundle):
     """Stacking devices' batches of different lengths (right-padded to the longest) is exact."""
-    cloud = cloud_part(tiny_bundle)
+    cloud = cloud_part(bundle)
     rng = torch.Generator().manual_seed(0)
     shapes = [(3, 7), (2, 12), (4, 5)]
-    zs = [torch.randn(b, length, tiny_bundle.wire_width, generator=rng, requires_grad=True) for b, length in shapes]
+    zs = [torch.randn(b, length, bundle.wire_width, generator=rng, requires_grad=True) for b, length in shapes]
     masks = [(torch.arange(length)[None, :] < torch.randint(1, length + 1, (b, 1), generator=rng)).long()
              for b, length in shapes]
     labels = [torch.randint(0, 2, (b,), generator=rng) for b, _ in shapes]
@@ -129,12 +129,6 @@ def test_the_first_round_waits_for_its_quorum_and_the_async_batcher_takes_what_a
     assert batcher.take(0.02) == [("c", "c1")] and batcher.deadline() is None
 
 # ---------------------------------------------------------------------------- real edges, a real cloud
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_model_dir):
-    """The tiny BERT with dropout 0.1 (the shared top's RNG matters), split 2, rank 4, ``ort-training``."""
-    return load_bundle(tiny_dropout_bundle(tmp_path_factory, tiny_model_dir))
 
 
 def device_data(i: int, rows: int = 24) -> TextData:
