@@ -23,8 +23,8 @@ not). Here one flat bucket carries, beside the gradients, which parameters have 
 whether any worker refused its share; if one did, every worker refuses the round, so none
 steps and they stay equal.
 
-Dropout: each worker draws its own rows' masks from its own generator (sft-cloud's workers start
-theirs from the fleet's seed alike), so with cloud dropout on an ``N``-worker run is an equally
+Dropout: each worker draws its own rows' masks from its own generator (sft-cloud's worker ``r``
+starts its own from the fleet's seed + ``r``), so with cloud dropout on an ``N``-worker run is an equally
 valid draw of the same training, not bit-for-bit the one-process run; with a model whose
 dropout probabilities are 0 it equals it within float rounding, which is what
 ``tests/test_distributed.py`` checks.

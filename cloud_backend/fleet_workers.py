@@ -29,8 +29,9 @@ shares into that step). So the workers agree, round by round, on which round com
 Header collectives may wait long for peers, so they run on a daemon thread of their own (a
 stopping worker never waits for it); a round's own collectives run on the compute thread, where
 its compute is (the dropout RNG swap must not race), and are short because every worker has
-entered the round. Averaging (FedAvg) and the asynchronous schedule stay on one worker for now:
-``sft-cloud --distributed`` refuses them.
+entered the round. Dropout: worker ``r``'s generator starts from the fleet's seed + ``r`` (its own
+masks; worker 0's are those of one process). Averaging (FedAvg) and the asynchronous schedule stay
+on one worker for now: ``sft-cloud --distributed`` refuses them.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class WorkerFleet(CloudFleet):
         if self.settings.schedule != "sync":
             raise ConfigMismatch("a fleet across sft-cloud workers runs the synchronous schedule only")
         self.parallel = DataParallelTop(self.top.model)
+        if self.top.step == 0:  # each worker's rows draw their own dropout masks (rank 0: as in one process)
+            self.top.seed_rng(self.top.config.seed + dist.get_rank())
         self._headers = _DaemonThread("fleet-header")
 
     async def run(self) -> None:

@@ -159,11 +159,15 @@ class CloudSession:
             self.model.parameters(), lr=config.schedule.rate(1), betas=opt.betas, eps=opt.eps,
             weight_decay=opt.weight_decay,
         )
-        with self._forked_rng():
-            torch.manual_seed(config.seed)
-            self.rng = _get_rng(device)
+        self.seed_rng(config.seed)
         self.steps = CloudSteps(session_id)  # step order and the replay cache (``splitwire.steps``)
         self.held: HeldStep | None = None  # label-private: the step whose gradient the device has yet to send
+
+    def seed_rng(self, seed: int) -> None:
+        """Start this session's dropout generator from ``seed`` (torch's global generator is left alone)."""
+        with self._forked_rng():
+            torch.manual_seed(seed)
+            self.rng = _get_rng(self.device)
 
     @contextlib.contextmanager
     def _forked_rng(self) -> Iterator[None]:

@@ -223,10 +223,12 @@ class Workers:
             self.proc.kill()
 
     def saved_top(self, rank: int, fleet: str) -> tuple[int, dict[str, np.ndarray]]:
-        """Worker ``rank``'s requested checkpoint of ``fleet``: its step and the shared top's weights."""
+        """Worker ``rank``'s requested checkpoint of ``fleet``: its step and the shared top's weights (and,
+        as ``"rng"``, its dropout generator's state)."""
         path = checkpoint_path(self.state_dir / f"rank-{rank}", f"fleet:{fleet}", "requested")
         tensors = load_numpy(str(path))
-        return saved_step(path), {n[len("model."):]: v for n, v in tensors.items() if n.startswith("model.")}
+        top = {n[len("model."):]: v for n, v in tensors.items() if n.startswith("model.")}
+        return saved_step(path), top | {"rng": tensors["rng"]}
 
 
 def run_fleet(bundle, group: Workers, tmp: Path, steps: int, *, checkpoint_every: int, hook=None):
@@ -259,6 +261,9 @@ def test_two_sft_cloud_workers_under_torchrun_with_two_real_edges_each_equal_one
     want_top = {n: p.detach().numpy() for n, p in want.cloud.named_parameters()}
     (two, two_tops), (one, one_tops) = runs[2], runs[1]
     assert [step for step, _ in two_tops + one_tops] == [steps] * 3  # one shared step a round, on every worker
+    # Each worker's own dropout stream (none is drawn at dropout 0): worker 0's is one process's, worker 1's its own.
+    rng_0, rng_1, rng_alone = (top.pop("rng") for _, top in two_tops + one_tops)
+    assert np.array_equal(rng_0, rng_alone) and not np.array_equal(rng_0, rng_1)
     assert all(np.array_equal(two_tops[0][1][n], two_tops[1][1][n]) for n in want_top)  # the workers agree exactly
     assert_close_weights(two_tops[0][1], want_top, steps, "2 workers' top")
     assert_close_weights(one_tops[0][1], want_top, steps, "1 worker's top")
