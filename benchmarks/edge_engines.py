@@ -24,6 +24,10 @@ and against the all-trained step of the same engine, the peak RSS, the size of t
 checkpoint (the onnx engine's saved state), and whether an onnx child trains inside a
 ``--cap`` memory cgroup on one core (``benchmarks.edge_budget``'s cap; needs root).
 
+``--profile``: instead, where the onnx step's time goes. A child per setting runs the
+forward and backward graphs (``AotGraphs``) with onnxruntime's profiler on and sums the
+kernel time of every node by operator type over the timed steps (docs/bench/edge_profile.md).
+
 Run: ``python -m benchmarks.edge_engines`` (bert-base dims with random weights, split 4,
 rank 8, a batch × length grid). Writes docs/bench/edge_engines.{md,json,png}.
 """
@@ -61,11 +65,18 @@ BASELINE = "all trained"
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.child == "profile":
+        print(json.dumps(_profile_child(Path(args.bundle), threads=args.threads, steps=args.steps, batch=args.batch,
+                                        length=args.length)))
+        return
     if args.child:
         print(json.dumps(_child(args.child, Path(args.bundle), threads=args.threads, steps=args.steps,
                                 batch=args.batch, length=args.length)))
         return
     shapes = [_shape(text) for text in args.grid]
+    if args.profile:
+        _profile(args, shapes[0])
+        return
     runs, capped = [], {}
     for setting in args.settings:
         engines = ("onnx", "ort-training") if setting in ORT_SETTINGS else ("onnx",)
@@ -102,7 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per child (after one warm-up step)")
     p.add_argument("--bundles", default=str(ROOT / "runs" / "bench" / "edge_engines"), help="export cache")
-    p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true",
+                   help="instead: the onnx step's kernel time per operator type (onnxruntime's profiler), per setting, "
+                        "at the first grid shape; writes docs/bench/edge_profile.md")
+    p.add_argument("--child", choices=(*KINDS, "profile"), help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -182,6 +196,76 @@ def _checkpoint_mib(save) -> float | None:
     with tempfile.TemporaryDirectory() as directory:
         save(Path(directory))
         return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file()) / 2**20
+
+
+def _profile_child(bundle_root: Path, *, threads: int, steps: int, batch: int, length: int) -> dict:
+    """Kernel seconds per operator type of the onnx forward and backward graphs, summed over ``steps`` steps
+    after a warm-up (the profiler starts with the sessions: the warm-up step's events are dropped by count)."""
+    from safetensors.numpy import load_file
+
+    from edge_runtime.engines.onnx_engine import AotGraphs
+    from splitwire.bundle import load_bundle
+    from splitwire.manifest import BACKWARD, FORWARD, INFER, WEIGHTS
+
+    bundle = load_bundle(bundle_root, parts=["edge"])
+    with tempfile.TemporaryDirectory() as scratch:
+        graphs = AotGraphs(*(bundle.edge_file(r) for r in (FORWARD, BACKWARD, INFER)), threads=threads,
+                           profile=Path(scratch) / "edge")
+        weights = load_file(str(bundle.edge_file(WEIGHTS)))
+        gradients = {name: np.zeros_like(weights[name]) for name in graphs.gradients}
+        ids = np.random.default_rng(0).integers(1000, 30000, (batch, length), dtype=np.int64)
+        values = weights | dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=np.zeros_like(ids),
+                                position_ids=np.tile(np.arange(length, dtype=np.int64), (batch, 1)))
+        dz = np.random.default_rng(1).standard_normal((batch, length, bundle.wire_width)).astype(np.float32)
+        for _ in range(steps + 1):
+            graphs.forward(values, keep=True)
+            graphs.backward(values, dz, gradients)
+        files = graphs.end_profiling()
+        return {role: _kernel_seconds(json.loads(path.read_text()), runs=steps + 1, skip=1)
+                for role, path in files.items()}
+
+
+def _kernel_seconds(events: list[dict], *, runs: int, skip: int) -> dict[str, list[float]]:
+    """Operator type → [kernel seconds per step, nodes per step], over the runs after the first ``skip``."""
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(nodes) // runs
+    kept = nodes[skip * per_run:]
+    totals: dict[str, list[float]] = {}
+    for e in kept:
+        entry = totals.setdefault(e["args"]["op_name"], [0.0, 0])
+        entry[0] += e["dur"] / 1e6 / (runs - skip)
+        entry[1] += 1
+    return {op: [seconds, count // (runs - skip)] for op, (seconds, count) in totals.items()}
+
+
+def _profile(args: argparse.Namespace, shape: tuple[int, int]) -> None:
+    batch, length = shape
+    results, sections = {}, []
+    for setting in args.settings:
+        bundle = _bundle(args, "onnx", setting=setting)
+        command = [sys.executable, "-m", "benchmarks.edge_engines", "--child", "profile", "--bundle", str(bundle),
+                   "--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(batch),
+                   "--length", str(length)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False,
+                              env=os.environ | {"OMP_NUM_THREADS": str(args.threads)})
+        if done.returncode != 0:
+            raise RuntimeError(f"profile child failed:\n{done.stderr[-3000:]}")
+        results[setting] = json.loads(done.stdout.strip().splitlines()[-1])
+        for role, ops in results[setting].items():
+            total = sum(seconds for seconds, _ in ops.values())
+            top = sorted(ops.items(), key=lambda item: -item[1][0])[:8]
+            cells = ", ".join(f"{op} {seconds:.3f} s ({seconds / total:.0%}, {n} nodes)" for op, (seconds, n) in top)
+            sections.append(f"| {setting} | {role} | {total:.3f} | {cells} |")
+            print(sections[-1], flush=True)
+    body = (f"Kernel time per step of the onnx engine's graphs at batch {batch} × length {length}, "
+            f"{args.threads} thread, summed by operator type (onnxruntime's profiler; the mean over {args.steps} "
+            "steps after a warm-up), the largest eight. The machine was shared with other jobs: kernel times "
+            "include what contention adds.\n\n| setting | graph | kernel s | largest operator types |\n"
+            "|---|---|---|---|\n" + "\n".join(sections) + "\n")
+    settings = {"model": f"{args.model} (random weights)", "split": args.split, "rank": args.rank,
+                "batch": batch, "length": length, "threads": args.threads, "steps": args.steps}
+    write_section("edge_profile", title="Where the onnx edge step's time goes", settings=settings, body=body,
+                  command=f"python -m benchmarks.edge_engines --profile --grid {batch}x{length}", results=results)
 
 
 def _with_cpu_time(step) -> tuple[float, float, float, float]:

@@ -44,15 +44,23 @@ STATE = "edge_state.safetensors"
 class AotGraphs:
     """The forward, backward and inference sessions, fed by value name. Knows nothing of optimizers or bundles."""
 
-    def __init__(self, forward: Path, backward: Path, infer: Path, *, threads: int | None) -> None:
+    def __init__(self, forward: Path, backward: Path, infer: Path, *, threads: int | None,
+                 profile: Path | None = None) -> None:
+        """``profile``: onnxruntime's per-node profiler writes its JSON files under this prefix
+        (``end_profiling``), for ``benchmarks.edge_engines --profile``."""
         ort = onnxruntime()
-        options = cpu_session_options(ort, threads)
-        options.enable_cpu_mem_arena = False
-        providers = ["CPUExecutionProvider"]
+
+        def session(path: Path, role: str):
+            options = cpu_session_options(ort, threads)
+            options.enable_cpu_mem_arena = False
+            if profile is not None and role != INFER:
+                options.enable_profiling = True
+                options.profile_file_prefix = f"{profile}-{role}"  # one file per session
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
         self._ort = ort
-        self._forward = ort.InferenceSession(str(forward), options, providers=providers)
-        self._backward = ort.InferenceSession(str(backward), options, providers=providers)
-        self._infer = ort.InferenceSession(str(infer), options, providers=providers)
+        self._forward, self._backward, self._infer = (session(forward, FORWARD), session(backward, BACKWARD),
+                                                      session(infer, INFER))
         self.forward_inputs = [i.name for i in self._forward.get_inputs()]
         self.saved = [o.name for o in self._forward.get_outputs() if o.name != Z]
         self.backward_inputs = [i.name for i in self._backward.get_inputs()]
@@ -96,6 +104,10 @@ class AotGraphs:
             out = gradients[name]
             binding.bind_output(GRAD + name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         self._backward.run_with_iobinding(binding)
+
+    def end_profiling(self) -> dict[str, Path]:
+        """The forward's and the backward's profile files (with ``profile``), by graph role."""
+        return {FORWARD: Path(self._forward.end_profiling()), BACKWARD: Path(self._backward.end_profiling())}
 
     def _value(self, array: np.ndarray):
         """An onnxruntime value over ``array``'s memory (no copy)."""
