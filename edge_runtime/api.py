@@ -129,12 +129,13 @@ class EdgeTrainer:
                          schedule=rate.to_dict(), group_by_length=group_by_length, codec=codec)
 
     async def fit(self, examples: Iterable[Example] | TextData, *, checkpoint_every: int | None = 50,
-                  callbacks: Sequence[TrainerCallback] = (), **options) -> TrainResult:
+                  callbacks: Sequence[TrainerCallback] = (), average_every: int | None = None,
+                  **options) -> TrainResult:
         """Train on ``examples`` (``options``: those of ``run_config``); resumes a run of the same
-        config from ``checkpoint_dir`` at the step the cloud has applied."""
+        config from ``checkpoint_dir`` at the step the cloud has applied. ``average_every``: as ``train``."""
         data = as_text_data(examples, task=self.task)
         return await self.train(data, self.run_config(data, **options), checkpoint_every=checkpoint_every,
-                                callbacks=callbacks)
+                                callbacks=callbacks, average_every=average_every)
 
     async def train(self, data: TextData, config: RunConfig, *, checkpoint_every: int | None = 50,
                     callbacks: Sequence[TrainerCallback] = (), average_every: int | None = None) -> TrainResult:
