@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "cloud_backend.cli --distributed ...): each worker serves its share of a fleet's "
                              "devices and the fleet's top part is data-parallel across the workers (gloo on the "
                              "CPU, NCCL on CUDA); the worker of local rank r listens on --port + r and keeps its "
-                             "state in --state-dir/rank-R; sync schedule only, no averaging (docs/SCALING.md)")
+                             "state in --state-dir/rank-R; sync schedule only (docs/SCALING.md)")
     fleets.add_argument("--distributed-timeout", type=float, default=1800.0,
                         help="--distributed: a collective that waits longer than this many seconds for a worker "
                              "fails, and the group stops (default: 1800)")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import numpy as np
 import torch
 
 from cloud_backend.distributed import DataParallelTop
@@ -231,11 +232,15 @@ class CloudFleet:
 
     async def _average_round(self, jobs: list[_Job]) -> None:
         requests: list[Average] = [job.payload for job in jobs]
-        averaged = await self.compute.run(self.key, fedavg, [r.weights for r in requests],
+        averaged = await self.compute.run(self.key, self._average_weights, [r.weights for r in requests],
                                           [r.examples for r in requests])
         self.averaged_bytes += 2 * len(jobs) * sum(v.nbytes for v in averaged.values())
         for job, request in zip(jobs, requests):
             job.future.set_result(Averaged(request.step, averaged))
+
+    def _average_weights(self, weights: list[dict[str, np.ndarray]], examples: list[int]) -> dict[str, np.ndarray]:
+        """The averaging round's FedAvg (``cloud_backend.fleet_workers`` takes it across workers)."""
+        return fedavg(weights, examples)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -4,16 +4,18 @@ Why it exists: each worker's ``CloudFleet`` sees only the devices connected to i
 must make ONE step a round on one top part (``cloud_backend.distributed`` turns the workers'
 shares into that step). So the workers agree, round by round, on which round comes next:
 
-- **The header.** Before each round every worker all-reduces, per kind of round (train, then
-  checkpoint), whether it holds items of that kind and whether it waits for nobody more (all its
-  members are in, or absent, or the round timeout has passed). A kind goes ahead when some worker
-  holds items and every worker is ready; the first such kind is run on every worker, each with
-  what it holds (possibly nothing: zero rows, zero gradients).
+- **The header.** Before each round every worker all-reduces, per kind of round (train,
+  checkpoint, average, in that order), whether it holds items of that kind and whether it waits
+  for nobody more (all its members are in, or absent, or the round timeout has passed). A kind
+  goes ahead when some worker holds items and every worker is ready; the first such kind is run
+  on every worker, each with what it holds (possibly nothing: zero rows, zero gradients).
 - **Timeouts.** A worker learns from the header when a round opened elsewhere, so a device that is
   gone makes its worker wait ``--round-timeout`` at most, as in one process. A worker with
   nothing ready enters the header every ``TICK_S`` (that is the cost: a few-byte all-reduce).
 - **Quorum** is per worker: each waits for ``--fleet-quorum`` of its own devices before the
   fleet's first round, and a worker that never gets a device holds the fleet's rounds up.
+- **Averaging** (FedAvg of the edge halves) is a round too: the workers all-reduce their members'
+  example-weighted sums and example counts, and every member gets the average of all of them.
 - **Checkpoints.** A checkpoint round writes, on every worker, its own state dir's file (the
   shared top, the same on all, and its own members' steps and replies), then a barrier: the
   devices hear "saved" only once every worker has written. No ``latest`` snapshot is written at
@@ -30,14 +32,15 @@ Header collectives may wait long for peers, so they run on a daemon thread of th
 stopping worker never waits for it); a round's own collectives run on the compute thread, where
 its compute is (the dropout RNG swap must not race), and are short because every worker has
 entered the round. Dropout: worker ``r``'s generator starts from the fleet's seed + ``r`` (its own
-masks; worker 0's are those of one process). Averaging (FedAvg) and the asynchronous schedule stay
-on one worker for now: ``sft-cloud --distributed`` refuses them.
+masks; worker 0's are those of one process). The asynchronous schedule stays on one worker for
+now: ``sft-cloud --distributed`` refuses it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -45,6 +48,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -53,10 +57,9 @@ from cloud_backend.fleet import CloudFleet, _Job
 from cloud_backend.rounds import Barrier
 from cloud_backend.server import log_event
 from splitwire.errors import ConfigMismatch
-from splitwire.protocol import Average, Averaged
 
 TICK_S = 0.02
-KINDS = ("train", "checkpoint")
+KINDS = ("train", "checkpoint", "average")
 GROUP_BROKEN = 70  # exit status of a worker whose group's collective failed (a peer died or timed out)
 
 
@@ -157,8 +160,8 @@ class WorkerFleet(CloudFleet):
                                "files of the fleet to resume from the older")
 
     async def _rounds(self) -> None:
-        barriers = {"train": self.trains, "checkpoint": self.checkpoints}
-        rounds = {"train": self._train_round, "checkpoint": self._checkpoint_round}
+        barriers = {"train": self.trains, "checkpoint": self.checkpoints, "average": self.averages}
+        rounds = {"train": self._train_round, "checkpoint": self._checkpoint_round, "average": self._average_round}
         opened: dict[str, float | None] = dict.fromkeys(KINDS)
         world_size = dist.get_world_size()
         while True:
@@ -200,6 +203,17 @@ class WorkerFleet(CloudFleet):
     async def save_latest(self) -> None:
         """Nothing: the workers do not stop at one round, so their ``latest`` files would not agree."""
 
-    async def average(self, member: str, request: Average) -> Averaged:
-        raise ConfigMismatch("averaging edge halves is not available across sft-cloud workers (--distributed) yet; "
-                             "train without --average-every")
+    def _average_weights(self, weights: list[dict[str, np.ndarray]], examples: list[int]) -> dict[str, np.ndarray]:
+        """FedAvg over every worker's members in this round: ``Σ nᵢ·wᵢ`` and ``Σ nᵢ`` summed here in float64,
+        all-reduced (a worker without members adds zeros), then divided; float32, as the edges keep them."""
+        names = sorted(self.shapes)
+        sizes = [math.prod(self.shapes[name]) for name in names]
+        sums = np.zeros(1 + sum(sizes))
+        sums[0] = sum(examples)
+        for device, n in zip(weights, examples):
+            sums[1:] += n * np.concatenate([np.asarray(device[name], np.float64).reshape(-1) for name in names])
+        reduced = torch.from_numpy(sums).to(self.parallel.device)
+        dist.all_reduce(reduced)
+        total = reduced.cpu().numpy()
+        chunks = np.split(total[1:] / total[0], np.cumsum(sizes)[:-1])
+        return {name: chunk.reshape(self.shapes[name]).astype(np.float32) for name, chunk in zip(names, chunks)}

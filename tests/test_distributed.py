@@ -27,7 +27,8 @@ import pytest
 import torch
 from bundles import export_cached, reference_edge
 from safetensors.numpy import load_file as load_numpy
-from test_fleet import _Hooks, assert_close_weights, device_data, reference as fleet_reference, train_member
+from test_fleet import _Hooks, assert_close_weights, device_data, reference as fleet_reference, run_config, train_member
+from test_fleet import trainer as fleet_trainer
 
 from benchmarks.distributed_fleet import (
     REPO, RUN_ENV, SEED, adamw, device_batch, present, read_run, schedule, torchrun, torchrun_command,
@@ -333,12 +334,48 @@ def test_the_header_runs_a_round_once_every_worker_is_ready_and_one_holds_items(
     there.leave("c")
     assert offer(there, 3.0, None, 30.0) == Offer(False, True)  # nobody to wait for: zero rows
 
-    def summed(*workers: tuple[Offer, Offer]) -> list[int]:  # the all-reduce: (train, checkpoint) offers per worker
+    def summed(*workers: tuple[Offer, Offer, Offer]) -> list[int]:  # the all-reduce of the workers' headers
         return [sum(column) for column in zip(*(header(offers) for offers in workers))]
 
-    ready, idle, waiting = Offer(True, True), Offer(False, True), Offer(True, False)
-    assert decide(summed((ready, idle), (idle, idle)), 2) == "train"  # worker 1 has no rows and waits for nobody
-    assert decide(summed((waiting, idle), (idle, idle)), 2) is None  # worker 0 still waits for a device
-    assert decide(summed((waiting, ready), (idle, ready)), 2) == "checkpoint"  # the train round waits, these do not
-    assert decide(summed((idle, idle), (idle, idle)), 2) is None  # nothing held anywhere: no round
+    ready, idle, waiting = Offer(True, True), Offer(False, True), Offer(True, False)  # (train, checkpoint, average)
+    assert decide(summed((ready, idle, idle), (idle, idle, idle)), 2) == "train"  # worker 1: no rows, waits for nobody
+    assert decide(summed((waiting, idle, idle), (idle, idle, idle)), 2) is None  # worker 0 still waits for a device
+    assert decide(summed((waiting, ready, idle), (idle, ready, idle)), 2) == "checkpoint"  # the train round waits
+    assert decide(summed((idle, idle, ready), (idle, idle, idle)), 2) == "average"
+    assert decide(summed((idle, idle, idle), (idle, idle, idle)), 2) is None  # nothing held anywhere: no round
     assert here.take(3.0, force=True) == [("a", 1), ("b", 2)]
+
+
+@pytest.mark.slow
+def test_an_averaging_round_across_two_workers_gives_every_device_the_weighted_average_of_all_four(bundle, tmp_path):
+    """Devices with 12, 20, 28 and 16 examples, two on each worker, average their edge halves after step 2."""
+    sizes, steps = (12, 20, 28, 16), 2
+    group = Workers(bundle.root, tmp_path / "state", tmp_path / "avg.log", workers=2,
+                    extra=("--fleet-quorum", "2", "--round-timeout", "60")).start()
+    before: dict[int, dict[str, np.ndarray]] = {}
+
+    async def run(i: int):
+        edge = fleet_trainer(bundle, group.url(i // 2), f"avg-{i}", tmp_path / f"avg-{i}")
+        data = device_data(i, sizes[i])
+
+        def keep(info) -> None:  # after the step, before the averaging that follows it
+            if info.step == steps:
+                before[i] = edge.engine.parameters()
+
+        async with edge:
+            await edge.train(data, run_config(edge, data, steps), checkpoint_every=None, average_every=steps,
+                             callbacks=[_Hooks(end=keep)])
+            return edge.engine.parameters(), edge.client.averaging_bytes
+
+    try:
+        outcomes = asyncio.run(_gather(*(run(i) for i in range(4))))
+    finally:
+        group.stop()
+    assert any(not np.array_equal(before[0][n], before[2][n]) for n in before[0])  # the devices really differ
+    for name in before[0]:
+        want = np.average(np.stack([before[i][name] for i in range(4)]).astype(np.float64), axis=0, weights=sizes)
+        for i, (after, _) in enumerate(outcomes):
+            np.testing.assert_allclose(after[name], want, rtol=1e-6, atol=1e-7, err_msg=f"device {i} {name}")
+    weight_bytes = sum(v.nbytes for v in before[0].values())
+    for _, moved in outcomes:  # the weights up and the average down, a small header each way
+        assert 2 * weight_bytes < moved < 2 * weight_bytes + 2 * 32 * 1024
