@@ -101,11 +101,11 @@ class CloudFleet:
         self.name, self.top, self.settings, self.compute, self.shapes = name, top, settings, compute, shapes
         self._snapshot = snapshot  # "requested"/"latest" -> the file, None without a state dir
         self.members: dict[str, CloudSteps] = members or {}
-        self.trains: Barrier | Batcher = (Barrier(settings.round_timeout, settings.quorum) if settings.schedule == "sync"
+        sync = settings.schedule == "sync"
+        self.trains: Barrier | Batcher = (Barrier(settings.round_timeout, settings.quorum) if sync
                                           else Batcher(settings.max_rows, settings.max_wait))
         self.checkpoints: Barrier = Barrier(settings.round_timeout)
         self.averages: Barrier = Barrier(settings.round_timeout)
-        self.averaged_bytes = 0  # edge weights received and sent by averaging rounds
         self.saved_step: int | None = None  # the cloud step of the last requested snapshot
         self.saved_members: dict[str, int] = {}  # each member's step in that snapshot
         self._in_flight: dict[str, _Job] = {}  # each member's step waiting for its round
@@ -234,7 +234,6 @@ class CloudFleet:
         requests: list[Average] = [job.payload for job in jobs]
         averaged = await self.compute.run(self.key, self._average_weights, [r.weights for r in requests],
                                           [r.examples for r in requests])
-        self.averaged_bytes += 2 * len(jobs) * sum(v.nbytes for v in averaged.values())
         for job, request in zip(jobs, requests):
             job.future.set_result(Averaged(request.step, averaged))
 
