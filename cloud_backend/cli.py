@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default: {DEFAULT_SEND_TIMEOUT_S:g})")
     parser.add_argument("--tokens", type=Path, default=None,
                         help=f"file of per-session tokens, one 'session_id token' or 'session_id sha256:HEX' a "
-                             f"line (default: ${TOKENS_ENV}, same lines); a session opens only with its own token")
+                             f"line, optionally followed by the fleets it may join ('... fleet-a,fleet-b') "
+                             f"(default: ${TOKENS_ENV}, same lines); a session opens only with its own token")
     parser.add_argument("--status-port", type=int, default=None,
                         help="also serve over HTTP on this port (0 picks a free one, printed on stdout): a status "
                              "page (/), its JSON (/status.json) and Prometheus metrics (/metrics); they need no "
