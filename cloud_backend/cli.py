@@ -115,8 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run as one worker of a group that torchrun started (torchrun --nproc-per-node N -m "
                              "cloud_backend.cli --distributed ...): each worker serves its share of a fleet's "
                              "devices and the fleet's top part is data-parallel across the workers (gloo on the "
-                             "CPU, NCCL on CUDA); the worker of local rank r listens on --port + r and keeps its "
-                             "state in --state-dir/rank-R; sync schedule only (docs/SCALING.md)")
+                             "CPU, NCCL on CUDA); the worker of local rank r listens on --port + r (and "
+                             "--status-port + r) and keeps its state in --state-dir/rank-R; sync schedule only "
+                             "(docs/SCALING.md)")
     fleets.add_argument("--distributed-timeout", type=float, default=1800.0,
                         help="--distributed: a collective that waits longer than this many seconds for a worker "
                              "fails, and the group stops (default: 1800)")
@@ -179,13 +180,15 @@ def tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     return context
 
 
-def _worker(args: argparse.Namespace) -> tuple[int, Path | None, type[CloudFleet]]:
-    """Join torchrun's group: this worker's port, state dir and fleet class (``cloud_backend.fleet_workers``)."""
+def _as_worker(args: argparse.Namespace) -> argparse.Namespace:
+    """Join torchrun's group: the options of this worker (its port, status port and state dir)."""
     worker = init_from_env(pick_device(args.device), timeout_s=args.distributed_timeout)
     log_event("distributed_worker", rank=worker.rank, world_size=worker.world_size, local_rank=worker.local_rank,
               pid=os.getpid())
-    state_dir = None if args.state_dir is None else args.state_dir / f"rank-{worker.rank}"
-    return args.port + worker.local_rank, state_dir, WorkerFleet
+    own = {"port": args.port + worker.local_rank,
+           "status_port": args.status_port and args.status_port + worker.local_rank,  # None and 0 stay
+           "state_dir": None if args.state_dir is None else args.state_dir / f"rank-{worker.rank}"}
+    return argparse.Namespace(**(vars(args) | own))
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -193,17 +196,18 @@ async def _serve(args: argparse.Namespace) -> None:
     check_exposure(args, tokens)
     tls = tls_context(args.tls_cert, args.tls_key)
     bundle = load_bundle(args.bundle, parts=["cloud"])
-    port, state_dir, fleet_type = _worker(args) if args.distributed else (args.port, args.state_dir, CloudFleet)
+    args = _as_worker(args) if args.distributed else args
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with serve_cloud(bundle, host=args.host, port=port, device=args.device, state_dir=state_dir,
+    async with serve_cloud(bundle, host=args.host, port=args.port, device=args.device, state_dir=args.state_dir,
                            max_sessions=args.max_sessions, max_batch=args.max_batch, ssl=tls, tokens=tokens,
                            idle_timeout=args.idle_timeout, max_connections=args.max_connections,
                            hello_timeout=args.hello_timeout, send_timeout=args.send_timeout,
                            session_ttl=args.session_ttl,
-                           max_state_bytes=(args.max_state_mb << 20) or None, fleets=args.fleets, fleet_type=fleet_type,
+                           max_state_bytes=(args.max_state_mb << 20) or None, fleets=args.fleets,
+                           fleet_type=WorkerFleet if args.distributed else CloudFleet,
                            status_host=args.status_host,
                            status_port=args.status_port) as server:
         print(f"{LISTENING}{server.url}", flush=True)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -350,8 +351,9 @@ def test_the_header_runs_a_round_once_every_worker_is_ready_and_one_holds_items(
 def test_an_averaging_round_across_two_workers_gives_every_device_the_weighted_average_of_all_four(bundle, tmp_path):
     """Devices with 12, 20, 28 and 16 examples, two on each worker, average their edge halves after step 2."""
     sizes, steps = (12, 20, 28, 16), 2
+    status = free_ports(2)  # worker r's status port: status + r
     group = Workers(bundle.root, tmp_path / "state", tmp_path / "avg.log", workers=2,
-                    extra=("--fleet-quorum", "2", "--round-timeout", "60")).start()
+                    extra=("--fleet-quorum", "2", "--round-timeout", "60", "--status-port", str(status))).start()
     before: dict[int, dict[str, np.ndarray]] = {}
 
     async def run(i: int):
@@ -369,8 +371,11 @@ def test_an_averaging_round_across_two_workers_gives_every_device_the_weighted_a
 
     try:
         outcomes = asyncio.run(_gather(*(run(i) for i in range(4))))
+        fleets = [json.loads(urllib.request.urlopen(f"http://127.0.0.1:{status + r}/status.json", timeout=30).read())
+                  ["fleets"] for r in range(2)]
     finally:
         group.stop()
+    assert [[(f["devices"], f["step"]) for f in shown] for shown in fleets] == [[(2, steps)], [(2, steps)]]
     assert any(not np.array_equal(before[0][n], before[2][n]) for n in before[0])  # the devices really differ
     for name in before[0]:
         want = np.average(np.stack([before[i][name] for i in range(4)]).astype(np.float64), axis=0, weights=sizes)
