@@ -27,8 +27,8 @@ must train to the standard mode's accuracy at the same settings and seeds.
 
 ``--fleet`` adds, at each fp32 rank, the movie reviews split across 4 devices that train one
 shared top part (``models.fleet.Fleet``, what ``sft-cloud``'s synchronous fleets compute): IID
-shards, label-skewed shards (two devices 80 % negative, two 80 % positive) and the skewed
-shards with their edge halves averaged (FedAvg weighted by examples) every 20 steps. A round
+shards and label-skewed shards (two devices 80 % negative, two 80 % positive), each with personal
+edge halves and with the edge halves averaged (FedAvg weighted by examples) every 20 steps. A round
 takes ``batch/4`` rows from every device, so the fleet sees the one-device run's budget of
 examples; its accuracy is the mean over the 4 devices, each pairing its own edge half with the
 shared top, on the one test set.
@@ -103,7 +103,8 @@ class Variant:
 LABEL_PRIVATE = ", label-private"  # the suffix of a label-private variant's name
 FLEET = ", fleet of 4 "  # the name of a fleet variant: SFT r=8 fp32, fleet of 4 IID
 FLEET_DEVICES = 4
-FLEETS = {"IID": ("iid", 0), "label-skewed": ("skew", 0), "label-skewed, FedAvg every 20": ("skew", 20)}
+FLEETS = {"IID": ("iid", 0), "IID, FedAvg every 20": ("iid", 20), "label-skewed": ("skew", 0),
+          "label-skewed, FedAvg every 20": ("skew", 20)}
 
 
 def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads: list[str] = ("svd",),
@@ -510,8 +511,8 @@ def main() -> None:
     parser.add_argument("--label-private", action="store_true",
                         help="also train the label-private (U-shaped) split at each fp32 rank (sft-export --label-private)")
     parser.add_argument("--fleet", action="store_true",
-                        help="also train, at each fp32 rank, 4 devices with one shared top part (IID, label-skewed, "
-                             "label-skewed with FedAvg every 20 rounds) on the same budget of examples")
+                        help="also train, at each fp32 rank, 4 devices with one shared top part (IID or label-skewed "
+                             "shards, personal edge halves or FedAvg every 20 rounds) on the same budget of examples")
     parser.add_argument("--heal-steps", type=int, default=300, help="healing steps of principal+heal (default 300)")
     parser.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
                         help="sentence vector (default auto, as sft-export: mean for the packaged MiniLM)")
