@@ -266,8 +266,10 @@ class CloudFleet:
         meta["fleet"] = {"name": self.name, "members": table}
         write_checkpoint(path, meta, tensors)
 
-    async def save_latest(self) -> None:
+    async def save_latest(self) -> bool:
+        """Save the fleet as it is (at shutdown); whether a file was written (not without a state dir)."""
         await self._save("latest")
+        return self._snapshot("latest") is not None
 
     @classmethod
     def restore(cls, path: Path, settings: FleetSettings, *, bundle: Bundle, device: torch.device,

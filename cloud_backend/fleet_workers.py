@@ -200,8 +200,9 @@ class WorkerFleet(CloudFleet):
         if snapshot == "requested" and self._snapshot(snapshot) is not None:
             await self.compute.run(self.key, dist.barrier)  # every worker has written: the round is committed
 
-    async def save_latest(self) -> None:
-        """Nothing: the workers do not stop at one round, so their ``latest`` files would not agree."""
+    async def save_latest(self) -> bool:
+        """Nothing is written: the workers do not stop at one round, so their ``latest`` files would not agree."""
+        return False
 
     def _average_weights(self, weights: list[dict[str, np.ndarray]], examples: list[int]) -> dict[str, np.ndarray]:
         """FedAvg over every worker's members in this round: ``Σ nᵢ·wᵢ`` and ``Σ nᵢ`` summed here in float64,

@@ -657,8 +657,8 @@ class CloudServer:
         for task in self._fleet_tasks:
             task.cancel()
         for name, fleet in self.fleets.items():
-            await fleet.save_latest()
-            log_event("saved_fleet", fleet=name, step=fleet.top.step)
+            if await fleet.save_latest():
+                log_event("saved_fleet", fleet=name, step=fleet.top.step)
         self._trim_state(keep_live=False)
         self.compute.shutdown()
 
