@@ -385,3 +385,48 @@ def test_an_averaging_round_across_two_workers_gives_every_device_the_weighted_a
     weight_bytes = sum(v.nbytes for v in before[0].values())
     for _, moved in outcomes:  # the weights up and the average down, a small header each way
         assert 2 * weight_bytes < moved < 2 * weight_bytes + 2 * 32 * 1024
+
+
+@pytest.mark.slow
+def test_a_device_gone_from_one_worker_holds_the_round_on_the_other_only_until_the_round_timeout(bundle, tmp_path):
+    """dev-2, worker 1's only device, dies before its step 3 (no bye). Worker 1 then holds nothing, and learns
+    from the header that round 3 opened on worker 0: it goes ahead without dev-2 a round timeout later, and
+    later rounds do not wait for it (its rejoining is tests/test_fleet's, the same on a worker)."""
+    timeout, steps = 4.0, 6
+    group = Workers(bundle.root, tmp_path / "state", tmp_path / "gone.log", workers=2,
+                    extra=("--fleet-quorum", "1", "--round-timeout", str(timeout))).start()
+    started: dict[int, float] = {}
+    step_seconds: dict[int, float] = {}
+    hooks = _Hooks(begin=lambda step: started.__setitem__(step, time.monotonic()),
+                   end=lambda info: step_seconds.__setitem__(info.step, time.monotonic() - started[info.step]))
+
+    class Killed(Exception):
+        pass
+
+    async def scenario():
+        victim = fleet_trainer(bundle, group.url(1), "dev-2", tmp_path / "dev-2")
+
+        def die(step: int) -> None:
+            if step == 3:
+                victim.client._ws.transport.abort()  # the process is gone: no bye
+                raise Killed
+
+        async def doomed():
+            data = device_data(2)
+            with pytest.raises(Killed):
+                async with victim:
+                    await victim.train(data, run_config(victim, data, steps), checkpoint_every=None,
+                                       callbacks=[_Hooks(begin=die)])
+
+        first, _, _ = await asyncio.gather(
+            train_member(bundle, group.url(0), "dev-0", device_data(0), steps, tmp_path / "dev-0", hooks=hooks),
+            train_member(bundle, group.url(0), "dev-1", device_data(1), steps, tmp_path / "dev-1"), doomed())
+        return first
+
+    try:
+        first = asyncio.run(scenario())
+    finally:
+        group.stop()
+    assert first.result.steps == list(range(1, steps + 1))
+    assert step_seconds[3] >= timeout - 0.1  # round 3 waited on worker 1 for dev-2 until the timeout
+    assert max(step_seconds[s] for s in (4, 5, 6)) < timeout  # then not again
