@@ -83,6 +83,7 @@ EDGE_OPTIONS = {
     "top 1 layer": dict(freeze_embeddings=False, train_edge_layers=1),
     "top 1 layer + bf16 moments": dict(freeze_embeddings=False, train_edge_layers=1, moments="bf16"),
     "bf16 moments": dict(freeze_embeddings=False, train_edge_layers=None, moments="bf16"),
+    "LoRA rank 8": dict(freeze_embeddings=False, train_edge_layers=None, lora_rank=8),  # sft-export --edge-lora-rank 8
 }
 
 
@@ -264,14 +265,18 @@ def run_fleet(variant: Variant, model, *, train: TextData, test: TextData, token
 
 
 def _edge_training(model, variant: Variant) -> list[torch.nn.Parameter]:
-    """Freeze the edge weights ``variant.edge`` keeps frozen; return the edge weights whose moments are bf16."""
+    """Add the adapters and freeze the edge weights ``variant.edge`` keeps frozen; return the edge weights whose
+    moments are bf16."""
     if variant.edge is None:
         return []
     from exporter.export import frozen_parameters
+    from models.lora import add_adapters
 
     option = EDGE_OPTIONS[variant.edge]
+    if "lora_rank" in option:  # alpha 2·rank, as sft-export's default
+        add_adapters(model.edge, rank=option["lora_rank"], alpha=2.0 * option["lora_rank"])
     frozen = frozen_parameters(model.edge, freeze_embeddings=option["freeze_embeddings"],
-                               train_edge_layers=option["train_edge_layers"])
+                               train_edge_layers=option["train_edge_layers"], adapters="lora_rank" in option)
     for name in frozen:
         model.edge.get_parameter(name).requires_grad_(False)
     return [p for p in model.edge.parameters() if p.requires_grad] if option.get("moments") == "bf16" else []
