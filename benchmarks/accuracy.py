@@ -337,7 +337,7 @@ def _aggregate(runs: list[dict]) -> list[dict]:
                      "split_cos": np.mean([f["split_output"]["cosine"] for f in fid]) if fid else None,
                      "split_err": np.mean([f["split_output"]["relative_error"] for f in fid]) if fid else None,
                      "pooled_cos": np.mean([f["pooled"]["cosine"] for f in fid]) if fid else None,
-                     "curve": _mean_curve(group)})
+                     "curve": _mean_curve(group), "by_seed": {g["seed"]: g["accuracy"] * 100 for g in group}})
     rows.sort(key=lambda r: (r["dataset"], _variant_order(r["variant"])))
     for dataset in {r["dataset"] for r in rows}:
         full = next((r for r in rows if r["dataset"] == dataset and r["variant"] == "full fine-tuning"), None)
@@ -376,9 +376,12 @@ def _findings(rows: list[dict]) -> list[str]:
         for private in (r for r in mine if r["variant"].endswith(LABEL_PRIVATE)):
             standard = next((r for r in mine if r["variant"] == private["variant"].removesuffix(LABEL_PRIVATE)), None)
             if standard is not None:
+                paired = ", ".join(f"{private['by_seed'][seed] - standard['by_seed'][seed]:+.1f}"
+                                   for seed in sorted(private["by_seed"]) if seed in standard["by_seed"])
                 out.append(f"- **{dataset}**, {private['variant']}: {private['accuracy']:.2f} ± {private['std']:.2f} % "
                            f"against the standard mode's {standard['accuracy']:.2f} ± {standard['std']:.2f} % at the "
-                           f"same settings and seeds ({private['accuracy'] - standard['accuracy']:+.2f} points).")
+                           f"same settings and seeds ({private['accuracy'] - standard['accuracy']:+.2f} points; "
+                           f"seed by seed {paired}).")
         for fleet in (r for r in mine if FLEET in r["variant"]):
             alone = next((r for r in mine if r["variant"] == fleet["variant"].split(FLEET)[0]), None)
             if alone is not None:
