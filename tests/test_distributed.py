@@ -28,7 +28,8 @@ import pytest
 import torch
 from bundles import export_cached, reference_edge
 from safetensors.numpy import load_file as load_numpy
-from test_fleet import _Hooks, assert_close_weights, device_data, reference as fleet_reference, run_config, train_member
+from test_fleet import (StepTimer, _Hooks, assert_close_weights, device_data, reference as fleet_reference, run_config,
+                        train_member, train_until_killed)
 from test_fleet import trainer as fleet_trainer
 
 from benchmarks.distributed_fleet import (
@@ -395,32 +396,15 @@ def test_a_device_gone_from_one_worker_holds_the_round_on_the_other_only_until_t
     timeout, steps = 4.0, 6
     group = Workers(bundle.root, tmp_path / "state", tmp_path / "gone.log", workers=2,
                     extra=("--fleet-quorum", "1", "--round-timeout", str(timeout))).start()
-    started: dict[int, float] = {}
-    step_seconds: dict[int, float] = {}
-    hooks = _Hooks(begin=lambda step: started.__setitem__(step, time.monotonic()),
-                   end=lambda info: step_seconds.__setitem__(info.step, time.monotonic() - started[info.step]))
-
-    class Killed(Exception):
-        pass
+    timer = StepTimer()
+    step_seconds = timer.seconds
 
     async def scenario():
         victim = fleet_trainer(bundle, group.url(1), "dev-2", tmp_path / "dev-2")
-
-        def die(step: int) -> None:
-            if step == 3:
-                victim.client._ws.transport.abort()  # the process is gone: no bye
-                raise Killed
-
-        async def doomed():
-            data = device_data(2)
-            with pytest.raises(Killed):
-                async with victim:
-                    await victim.train(data, run_config(victim, data, steps), checkpoint_every=None,
-                                       callbacks=[_Hooks(begin=die)])
-
         first, _, _ = await asyncio.gather(
-            train_member(bundle, group.url(0), "dev-0", device_data(0), steps, tmp_path / "dev-0", hooks=hooks),
-            train_member(bundle, group.url(0), "dev-1", device_data(1), steps, tmp_path / "dev-1"), doomed())
+            train_member(bundle, group.url(0), "dev-0", device_data(0), steps, tmp_path / "dev-0", hooks=timer),
+            train_member(bundle, group.url(0), "dev-1", device_data(1), steps, tmp_path / "dev-1"),
+            train_until_killed(victim, device_data(2), steps, at=3, checkpoint_every=None))
         return first
 
     try:

@@ -160,6 +160,39 @@ class _Hooks(TrainerCallback):
             self.end(info)
 
 
+class StepTimer(TrainerCallback):
+    """Each step's wall time, from its beginning to its end: ``seconds[step]``."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}
+
+    def on_step_begin(self, step: int) -> None:
+        self.started[step] = time.monotonic()
+
+    def on_step_end(self, info) -> None:
+        self.seconds[info.step] = time.monotonic() - self.started[info.step]
+
+
+class Killed(Exception):
+    """The device's process is gone."""
+
+
+async def train_until_killed(victim: EdgeTrainer, data: TextData, steps: int, *, at: int,
+                             checkpoint_every: int | None) -> None:
+    """``victim`` trains until its step ``at`` begins; then its connection drops without a bye, as when
+    its process is killed."""
+    def die(step: int) -> None:
+        if step == at:
+            victim.client._ws.transport.abort()
+            raise Killed
+
+    with pytest.raises(Killed):
+        async with victim:
+            await victim.train(data, run_config(victim, data, steps), checkpoint_every=checkpoint_every,
+                               callbacks=[_Hooks(begin=die)])
+
+
 def trainer(bundle, url: str, session: str, checkpoint_dir: Path, *, fleet: str | None = "f",
             token: str | None = None) -> EdgeTrainer:
     return EdgeTrainer(bundle, cloud=url, session=session, checkpoint_dir=checkpoint_dir, token=token, threads=1,
@@ -282,29 +315,12 @@ def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_
     other two after the round timeout, and later rounds do not wait for it; it restarts from its
     checkpoint of step 2, rejoins, and trains to the end."""
     timeout, steps = 2.0, 6
-    step_seconds: dict[int, float] = {}
-    started: dict[int, float] = {}
-    hooks = _Hooks(begin=lambda step: started.__setitem__(step, time.monotonic()),
-                   end=lambda info: step_seconds.__setitem__(info.step, time.monotonic() - started[info.step]))
-
-    class Killed(Exception):
-        pass
+    timer = StepTimer()
+    step_seconds = timer.seconds
 
     async def scenario():
         async with serve_cloud(bundle, port=0, device="cpu", fleets=FleetSettings("sync", timeout, 3)) as server:
             victim = trainer(bundle, server.url, "dev-2", tmp_path / "dev-2")
-
-            def die(step: int) -> None:
-                if step == 3:
-                    victim.client._ws.transport.abort()  # the process is gone: no bye
-                    raise Killed
-
-            async def doomed():
-                data = device_data(2)
-                with pytest.raises(Killed):
-                    async with victim:
-                        await victim.train(data, run_config(victim, data, steps), checkpoint_every=1,
-                                           callbacks=[_Hooks(begin=die)])
 
             async def rejoin():
                 # Back only once round 3 has gone ahead without it, however slowly a loaded machine runs the
@@ -315,9 +331,9 @@ def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_
                                           checkpoint_every=1)
 
             first, _, _, back = await asyncio.gather(
-                train_member(bundle, server.url, "dev-0", device_data(0), steps, tmp_path / "dev-0", hooks=hooks),
+                train_member(bundle, server.url, "dev-0", device_data(0), steps, tmp_path / "dev-0", hooks=timer),
                 train_member(bundle, server.url, "dev-1", device_data(1), steps, tmp_path / "dev-1"),
-                doomed(), rejoin())
+                train_until_killed(victim, device_data(2), steps, at=3, checkpoint_every=1), rejoin())
             return first, back, server.fleets["f"]
 
     first, back, fleet = asyncio.run(scenario())
