@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ CHECKPOINT_VERSION = 2  # 2: the metadata carries the tensors' checksum
 SNAPSHOTS = ("requested", "latest")
 # Beyond this a gradient's square overflows AdamW's float32 second moment, which then stays inf.
 MAX_GRADIENT = 1e18
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,14 @@ class CloudSession:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             yield
 
+    def _with_own_rng(self, forward: Callable[[], T]) -> tuple[T, torch.Tensor]:
+        """``forward()`` drawing its dropout masks from this session's generator (torch's global one is left
+        alone), and the generator's state after it, which becomes the session's once the step is applied."""
+        with self._forked_rng():
+            _set_rng(self.device, self.rng)
+            result = forward()
+            return result, _get_rng(self.device)
+
 
     def _inputs(self, z: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` on the device, and the attention mask rebuilt from the lengths (right padding)."""
@@ -193,10 +202,7 @@ class CloudSession:
         z, mask = self._inputs(request.z, request.lengths)
         z.requires_grad_(True)
         labels = torch.tensor(request.labels, device=self.device)
-        with self._forked_rng():
-            _set_rng(self.device, self.rng)
-            logits = self.model(z, mask)
-            rng = _get_rng(self.device)
+        logits, rng = self._with_own_rng(lambda: self.model(z, mask))
         loss = self.model.loss(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,10 +219,7 @@ class CloudSession:
         self.steps.check_next(request.step)
         z, mask = self._inputs(request.z, request.lengths)
         z.requires_grad_(True)
-        with self._forked_rng():
-            _set_rng(self.device, self.rng)
-            pooled = self.model(z, mask)
-            rng = _get_rng(self.device)
+        pooled, rng = self._with_own_rng(lambda: self.model(z, mask))
         if not torch.isfinite(pooled).all():
             raise NonFinite(f"session {self.session_id!r} step {request.step}: the pooled output would not be "
                             "finite, so the step was refused and nothing changed; check the edge's inputs")
@@ -261,10 +264,8 @@ class CloudSession:
         zs = [z.requires_grad_(True) for z, _ in inputs]
         masks = [mask for _, mask in inputs]
         labels = [torch.tensor(request.labels, device=self.device) for request in requests]
-        with self._forked_rng():
-            _set_rng(self.device, self.rng)
-            share = joint_loss(self.model, zs, masks, labels) if parallel is None else parallel.forward(zs, masks, labels)
-            rng = _get_rng(self.device)
+        share, rng = self._with_own_rng(lambda: joint_loss(self.model, zs, masks, labels) if parallel is None
+                                        else parallel.forward(zs, masks, labels))
         if share is None:  # no rows on any worker: no step
             return []
         joint = share if parallel is None else share.joint
