@@ -28,7 +28,8 @@ must train to the standard mode's accuracy at the same settings and seeds.
 ``--fleet`` adds, at each fp32 rank, the movie reviews split across 4 devices that train one
 shared top part (``models.fleet.Fleet``, what ``sft-cloud``'s synchronous fleets compute): IID
 shards and label-skewed shards (two devices 80 % negative, two 80 % positive), each with personal
-edge halves and with the edge halves averaged (FedAvg weighted by examples) every 20 steps. A round
+edge halves and with the edge halves averaged (FedAvg weighted by examples) every 20, 5 or 1 rounds
+(each average's bytes are counted: a device's trainable edge weights up, the average down). A round
 takes ``batch/4`` rows from every device, so the fleet sees the one-device run's budget of
 examples; its accuracy is the mean over the 4 devices, each pairing its own edge half with the
 shared top, on the one test set.
@@ -104,8 +105,10 @@ class Variant:
 LABEL_PRIVATE = ", label-private"  # the suffix of a label-private variant's name
 FLEET = ", fleet of 4 "  # the name of a fleet variant: SFT r=8 fp32, fleet of 4 IID
 FLEET_DEVICES = 4
-FLEETS = {"IID": ("iid", 0), "IID, FedAvg every 20": ("iid", 20), "label-skewed": ("skew", 0),
-          "label-skewed, FedAvg every 20": ("skew", 20)}
+FLEETS = {"IID": ("iid", 0), "IID, FedAvg every 20": ("iid", 20), "IID, FedAvg every 5": ("iid", 5),
+          "IID, FedAvg every 1": ("iid", 1), "label-skewed": ("skew", 0),
+          "label-skewed, FedAvg every 20": ("skew", 20), "label-skewed, FedAvg every 5": ("skew", 5),
+          "label-skewed, FedAvg every 1": ("skew", 1)}
 
 
 def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads: list[str] = ("svd",),
@@ -249,7 +252,7 @@ def run_fleet(variant: Variant, model, *, train: TextData, test: TextData, token
                   optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
     plans = [training_batches(shard, tokenizer, batch_size=batch_size // len(shards), epochs=100, seed=seed + d,
                               max_steps=steps, group_by_length=True) for d, shard in enumerate(shards)]
-    sent = vanilla = 0
+    sent = vanilla = averages = 0
     for batches in zip(*plans):
         fleet.train_round([DeviceBatch({k: torch.from_numpy(v) for k, v in b.inputs.feeds().items()},
                                        torch.from_numpy(b.labels)) for b in batches])
@@ -257,11 +260,14 @@ def run_fleet(variant: Variant, model, *, train: TextData, test: TextData, token
         vanilla += sum(b.inputs.input_ids.size * hidden * 4 for b in batches)
         if variant.average_every and fleet.round % variant.average_every == 0:
             fleet.average_edges([len(shard) for shard in shards])
+            averages += 1
+    weight_bytes = sum(w.nbytes for w in fleet.edge_weights(0).values())
     devices = [evaluate(SplitModel(edge, fleet.cloud), test, tokenizer) for edge in fleet.edges]
     accuracy = float(np.mean([d["accuracy"] for d in devices]))
     return {"accuracy": accuracy, "macro_f1": round(float(np.mean([d["macro_f1"] for d in devices])), 4),
             "device_accuracy": [d["accuracy"] for d in devices], "reduction": vanilla / sent,
-            "curve": [[steps, accuracy]], "rounds": fleet.round}
+            "curve": [[steps, accuracy]], "rounds": fleet.round,
+            "averaging_mb": round(2 * averages * weight_bytes / 1e6, 1)}  # per device: its weights up, the average down
 
 
 def _edge_training(model, variant: Variant) -> list[torch.nn.Parameter]:
@@ -337,7 +343,8 @@ def _aggregate(runs: list[dict]) -> list[dict]:
                      "split_cos": np.mean([f["split_output"]["cosine"] for f in fid]) if fid else None,
                      "split_err": np.mean([f["split_output"]["relative_error"] for f in fid]) if fid else None,
                      "pooled_cos": np.mean([f["pooled"]["cosine"] for f in fid]) if fid else None,
-                     "curve": _mean_curve(group), "by_seed": {g["seed"]: g["accuracy"] * 100 for g in group}})
+                     "curve": _mean_curve(group), "by_seed": {g["seed"]: g["accuracy"] * 100 for g in group},
+                     "averaging_mb": group[0].get("averaging_mb")})
     rows.sort(key=lambda r: (r["dataset"], _variant_order(r["variant"])))
     for dataset in {r["dataset"] for r in rows}:
         full = next((r for r in rows if r["dataset"] == dataset and r["variant"] == "full fine-tuning"), None)
@@ -388,7 +395,9 @@ def _findings(rows: list[dict]) -> list[str]:
                 out.append(f"- **{dataset}**, {fleet['variant']}: {fleet['accuracy']:.2f} ± {fleet['std']:.2f} % "
                            f"(mean over the 4 devices' models) against one device training on all the rows with the "
                            f"same budget of examples, {alone['accuracy']:.2f} ± {alone['std']:.2f} % "
-                           f"({fleet['accuracy'] - alone['accuracy']:+.2f} points).")
+                           f"({fleet['accuracy'] - alone['accuracy']:+.2f} points)"
+                           + (f"; FedAvg moved {fleet['averaging_mb']:,.0f} MB per device (weights up, average down)."
+                              if fleet.get("averaging_mb") else "."))
         full = next((r for r in mine if r["variant"] == "full fine-tuning"), None)
         sft = [r for r in mine if r["variant"].startswith("SFT")]
         if full is None or not sft:
@@ -520,7 +529,7 @@ def main() -> None:
                         help="also train the label-private (U-shaped) split at each fp32 rank (sft-export --label-private)")
     parser.add_argument("--fleet", action="store_true",
                         help="also train, at each fp32 rank, 4 devices with one shared top part (IID or label-skewed "
-                             "shards, personal edge halves or FedAvg every 20 rounds) on the same budget of examples")
+                             "shards, personal edge halves or FedAvg every 20, 5 or 1 rounds) on the same budget of examples")
     parser.add_argument("--heal-steps", type=int, default=300, help="healing steps of principal+heal (default 300)")
     parser.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
                         help="sentence vector (default auto, as sft-export: mean for the packaged MiniLM)")
