@@ -85,6 +85,7 @@ EDGE_OPTIONS = {
     "top 1 layer + bf16 moments": dict(freeze_embeddings=False, train_edge_layers=1, moments="bf16"),
     "bf16 moments": dict(freeze_embeddings=False, train_edge_layers=None, moments="bf16"),
     "LoRA rank 8": dict(freeze_embeddings=False, train_edge_layers=None, lora_rank=8),  # sft-export --edge-lora-rank 8
+    "top 2 layers + bf16 moments": dict(freeze_embeddings=False, train_edge_layers=2, moments="bf16"),
 }
 
 
@@ -120,12 +121,13 @@ def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads:
     """
     out = [Variant("full fine-tuning", None, full=True), Variant("vanilla split", None)]
     for head in heads:
-        kind, healed = head.removesuffix("+heal"), head.endswith("+heal")
+        kind, heal = head.removesuffix("+heal"), heal_steps if head.endswith("+heal") else 0
         label = "" if head == "svd" else f"{head} "
         grid = [(r, "fp32") for r in ranks] + [(r, c) for r in codec_ranks for c in codecs if c != "fp32"]
-        out += [Variant(f"SFT r={r} {label}{c}", r, c, head=kind, heal_steps=heal_steps if healed else 0)
-                for r, c in grid]
-    out += [Variant(f"SFT r={r} fp32, edge {option}", r, edge=option) for r in ranks for option in edge_options]
+        out += [Variant(f"SFT r={r} {label}{c}", r, c, head=kind, heal_steps=heal) for r, c in grid]
+        # a lighter edge under each head: a head nearer the pretrained function may need less edge training
+        out += [Variant(f"SFT r={r} {label}fp32, edge {option}", r, edge=option, head=kind, heal_steps=heal)
+                for r in ranks for option in edge_options]
     out += [Variant(f"SFT r={r} fp32{LABEL_PRIVATE}", r, label_private=True) for r in ranks if label_private]
     out += [Variant(f"SFT r={r} fp32{FLEET}{kind}", r, fleet=shards, average_every=every)
             for r in ranks if fleet for kind, (shards, every) in FLEETS.items()]
