@@ -109,6 +109,7 @@ class CloudFleet:
         self.saved_step: int | None = None  # the cloud step of the last requested snapshot
         self.saved_members: dict[str, int] = {}  # each member's step in that snapshot
         self._in_flight: dict[str, _Job] = {}  # each member's step waiting for its round
+        self._averaged: dict[str, tuple[int, asyncio.Future]] = {}  # each member's last AVERAGE: its step, its answer
         self._changed = asyncio.Event()
         self.parallel: DataParallelTop | None = None  # the top's collectives across workers (``cloud_backend.fleet_workers``)
         for member in self.members:
@@ -176,14 +177,23 @@ class CloudFleet:
         return await self._wait(job)
 
     async def average(self, member: str, request: Average) -> Averaged:
-        """The example-weighted average of the edge weights of the members in this averaging round."""
+        """The example-weighted average of the edge weights of the members in this averaging round.
+
+        An AVERAGE sent again after a reconnect (the reply was lost) gets its round's average, never a
+        round of its own: a second round would average it with no one, or with the others' next ones.
+        """
+        step, answer = self._averaged.get(member, (None, None))
+        if step == request.step and not (answer.done() and answer.exception() is not None):  # a failed round: again
+            return await asyncio.shield(answer)
         job = _Job(member, request)
+        self._averaged[member] = (request.step, job.future)
         self.averages.submit(member, job, time.monotonic())
         return await self._wait(job)
 
     async def _wait(self, job: _Job) -> Any:
+        """The round's answer; shielded, so that a handler cancelled while it waits cannot fail the round."""
         self._changed.set()
-        return await job.future
+        return await asyncio.shield(job.future)
 
     # ------------------------------------------------------------------ rounds
 

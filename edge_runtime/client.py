@@ -145,6 +145,7 @@ class CloudClient:
         self.bytes_received = 0
         self.last_step_bytes = (0, 0)
         self.averaging_bytes = 0  # AVERAGE and AVERAGED frames (fleet averaging of the edge weights)
+        self._weights_frame = 0  # the largest AVERAGED frame, once this edge averages: every connection takes it
         self._last = (0, 0)  # (up, down) bytes of the last exchange of any kind
 
     @classmethod
@@ -193,7 +194,8 @@ class CloudClient:
         """Open a connection and say hello; on return ``resume_step`` is where the cloud's session is."""
         dial = self._dial
         try:
-            self._ws = await connect(dial.url, compression=None, max_size=dial.limits.max_frame_bytes(),
+            self._ws = await connect(dial.url, compression=None,
+                                     max_size=max(dial.limits.max_frame_bytes(), self._weights_frame),
                                      ssl=dial.ssl, open_timeout=dial.open_timeout,
                                      additional_headers={ROUTE_HEADER: f"{self._tag:016x}"})
         except ssl_module.SSLCertVerificationError as exc:
@@ -355,7 +357,8 @@ class CloudClient:
         shapes = {name: value.shape for name, value in weights.items()}
         data = encode(Average(step, examples, weights).to_frame(session=self._tag))
         Average.from_frame(decode(data), shapes=shapes)
-        self._ws.protocol.max_message_size = max(self._ws.protocol.max_message_size or 0, weights_frame_bytes(shapes))
+        self._weights_frame = weights_frame_bytes(shapes)
+        self._ws.protocol.max_message_size = max(self._ws.protocol.max_message_size or 0, self._weights_frame)
         reply = await self._exchange(data, step, lambda frame: Averaged.from_frame(frame, shapes=shapes),
                                      resume_from=step, accept=(step,))
         self.averaging_bytes += sum(self._last)

@@ -34,6 +34,7 @@ from models.fleet import DeviceBatch, Fleet, joint_loss
 from splitwire.bundle import load_bundle
 from splitwire.errors import AuthError
 from splitwire.fedavg import fedavg
+from splitwire.protocol import Kind, decode
 from splitwire.schedule import Schedule
 
 BATCH, SEED, LR = 4, 7, 1e-3
@@ -308,6 +309,63 @@ def test_an_averaging_round_gives_every_device_the_example_weighted_numpy_averag
     weight_bytes = sum(v.nbytes for v in before[0].values())
     for _, moved in outcomes:  # the weights up and the average down, a small header each way
         assert 2 * weight_bytes < moved < 2 * weight_bytes + 2 * 32 * 1024
+
+
+def on_sending(edge: EdgeTrainer, kind: Kind, *, wait: float = 0.0, drop: bool = False) -> None:
+    """The edge's next ``kind`` frames wait ``wait`` seconds before they go; with ``drop``, its connection
+    drops once such a frame has reached the cloud, before the reply."""
+    ws = edge.client._ws
+    send = ws.send
+
+    async def send_as_told(data, *args, **kwargs):
+        sending = decode(data).kind == kind
+        if sending:
+            await asyncio.sleep(wait)
+        await send(data, *args, **kwargs)
+        if sending and drop:
+            await asyncio.sleep(0.2)  # the frame is on the cloud's side (abort would drop unsent bytes)
+            ws.transport.abort()
+
+    ws.send = send_as_told
+
+
+def test_an_average_resent_after_a_lost_reply_gets_its_rounds_average_not_a_round_of_its_own(bundle, tmp_path):
+    """Device 0 loses its connection after sending its AVERAGE of step 2, before device 1's has come; it
+    reconnects and sends it again."""
+    sizes, steps, every = (12, 28), 3, 2
+    before: dict[int, dict[str, np.ndarray]] = {}
+    after: dict[int, dict[str, np.ndarray]] = {}
+
+    async def scenario():
+        settings = FleetSettings("sync", round_timeout=3.0, quorum=len(sizes))
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=settings) as server:
+            edges = [trainer(bundle, server.url, f"resend-{i}", tmp_path / f"resend-{i}") for i in range(len(sizes))]
+
+            async def run(i: int, edge: EdgeTrainer):
+                data = device_data(i, sizes[i])
+
+                def end(info) -> None:
+                    if info.step == every:
+                        before[i] = edge.engine.parameters()
+                        on_sending(edge, Kind.AVERAGE, drop=i == 0, wait=1.5 * i)
+
+                def begin(step: int) -> None:
+                    if step == every + 1:
+                        after[i] = edge.engine.parameters()
+
+                async with edge:
+                    await edge.train(data, run_config(edge, data, steps), checkpoint_every=None,
+                                     average_every=every, callbacks=[_Hooks(begin=begin, end=end)])
+                    return edge.client.reconnects
+
+            return await asyncio.gather(*(run(i, edge) for i, edge in enumerate(edges)))
+
+    assert asyncio.run(scenario()) == [1, 0]
+    for name in before[0]:
+        want = np.average(np.stack([before[i][name] for i in range(len(sizes))]).astype(np.float64), axis=0,
+                          weights=sizes)
+        for i in range(len(sizes)):
+            np.testing.assert_allclose(after[i][name], want, rtol=1e-6, atol=1e-7, err_msg=f"device {i} {name}")
 
 
 def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_and_goes_on(bundle, tmp_path):
