@@ -56,6 +56,7 @@ SETTINGS = {  # what the edge trains: sft-export's options
     "bf16 moments": {"edge_moments": "bf16"},
     "top 1 layer": {"train_edge_layers": 1},
     "top 1 layer + bf16 moments": {"train_edge_layers": 1, "edge_moments": "bf16"},
+    "top 2 layers + bf16 moments": {"train_edge_layers": 2, "edge_moments": "bf16"},
     "LoRA rank 8": {"edge_lora_rank": 8},
     "LoRA rank 8 + bf16 moments": {"edge_lora_rank": 8, "edge_moments": "bf16"},
 }

@@ -20,11 +20,16 @@ at its own shape (no buckets, no padding beyond the batch's longest row). The sa
 activations stay until the next ``forward`` (``backward`` may be repeated).
 Sessions run with the CPU memory arena off: the arena keeps a step's freed buffers in its
 own pool, which raises the peak memory; without it they go back to malloc (the edge budget
-in docs/BENCHMARKS.md is measured so).
+in docs/BENCHMARKS.md is measured so). Frozen weights are not copied: they are read-only views
+of the bundle's weights file mapped into memory (``_map_weights``).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
+import struct
 from dataclasses import fields
 from pathlib import Path
 from typing import ClassVar, Mapping
@@ -123,13 +128,11 @@ class Engine(EdgeEngine):
         self._limits = input_limits(bundle)
         self._graphs = AotGraphs(*(bundle.edge_file(r) for r in (FORWARD, BACKWARD, INFER)),
                                  threads=threads)
-        weights = _read_weights(bundle.edge_file(WEIGHTS))
         frozen = set(bundle.manifest.edge.frozen)
-        _check_layout(self._graphs, weights, frozen)
-        self._params = FlatParameters({n: w for n, w in weights.items() if n not in frozen})
-        self._frozen = {n: w for n, w in weights.items() if n in frozen}
-        for w in self._frozen.values():  # read by the graphs only: nothing on the edge may change a frozen weight
-            w.flags.writeable = False
+        trained = _read_weights(bundle.edge_file(WEIGHTS), skip=frozen)
+        self._frozen = _map_weights(bundle.edge_file(WEIGHTS), frozen)  # read-only: nothing on the edge may change them
+        _check_layout(self._graphs, trained | self._frozen, frozen)
+        self._params = FlatParameters(trained)
         self._grad_buffer = np.zeros_like(self._params.buffer)
         self._grads = self._params.split(self._grad_buffer)
         settings = bundle.manifest.optimizer
@@ -191,13 +194,47 @@ class Engine(EdgeEngine):
         return {**self._params.views, **self._frozen, **feeds}
 
 
-def _read_weights(path: Path) -> dict[str, np.ndarray]:
+def _read_weights(path: Path, *, skip: set[str]) -> dict[str, np.ndarray]:
+    """The weights file's tensors but ``skip``, copied into memory (they train)."""
     with safe_open(str(path), framework="np") as f:
-        weights = {name: f.get_tensor(name) for name in f.keys()}
+        weights = {name: f.get_tensor(name) for name in f.keys() if name not in skip}
     bad = [n for n, w in weights.items() if w.dtype != np.float32]
     if bad:
         raise BundleError(f"{path}: edge weights must be float32, {bad} are not")
     return weights
+
+
+def _map_weights(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """The tensors ``names`` of a safetensors file as read-only views of the file mapped into memory.
+
+    Why: frozen weights are only read, so they need not be copied. Mapped pages belong to the
+    page cache: under a memory cap the kernel may drop them and read them again, and the rows
+    of an embedding table that no batch looks up are never read at all (``sft-export
+    --train-edge-layers`` is what fits 512 MiB, docs/BENCHMARKS.md). The header is checked as
+    ``safe_open`` would: every tensor float32, its bytes inside the file and of its shape's size.
+    """
+    if not names:
+        return {}
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        (length,) = struct.unpack("<Q", mapped[:8])
+        header = json.loads(mapped[8:8 + length])
+        start = 8 + length
+        out = {}
+        for name in sorted(names):
+            entry = header.get(name)
+            if not isinstance(entry, dict) or entry.get("dtype") != "F32":
+                raise BundleError(f"{path}: frozen edge weight {name!r} is missing or not float32")
+            begin, end = entry["data_offsets"]
+            shape = tuple(int(n) for n in entry["shape"])
+            if not 0 <= begin <= end <= len(mapped) - start or end - begin != 4 * math.prod(shape):
+                raise BundleError(f"{path}: frozen edge weight {name!r} has bytes {begin}..{end} that do not fit "
+                                  f"its shape {shape} or the file")
+            out[name] = np.frombuffer(mapped, np.float32, math.prod(shape), start + begin).reshape(shape)
+        return out
+    except (struct.error, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path}: not a safetensors file: {exc}") from None
 
 
 def _check_layout(graphs: AotGraphs, weights: dict[str, np.ndarray], frozen: set[str]) -> None:
