@@ -32,7 +32,7 @@ demo: $(STAMP)
 # Benchmarks (minutes each; run as root: edge_budget caps memory with a cgroup, link_speed makes network
 # namespaces and tc shapers).
 # Each writes docs/bench/<name>.{md,json,png}; report.py joins them into docs/BENCHMARKS.md.
-BENCHES := traffic edge_engines edge_budget link_speed load soak
+BENCHES := traffic edge_engines edge_gemm edge_budget link_speed load soak
 bench: $(STAMP)
 	set -e; for b in $(BENCHES); do HF_HUB_OFFLINE=1 $(PY) -m benchmarks.$$b; done
 	$(PY) -m benchmarks.report

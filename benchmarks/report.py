@@ -23,7 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "docs" / "bench"
-ORDER = ("traffic", "edge_engines", "edge_budget", "link_speed", "load", "soak", "accuracy")
+ORDER = ("traffic", "edge_engines", "edge_gemm", "edge_budget", "link_speed", "load", "soak", "accuracy")
 PACKAGES = ("torch", "onnxruntime-training-cpu", "onnxruntime", "numpy", "transformers", "websockets")
 
 
