@@ -108,14 +108,16 @@ def _meminfo_available() -> int:
 
 
 def check_memory(size: EdgeSize, *, batch: int, length: int, limit: int, source: str) -> Check:
-    peak = size.peak_bytes(batch=batch, length=length)
+    peak, needed = size.peak_bytes(batch=batch, length=length), size.resident_bytes(batch=batch, length=length)
     trained = f"{size.trained / 1e6:.1f} M trained" + (
         f" in the top {size.trained_layers} of {size.layers} layers" if size.trained_layers < size.layers else "")
-    detail = (f"estimated peak {peak / MIB:,.0f} MiB for a step of batch {batch} × length {length} "
+    mapped = (f", {needed / MIB:,.0f} MiB of it not reclaimable (frozen weights are mapped from the bundle)"
+              if needed < peak else "")
+    detail = (f"estimated peak {peak / MIB:,.0f} MiB{mapped} for a step of batch {batch} × length {length} "
               f"({size.parameters / 1e6:.1f} M edge parameters, {trained}"
               f"{', bf16 AdamW moments' if size.moment_bytes == 2 else ''}); "
               f"{limit / MIB:,.0f} MiB allowed ({source})")
-    if peak <= limit:
+    if needed <= limit:
         return Check("memory", True, detail)
     return Check("memory", False, detail, memory_fixes(size, batch=batch, length=length, limit=limit))
 
@@ -124,10 +126,10 @@ def memory_fixes(size: EdgeSize, *, batch: int, length: int, limit: int) -> tupl
     """What would make a step fit ``limit``: a lighter edge (frozen embeddings, bf16 moments, fewer trained
     layers), a smaller batch, or a lighter edge and a smaller batch."""
     def fits(s: EdgeSize, b: int) -> bool:
-        return s.peak_bytes(batch=b, length=length) <= limit
+        return s.resident_bytes(batch=b, length=length) <= limit
 
     def estimate(s: EdgeSize, b: int) -> str:
-        return f"(estimated {s.peak_bytes(batch=b, length=length) / MIB:,.0f} MiB)"
+        return f"(estimated {s.resident_bytes(batch=b, length=length) / MIB:,.0f} MiB)"
 
     lighter = lighter_edges(size)
     fixes = [f"re-export with sft-export ... {flags} {estimate(s, batch)}" for flags, s in lighter if fits(s, batch)]

@@ -8,6 +8,7 @@ The memory estimate, in bytes, for ``B`` rows of ``L`` tokens, ``H`` hidden unit
 edge layers (``split``; the last one is its attention block only)::
 
     peak ≈ runtime + 4·(P + T) + 2·m·T + e·4·W + c·B·L·H·a
+    resident ≈ peak − 4·(P − T) + 4·F        (onnx engine; ort-training: resident = peak)
 
 ``P`` edge parameters (float32), ``T`` of them trained (a float32 gradient and two AdamW moments
 of ``m`` bytes each: 4, or 2 with ``sft-export --edge-moments bf16``),
@@ -25,6 +26,11 @@ then ``runtime`` raised until no measured peak exceeds its estimate, so the esti
 high (onnxruntime-training's memory arena grows in steps, not linearly; docs/BENCHMARKS.md
 lists each estimate beside its measured peak). The ``B·L·H`` term is linear in the length; attention's ``L²`` part is
 folded in at ``L`` = 128, so much longer sequences are underestimated somewhat.
+
+``resident`` is what a memory cap must leave room for (``sft-edge doctor`` checks it): the
+``onnx`` engine maps its ``P − T`` frozen weights from the bundle's file instead of copying
+them, so they are page cache that the kernel can reclaim and read again, all but ``F``, the
+largest frozen layer, which one forward reads at once.
 """
 
 from __future__ import annotations
@@ -126,6 +132,16 @@ class EdgeSize:
         scratch = c.embedding_scratch * 4 * self.word_embeddings_trained
         activations = c.activation * batch * length * self.hidden * self.activation_layers
         return int(c.runtime_bytes + weights + scratch + activations)
+
+    def resident_bytes(self, *, batch: int, length: int) -> int:
+        """What a step needs in memory under a cap: the peak, less the frozen weights that the ``onnx`` engine
+        maps from the bundle instead of copying (page cache, which the kernel reclaims and reads again) but for
+        the largest frozen layer, which a forward reads at once. ``ort-training`` copies every weight."""
+        peak = self.peak_bytes(batch=batch, length=length)
+        if self.engine != "onnx":
+            return peak
+        frozen_layers = self.layer_parameters[:self.layers - self.trained_layers]
+        return peak - 4 * (self.parameters - self.trained) + 4 * max(frozen_layers, default=0)
 
     def checkpoint_bytes(self) -> int:
         """One edge checkpoint: ``onnx`` saves trained parameters and moments, ``ort-training`` all parameters too."""

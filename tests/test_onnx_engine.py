@@ -7,6 +7,7 @@ torch or onnxruntime-training.
 
 from __future__ import annotations
 
+import mmap
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,9 @@ import torch
 from bundles import export_cached, padded_batch, reference_edge, tiny_options, upstream_gradient
 from edge_runtime.adamw import AdamW, FlatParameters
 from edge_runtime.engine import open_engine
-from splitwire.bundle import load_bundle
+from edge_runtime.engines.onnx_engine import _map_weights
+from safetensors import safe_open
+from splitwire.bundle import BundleError, load_bundle
 
 SETTINGS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
@@ -148,6 +151,30 @@ def test_frozen_embeddings_get_no_gradient_and_stay_fixed(tmp_path_factory, tiny
     with torch.no_grad():  # z depends on the embeddings: still the bundle's, on both sides
         want = edge(*(torch.from_numpy(a) for a in batch.feeds().values())).numpy()
     assert np.abs(engine.infer(batch) - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_frozen_weights_are_views_of_the_mapped_weights_file_and_a_bad_file_is_refused(tmp_path_factory,
+                                                                                      tiny_model_dir, tmp_path):
+    root = export_cached(tmp_path_factory, tiny_model_dir, split=1, rank=4, init="random", max_length=16,
+                         engine="onnx", freeze_embeddings=True)
+    path = load_bundle(root, parts=["edge"]).edge_file("weights")
+    names = set(load_bundle(root, parts=["edge"]).manifest.edge.frozen)
+    mapped = _map_weights(path, names)
+    with safe_open(str(path), framework="np") as f:
+        for name in names:
+            np.testing.assert_array_equal(mapped[name], f.get_tensor(name))
+            assert not mapped[name].flags.writeable
+            base = mapped[name]
+            while isinstance(base, (np.ndarray, memoryview)):
+                base = base.base if isinstance(base, np.ndarray) else base.obj
+            assert isinstance(base, mmap.mmap), name  # no copy: the page cache holds them
+    data = path.read_bytes()
+    for bad in (data[:len(data) // 2], b"\xff" * 8 + data[8:], data[:8] + b"[" + data[9:]):  # tensors cut,
+        # a header length past the end, a header that is not an object
+        broken = tmp_path / "broken.safetensors"
+        broken.write_bytes(bad)
+        with pytest.raises(BundleError, match="safetensors|do not fit"):
+            _map_weights(broken, names)
 
 
 def test_edge_process_loads_neither_torch_nor_onnxruntime_training(tiny_onnx_bundle, tmp_path):

@@ -41,7 +41,7 @@ from edge_runtime.adamw import AdamW, FlatParameters
 from edge_runtime.engine import EdgeBatch, EdgeEngine, checked_dz, checked_feeds, cpu_session_options, input_limits
 from edge_runtime.ort_import import onnxruntime
 from splitwire.bundle import Bundle, BundleError
-from splitwire.manifest import BACKWARD, DZ, FORWARD, GRAD, INFER, WEIGHTS, Z
+from splitwire.manifest import BACKWARD, DZ, EMBEDDING_TABLES, FORWARD, GRAD, INFER, WEIGHTS, Z
 
 STATE = "edge_state.safetensors"
 
@@ -220,6 +220,8 @@ def _map_weights(path: Path, names: set[str]) -> dict[str, np.ndarray]:
     try:
         (length,) = struct.unpack("<Q", mapped[:8])
         header = json.loads(mapped[8:8 + length])
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
         start = 8 + length
         out = {}
         for name in sorted(names):
@@ -232,6 +234,9 @@ def _map_weights(path: Path, names: set[str]) -> dict[str, np.ndarray]:
                 raise BundleError(f"{path}: frozen edge weight {name!r} has bytes {begin}..{end} that do not fit "
                                   f"its shape {shape} or the file")
             out[name] = np.frombuffer(mapped, np.float32, math.prod(shape), start + begin).reshape(shape)
+            if name in EMBEDDING_TABLES:  # looked up row by row: read-ahead would bring in the whole table
+                first = (start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_RANDOM, first, start + end - first)
         return out
     except (struct.error, ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{path}: not a safetensors file: {exc}") from None
