@@ -83,9 +83,9 @@ EDGE_OPTIONS = {
     "frozen embeddings": dict(freeze_embeddings=True, train_edge_layers=None),
     "top 1 layer": dict(freeze_embeddings=False, train_edge_layers=1),
     "top 1 layer + bf16 moments": dict(freeze_embeddings=False, train_edge_layers=1, moments="bf16"),
+    "top 2 layers + bf16 moments": dict(freeze_embeddings=False, train_edge_layers=2, moments="bf16"),
     "bf16 moments": dict(freeze_embeddings=False, train_edge_layers=None, moments="bf16"),
     "LoRA rank 8": dict(freeze_embeddings=False, train_edge_layers=None, lora_rank=8),  # sft-export --edge-lora-rank 8
-    "top 2 layers + bf16 moments": dict(freeze_embeddings=False, train_edge_layers=2, moments="bf16"),
 }
 
 
@@ -391,6 +391,12 @@ def _findings(rows: list[dict]) -> list[str]:
                            f"against the standard mode's {standard['accuracy']:.2f} ± {standard['std']:.2f} % at the "
                            f"same settings and seeds ({private['accuracy'] - standard['accuracy']:+.2f} points; "
                            f"seed by seed {paired}).")
+        for light in (r for r in mine if ", edge " in r["variant"]):
+            trained = next((r for r in mine if r["variant"] == light["variant"].split(", edge ")[0]), None)
+            if trained is not None:
+                out.append(f"- **{dataset}**, {light['variant']}: {light['accuracy']:.2f} ± {light['std']:.2f} % "
+                           f"against every edge weight trained under the same head, {trained['accuracy']:.2f} ± "
+                           f"{trained['std']:.2f} % ({light['accuracy'] - trained['accuracy']:+.2f} points).")
         for fleet in (r for r in mine if FLEET in r["variant"]):
             alone = next((r for r in mine if r["variant"] == fleet["variant"].split(FLEET)[0]), None)
             if alone is not None:
