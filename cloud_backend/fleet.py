@@ -276,6 +276,10 @@ class CloudFleet:
         meta["fleet"] = {"name": self.name, "members": table}
         write_checkpoint(path, meta, tensors)
 
+    def idle(self) -> bool:
+        """No member's request waits in a round: the fleet may be saved and taken out of memory."""
+        return not self._in_flight and not any(queue.pending for queue in (self.trains, self.checkpoints, self.averages))
+
     async def save_latest(self) -> bool:
         """Save the fleet as it is (at shutdown); whether a file was written (not without a state dir)."""
         await self._save("latest")

@@ -167,7 +167,7 @@ class CloudServer:
         self.fleet_type = fleet_type  # ``cloud_backend.fleet_workers.WorkerFleet`` under torchrun
         self.fleets: dict[str, CloudFleet] = {}  # by name (``cloud_backend.fleet``)
         self.members: dict[str, LiveSession] = {}  # fleet members, by session id
-        self._fleet_tasks: list[asyncio.Task] = []
+        self._fleet_tasks: dict[str, asyncio.Task] = {}  # each fleet's rounds (``CloudFleet.run``), by name
         self.stats = ServerStats()
         self.url = ""
         self._opening = asyncio.Lock()
@@ -322,7 +322,10 @@ class CloudServer:
         if self.limits.label_private:
             raise ConfigMismatch("this cloud serves a label-private bundle; its sessions train alone, not in fleets")
         async with self._opening:
-            fleet = self.fleets.get(hello.fleet) or await self._open_fleet(hello)
+            fleet = self.fleets.get(hello.fleet)
+            if fleet is None:
+                await self._make_room()
+                fleet = await self._open_fleet(hello)
             fleet.join(hello.session_id)
             live = self.members.get(hello.session_id)
             if live is None or live.fleet is not fleet or live.config != hello.config:
@@ -356,7 +359,7 @@ class CloudServer:
                                snapshot=snapshot)
             log_event("new_fleet", fleet=hello.fleet, schedule=self.fleet_settings.schedule, device=str(self.device))
         self.fleets[hello.fleet] = fleet
-        self._fleet_tasks.append(asyncio.create_task(fleet.run()))
+        self._fleet_tasks[hello.fleet] = asyncio.create_task(fleet.run())
         return fleet
 
     async def _session(self, hello: Hello) -> LiveSession:
@@ -401,23 +404,52 @@ class CloudServer:
         log_event("corrupt_checkpoint", path=str(path), kept_as=str(kept), reason=str(exc))
 
     async def _make_room(self) -> None:
-        """Below ``max_sessions``: first drop the sessions disconnected for longer than ``session_ttl``,
-        then, with a state dir, evict the least recently used disconnected one (saved: it comes back
-        on its next hello). No connection can attach meanwhile: the caller holds ``_opening``."""
+        """Below ``max_sessions`` (a fleet's shared top counts as one session): first drop the sessions and
+        fleets disconnected for longer than ``session_ttl``, then, with a state dir, evict the least recently
+        used disconnected one (saved: it comes back on its next hello). No connection can attach meanwhile:
+        the caller holds ``_opening``."""
         now = time.monotonic()
-        idle = sorted((live.last_active, session_id) for session_id, live in self.sessions.items()
-                      if live.connection is None)
-        for last_active, session_id in idle:
+        idle = sorted([(live.last_active, "session", session_id) for session_id, live in self.sessions.items()
+                       if live.connection is None] + self._idle_fleets())
+        for last_active, kind, key in idle:
             if now - last_active > self.session_ttl:
-                await self._drop(session_id, "expired")
-        if len(self.sessions) < self.max_sessions:
+                await self._drop_held(kind, key, "expired")
+        if len(self.sessions) + len(self.fleets) < self.max_sessions:
             return
-        victim = next((session_id for _, session_id in idle if session_id in self.sessions), None)
+        held = {"session": self.sessions, "fleet": self.fleets}
+        victim = next(((kind, key) for _, kind, key in idle if key in held[kind]), None)
         if victim is None or self.state_dir is None:
             raise ServerBusy(f"the cloud holds its limit of {self.max_sessions} sessions"
                              f"{'' if victim is None else ' and has no --state-dir to evict one to'}; "
                              "try again later")
-        await self._drop(victim, "evicted")
+        await self._drop_held(*victim, "evicted")
+
+    async def _drop_held(self, kind: str, key: str, why: str) -> None:
+        await (self._drop(key, why) if kind == "session" else self._drop_fleet(key, why))
+
+    def _idle_fleets(self) -> list[tuple[float, str, str]]:
+        """Fleets no member is connected to and no round waits in, with their members' last activity. Not
+        under torchrun: every worker holds its fleet, and one worker cannot leave the collectives alone."""
+        if self.fleet_type is not CloudFleet:
+            return []
+        idle = []
+        for name, fleet in self.fleets.items():
+            members = [live for live in self.members.values() if live.fleet is fleet]
+            if fleet.idle() and all(live.connection is None and not live.lock.locked() for live in members):
+                idle.append((max((live.last_active for live in members), default=0.0), "fleet", name))
+        return idle
+
+    async def _drop_fleet(self, name: str, why: str) -> None:
+        """Take an idle fleet out of memory, saving it first when there is a state dir; its members' next
+        hello restores it (``_open_fleet``)."""
+        fleet = self.fleets.pop(name)
+        self._fleet_tasks.pop(name).cancel()
+        saved = await fleet.save_latest()
+        for member in [m for m, live in self.members.items() if live.fleet is fleet]:
+            del self.members[member]
+        setattr(self.stats, why, getattr(self.stats, why) + 1)
+        log_event(why, fleet=name, step=fleet.top.step, saved=saved, sessions=len(self.sessions) + len(self.fleets))
+        self._trim_state()
 
     async def _drop(self, session_id: str, why: str) -> None:
         """Take a disconnected session out of memory, saving it first when there is a state dir."""
@@ -654,7 +686,7 @@ class CloudServer:
                 async with live.lock:
                     await self.compute.run(session_id, live.session.save, path)
                 log_event("saved", session=session_id, step=live.session.step)
-        for task in self._fleet_tasks:
+        for task in self._fleet_tasks.values():
             task.cancel()
         for name, fleet in self.fleets.items():
             if await fleet.save_latest():

@@ -207,7 +207,7 @@ def run_config(edge: EdgeTrainer, data: TextData, steps: int):
 
 async def train_member(bundle, url: str, session: str, data: TextData, steps: int, checkpoint_dir: Path, *,
                        checkpoint_every: int | None = None, average_every: int | None = None,
-                       hooks: _Hooks | None = None, fleet: str = "f") -> Member:
+                       hooks: _Hooks | None = None, fleet: str | None = "f") -> Member:
     edge = trainer(bundle, url, session, checkpoint_dir, fleet=fleet)
     async with edge:
         result = await edge.train(data, run_config(edge, data, steps), checkpoint_every=checkpoint_every,
@@ -366,6 +366,29 @@ def test_an_average_resent_after_a_lost_reply_gets_its_rounds_average_not_a_roun
                           weights=sizes)
         for i in range(len(sizes)):
             np.testing.assert_allclose(after[i][name], want, rtol=1e-6, atol=1e-7, err_msg=f"device {i} {name}")
+
+
+def test_an_idle_fleet_counts_as_a_session_and_is_evicted_to_the_state_dir_then_restored(bundle, tmp_path):
+    """``--max-sessions 2``: a fleet whose only member has gone after step 2, then two isolated sessions. The second one's
+    hello evicts the fleet (saved to the state dir); the member's next hello restores it where it was."""
+    async def scenario():
+        async with serve_cloud(bundle, port=0, device="cpu", state_dir=tmp_path / "state", max_sessions=2,
+                               fleets=FleetSettings("sync", 60.0, 1)) as server:
+            await train_until_killed(trainer(bundle, server.url, "m-0", tmp_path / "m-0"), device_data(0), 4, at=3,
+                                     checkpoint_every=2)
+            for i in (1, 2):
+                await train_member(bundle, server.url, f"solo-{i}", device_data(i), 2, tmp_path / f"solo-{i}",
+                                   fleet=None)
+            evicted = sorted(server.fleets), sorted(server.sessions), server.stats.evicted
+            back = await train_member(bundle, server.url, "m-0", device_data(0), 4, tmp_path / "m-0",
+                                      checkpoint_every=2)
+            return evicted, back, server.fleets["f"], sorted(server.sessions)
+
+    evicted, back, fleet, sessions = asyncio.run(scenario())
+    assert evicted == ([], ["solo-1", "solo-2"], 1)
+    assert back.result.start_step == 2 and back.result.steps == [3, 4]
+    assert fleet.top.step == 4 and fleet.members["m-0"].step == 4  # restored at round 2, not a new fleet
+    assert sessions == ["solo-2"]  # making room for the fleet again evicted the least recently used session
 
 
 def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_and_goes_on(bundle, tmp_path):
