@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 from benchmarks.assets import minilm_path
-from benchmarks.report import ROOT, write_section, save_plot
+from benchmarks.report import BENCH_DIR, ROOT, write_section, save_plot
 from edge_runtime.cgroup import CGROUP_V1, CGROUP_V2, CgroupFiles, memory_cgroups
 
 CAP = 1 << 30
@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="role")
     inner = sub.add_parser("child", help="(internal) run the steps in this process and print one JSON line")
     capped = sub.add_parser("capped", help="run one bundle's steps in a capped child and print one JSON line")
+    sub.add_parser("report", help="write the section again from the recorded runs, with the doctor's current constants")
     for role in (inner, capped):
         role.add_argument("--bundle", type=Path, required=True)
         role.add_argument("--batch", type=int, default=BATCH)
@@ -359,10 +360,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.role == "capped":
         print(json.dumps(run_child(args.bundle, cores=args.cores, cap=args.cap, batch=args.batch)))
         return
+    if args.role == "report":  # the doctor's constants changed: its estimates again, from the recorded runs
+        recorded = json.loads((BENCH_DIR / "edge_budget.json").read_text())["results"]["cases"]
+        report([r | {"runs": {int(cores): run for cores, run in r["runs"].items()},  # JSON keys are text
+                     "features": features(Case(**r["case"]))} for r in recorded])
+        return
     results = []
     for case in cases():
         ensure_bundle(case)
         results.append(measure(case) | {"features": features(case)})
+    report(results)
+
+
+def report(results: list[dict]) -> None:
+    """Write the section: the table, the goal, the fitted calibration and the plot."""
     fitted = calibrate(results)
     body = "\n\n".join([
         f"Each cell: a child process pinned with `taskset` to that many cores (as many onnxruntime threads) "
