@@ -159,7 +159,7 @@ def test_frozen_weights_are_views_of_the_mapped_weights_file_and_a_bad_file_is_r
                          engine="onnx", freeze_embeddings=True)
     path = load_bundle(root, parts=["edge"]).edge_file("weights")
     names = set(load_bundle(root, parts=["edge"]).manifest.edge.frozen)
-    mapped = _map_weights(path, names)
+    mapped = _map_weights(path, frozen=names)
     with safe_open(str(path), framework="np") as f:
         for name in names:
             np.testing.assert_array_equal(mapped[name], f.get_tensor(name))
@@ -174,7 +174,7 @@ def test_frozen_weights_are_views_of_the_mapped_weights_file_and_a_bad_file_is_r
         broken = tmp_path / "broken.safetensors"
         broken.write_bytes(bad)
         with pytest.raises(BundleError, match="safetensors|do not fit"):
-            _map_weights(broken, names)
+            _map_weights(broken, frozen=names)
 
 
 def test_edge_process_loads_neither_torch_nor_onnxruntime_training(tiny_onnx_bundle, tmp_path):

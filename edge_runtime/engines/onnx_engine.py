@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import ClassVar, Mapping
 
 import numpy as np
-from safetensors import safe_open
 
 from edge_runtime.adamw import AdamW, FlatParameters
 from edge_runtime.engine import EdgeBatch, EdgeEngine, checked_dz, checked_feeds, cpu_session_options, input_limits
@@ -129,10 +128,10 @@ class Engine(EdgeEngine):
         self._graphs = AotGraphs(*(bundle.edge_file(r) for r in (FORWARD, BACKWARD, INFER)),
                                  threads=threads)
         frozen = set(bundle.manifest.edge.frozen)
-        trained = _read_weights(bundle.edge_file(WEIGHTS), skip=frozen)
-        self._frozen = _map_weights(bundle.edge_file(WEIGHTS), frozen)  # read-only: nothing on the edge may change them
-        _check_layout(self._graphs, trained | self._frozen, frozen)
-        self._params = FlatParameters(trained)
+        weights = _map_weights(bundle.edge_file(WEIGHTS), frozen=frozen)
+        _check_layout(self._graphs, weights, frozen)
+        self._params = FlatParameters({n: w for n, w in weights.items() if n not in frozen})  # copied: they train
+        self._frozen = {n: w for n, w in weights.items() if n in frozen}  # read-only: nothing on the edge changes them
         self._grad_buffer = np.zeros_like(self._params.buffer)
         self._grads = self._params.split(self._grad_buffer)
         settings = bundle.manifest.optimizer
@@ -194,27 +193,16 @@ class Engine(EdgeEngine):
         return {**self._params.views, **self._frozen, **feeds}
 
 
-def _read_weights(path: Path, *, skip: set[str]) -> dict[str, np.ndarray]:
-    """The weights file's tensors but ``skip``, copied into memory (they train)."""
-    with safe_open(str(path), framework="np") as f:
-        weights = {name: f.get_tensor(name) for name in f.keys() if name not in skip}
-    bad = [n for n, w in weights.items() if w.dtype != np.float32]
-    if bad:
-        raise BundleError(f"{path}: edge weights must be float32, {bad} are not")
-    return weights
-
-
-def _map_weights(path: Path, names: set[str]) -> dict[str, np.ndarray]:
-    """The tensors ``names`` of a safetensors file as read-only views of the file mapped into memory.
+def _map_weights(path: Path, *, frozen: set[str]) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, as a read-only view of the file mapped into memory.
 
     Why: frozen weights are only read, so they need not be copied. Mapped pages belong to the
     page cache: under a memory cap the kernel may drop them and read them again, and the rows
-    of an embedding table that no batch looks up are never read at all (``sft-export
-    --train-edge-layers`` is what fits 512 MiB, docs/BENCHMARKS.md). The header is checked as
+    of a frozen embedding table that no batch looks up are never read at all (``sft-export
+    --train-edge-layers`` is what fits 512 MiB, docs/BENCHMARKS.md). The trained weights are
+    copied from these views once, into the optimizer's flat buffer. The header is checked as
     ``safe_open`` would: every tensor float32, its bytes inside the file and of its shape's size.
     """
-    if not names:
-        return {}
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
@@ -224,17 +212,18 @@ def _map_weights(path: Path, names: set[str]) -> dict[str, np.ndarray]:
             raise ValueError("its header is not a JSON object")
         start = 8 + length
         out = {}
-        for name in sorted(names):
-            entry = header.get(name)
+        for name, entry in sorted(header.items()):
+            if name == "__metadata__":
+                continue
             if not isinstance(entry, dict) or entry.get("dtype") != "F32":
-                raise BundleError(f"{path}: frozen edge weight {name!r} is missing or not float32")
+                raise BundleError(f"{path}: edge weights must be float32, {name!r} is not")
             begin, end = entry["data_offsets"]
             shape = tuple(int(n) for n in entry["shape"])
             if not 0 <= begin <= end <= len(mapped) - start or end - begin != 4 * math.prod(shape):
-                raise BundleError(f"{path}: frozen edge weight {name!r} has bytes {begin}..{end} that do not fit "
+                raise BundleError(f"{path}: edge weight {name!r} has bytes {begin}..{end} that do not fit "
                                   f"its shape {shape} or the file")
             out[name] = np.frombuffer(mapped, np.float32, math.prod(shape), start + begin).reshape(shape)
-            if name in EMBEDDING_TABLES:  # looked up row by row: read-ahead would bring in the whole table
+            if name in frozen and name in EMBEDDING_TABLES:  # looked up row by row: no read-ahead of the table
                 first = (start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
                 mapped.madvise(mmap.MADV_RANDOM, first, start + end - first)
         return out
