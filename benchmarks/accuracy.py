@@ -28,8 +28,10 @@ must train to the standard mode's accuracy at the same settings and seeds.
 ``--fleet`` adds, at each fp32 rank, the movie reviews split across 4 devices that train one
 shared top part (``models.fleet.Fleet``, what ``sft-cloud``'s synchronous fleets compute): IID
 shards and label-skewed shards (two devices 80 % negative, two 80 % positive), each with personal
-edge halves and with the edge halves averaged (FedAvg weighted by examples) every 20, 5 or 1 rounds
-(each average's bytes are counted: a device's trainable edge weights up, the average down). A round
+edge halves, with the edge halves averaged (FedAvg weighted by examples) every 20, 5 or 1 rounds
+(each average's bytes are counted: a device's trainable edge weights up, the average down), and
+with one shared edge (each round the devices' edge gradients summed, one AdamW step for all:
+a gradient up and the sum down, counted the same way). A round
 takes ``batch/4`` rows from every device, so the fleet sees the one-device run's budget of
 examples; its accuracy is the mean over the 4 devices, each pairing its own edge half with the
 shared top, on the one test set.
@@ -100,16 +102,19 @@ class Variant:
     edge: str | None = None  # EDGE_OPTIONS: what the device trains (None: every edge weight, fp32 AdamW)
     label_private: bool = False  # the U-shaped split: the classifier and the loss on the device
     fleet: str | None = None  # FLEETS: 4 devices, one shared top part, their shards IID or label-skewed
-    average_every: int = 0  # a fleet's edge halves are averaged (FedAvg) every this many rounds (0: never)
+    average_every: int = 0  # a fleet's edge halves are averaged (FedAvg) every this many rounds (0: never; SHARED)
 
 
 LABEL_PRIVATE = ", label-private"  # the suffix of a label-private variant's name
 FLEET = ", fleet of 4 "  # the name of a fleet variant: SFT r=8 fp32, fleet of 4 IID
 FLEET_DEVICES = 4
+SHARED = -1  # average_every of a shared edge: the round's edge gradients summed, one AdamW step for every device
 FLEETS = {"IID": ("iid", 0), "IID, FedAvg every 20": ("iid", 20), "IID, FedAvg every 5": ("iid", 5),
-          "IID, FedAvg every 1": ("iid", 1), "label-skewed": ("skew", 0),
+          "IID, FedAvg every 1": ("iid", 1), "IID, shared edge": ("iid", SHARED),
+          "IID, shared edge, frozen embeddings": ("iid", SHARED), "label-skewed": ("skew", 0),
           "label-skewed, FedAvg every 20": ("skew", 20), "label-skewed, FedAvg every 5": ("skew", 5),
-          "label-skewed, FedAvg every 1": ("skew", 1)}
+          "label-skewed, FedAvg every 1": ("skew", 1), "label-skewed, shared edge": ("skew", SHARED),
+          "label-skewed, shared edge, frozen embeddings": ("skew", SHARED)}
 
 
 def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads: list[str] = ("svd",),
@@ -129,7 +134,8 @@ def variants(ranks: list[int], codecs: list[str], codec_ranks: list[int], heads:
         out += [Variant(f"SFT r={r} {label}fp32, edge {option}", r, edge=option, head=kind, heal_steps=heal)
                 for r in ranks for option in edge_options]
     out += [Variant(f"SFT r={r} fp32{LABEL_PRIVATE}", r, label_private=True) for r in ranks if label_private]
-    out += [Variant(f"SFT r={r} fp32{FLEET}{kind}", r, fleet=shards, average_every=every)
+    out += [Variant(f"SFT r={r} fp32{FLEET}{kind}", r, fleet=shards, average_every=every,
+                    edge="frozen embeddings" if kind.endswith("frozen embeddings") else None)
             for r in ranks if fleet for kind, (shards, every) in FLEETS.items()]
     return out
 
@@ -180,28 +186,43 @@ def build_variant(variant: Variant, *, encoder, num_labels: int, seed: int, cali
     return model.train(), {"split_output": report["split_output"], "pooled": report["pooled"]}
 
 
+HEAD_PARAMETERS = ("edge.head.", "cloud.split_ffn.decompression.", "cloud.split_ffn.rebuild.")  # new at the cut
+
+
+def _parameter_groups(model: torch.nn.Module, head_lr_scale: float) -> list[dict]:
+    """The trainable parameters, the compression head's (new at the cut, not pretrained) at ``head_lr_scale`` × lr."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    head = [p for name, p in trained if name.startswith(HEAD_PARAMETERS)]
+    rest = [p for name, p in trained if not name.startswith(HEAD_PARAMETERS)]
+    return [{"params": rest, "scale": 1.0}] + ([{"params": head, "scale": head_lr_scale}] if head else [])
+
+
 def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, tokenizer: EdgeTokenizer, seed: int,
-            steps: int, lr: float, batch_size: int, calibration: Calibration, eval_every: int) -> dict:
+            steps: int, lr: float, batch_size: int, calibration: Calibration, eval_every: int,
+            head_lr_scale: float = 1.0) -> dict:
     torch.manual_seed(seed)
     num_labels = int(max(train.labels.max(), test.labels.max())) + 1
     model, fidelity = build_variant(variant, encoder=encoder, num_labels=num_labels, seed=seed,
                                     calibration=calibration)
     if variant.fleet is not None:
+        if _edge_training(model, variant):
+            raise ValueError("a fleet's edge trains fp32 moments")
         return {**run_fleet(variant, model, train=train, test=test, tokenizer=tokenizer, seed=seed, steps=steps,
                             lr=lr, batch_size=batch_size, hidden=encoder.spec.hidden_size),
                 "fidelity": fidelity, "head": variant.head, "heal_steps": 0}
     curve = []
     rounded = _edge_training(model, variant)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    schedule = Schedule(lr, "linear", steps // 10, steps)
     compressed = variant.rank is not None
+    optimizer = torch.optim.AdamW(_parameter_groups(model, head_lr_scale if compressed else 1.0), lr=lr,
+                                  weight_decay=0.01)
+    schedule = Schedule(lr, "linear", steps // 10, steps)
     codecs = (codec_for(variant.codec, Carries.ACTIVATION, seed=seed), codec_for(variant.codec, Carries.GRADIENT, seed=seed))
     sent = vanilla = 0
     for batch in training_batches(train, tokenizer, batch_size=batch_size, epochs=10, seed=seed, max_steps=steps,
                                   group_by_length=True):
         f = {k: torch.from_numpy(v) for k, v in batch.inputs.feeds().items()}
         for group in optimizer.param_groups:
-            group["lr"] = schedule.rate(batch.step)
+            group["lr"] = schedule.rate(batch.step) * group["scale"]
         z = model.edge(f["input_ids"], f["attention_mask"], f["token_type_ids"], f["position_ids"])
         if compressed:
             z = CodecLink.apply(z, batch.lengths, codecs, batch.step)
@@ -250,7 +271,9 @@ def run_fleet(variant: Variant, model, *, train: TextData, test: TextData, token
 
     schedule = Schedule(lr, "linear", steps // 10, steps)
     shards = [train.subset(rows) for rows in fleet_shards(train.labels, variant.fleet, seed=seed)]
-    fleet = Fleet([copy.deepcopy(model.edge) for _ in shards], model.cloud, rate=schedule.rate, seed=seed,
+    shared = variant.average_every == SHARED
+    edges = [model.edge] * len(shards) if shared else [copy.deepcopy(model.edge) for _ in shards]
+    fleet = Fleet(edges, model.cloud, rate=schedule.rate, seed=seed, shared_edge=shared,
                   optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
     plans = [training_batches(shard, tokenizer, batch_size=batch_size // len(shards), epochs=100, seed=seed + d,
                               max_steps=steps, group_by_length=True) for d, shard in enumerate(shards)]
@@ -260,16 +283,20 @@ def run_fleet(variant: Variant, model, *, train: TextData, test: TextData, token
                                        torch.from_numpy(b.labels)) for b in batches])
         sent += sum(b.inputs.input_ids.size * variant.rank * 4 for b in batches)
         vanilla += sum(b.inputs.input_ids.size * hidden * 4 for b in batches)
-        if variant.average_every and fleet.round % variant.average_every == 0:
+        if shared:  # a device's edge gradient up, the round's sum down: weight-sized, like an average
+            averages += 1
+        elif variant.average_every and fleet.round % variant.average_every == 0:
             fleet.average_edges([len(shard) for shard in shards])
             averages += 1
     weight_bytes = sum(w.nbytes for w in fleet.edge_weights(0).values())
-    devices = [evaluate(SplitModel(edge, fleet.cloud), test, tokenizer) for edge in fleet.edges]
+    scores = {id(edge): evaluate(SplitModel(edge, fleet.cloud), test, tokenizer) for edge in fleet.edges[:1 if shared else None]}
+    devices = [scores[id(edge)] for edge in fleet.edges]
     accuracy = float(np.mean([d["accuracy"] for d in devices]))
     return {"accuracy": accuracy, "macro_f1": round(float(np.mean([d["macro_f1"] for d in devices])), 4),
             "device_accuracy": [d["accuracy"] for d in devices], "reduction": vanilla / sent,
             "curve": [[steps, accuracy]], "rounds": fleet.round,
-            "averaging_mb": round(2 * averages * weight_bytes / 1e6, 1)}  # per device: its weights up, the average down
+            "averaging_mb": round(2 * averages * weight_bytes / 1e6, 1)}  # per device: its weights (gradient) up, the
+    # average (sum) down
 
 
 def _edge_training(model, variant: Variant) -> list[torch.nn.Parameter]:
@@ -305,6 +332,13 @@ def evaluate(model, test: TextData, tokenizer: EdgeTokenizer) -> dict[str, float
     predicted = np.concatenate(predictions)
     return {"accuracy": float(np.mean(predicted == test.labels)),
             "macro_f1": round(macro_f1(test.labels, predicted, num_classes=logits.shape[-1]), 4)}
+
+
+def _edge_traffic(variant: str) -> str:
+    """What a fleet variant's edge traffic is, for the findings."""
+    if variant.endswith("shared edge"):
+        return "the shared edge (each round its edge gradient up, the fleet's sum down)"
+    return "FedAvg (weights up, average down)"
 
 
 def _variant_order(name: str) -> tuple:
@@ -404,7 +438,7 @@ def _findings(rows: list[dict]) -> list[str]:
                            f"(mean over the 4 devices' models) against one device training on all the rows with the "
                            f"same budget of examples, {alone['accuracy']:.2f} ± {alone['std']:.2f} % "
                            f"({fleet['accuracy'] - alone['accuracy']:+.2f} points)"
-                           + (f"; FedAvg moved {fleet['averaging_mb']:,.0f} MB per device (weights up, average down)."
+                           + (f"; {_edge_traffic(fleet['variant'])} moved {fleet['averaging_mb']:,.0f} MB per device."
                               if fleet.get("averaging_mb") else "."))
         full = next((r for r in mine if r["variant"] == "full fine-tuning"), None)
         sft = [r for r in mine if r["variant"].startswith("SFT")]
@@ -512,7 +546,8 @@ def _run_in_worker(dataset: str, variant: Variant, seed: int, settings: dict) ->
     started = time.perf_counter()
     result = run_one(variant, encoder=_WORKER["encoder"], train=train, test=test, tokenizer=_WORKER["tokenizer"],
                      seed=seed, steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch"],
-                     calibration=_WORKER["calibration"], eval_every=settings["eval_every"])
+                     calibration=_WORKER["calibration"], eval_every=settings["eval_every"],
+                     head_lr_scale=settings.get("head_lr_scale", 1.0))
     return {"dataset": dataset, "variant": variant.name, "seed": seed, **result,
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -537,7 +572,8 @@ def main() -> None:
                         help="also train the label-private (U-shaped) split at each fp32 rank (sft-export --label-private)")
     parser.add_argument("--fleet", action="store_true",
                         help="also train, at each fp32 rank, 4 devices with one shared top part (IID or label-skewed "
-                             "shards, personal edge halves or FedAvg every 20, 5 or 1 rounds) on the same budget of examples")
+                             "shards, personal edge halves, FedAvg every 20, 5 or 1 rounds, or one shared edge) on the same budget "
+                             "of examples")
     parser.add_argument("--heal-steps", type=int, default=300, help="healing steps of principal+heal (default 300)")
     parser.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
                         help="sentence vector (default auto, as sft-export: mean for the packaged MiniLM)")
@@ -545,6 +581,9 @@ def main() -> None:
                         help="test accuracy every N steps, for the steps to within 1 point (default 25; 0: end only)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--head-lr-scale", type=float, default=1.0,
+                        help="learning rate of the compression head's parameters (new at the cut) as a multiple of "
+                             "--lr (default 1: one rate for all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--test-rows", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
@@ -573,6 +612,8 @@ def main() -> None:
                 "jobs": args.jobs, "threads_per_run": args.threads, "pooling": args.pooling,
                 "calibration": f"{CALIBRATION} (column text; fidelity on held-out rows)",
                 "heal_steps": args.heal_steps, "eval_every": args.eval_every}
+    if args.head_lr_scale != 1.0:  # only when used, so the earlier studies' settings lines stay as they were
+        settings["head_lr_scale"] = args.head_lr_scale
     # Seed-major order: a study stopped early has every variant on every dataset for its first seeds.
     grid = variants(args.ranks, args.codecs, args.codec_ranks, args.heads, args.heal_steps, args.edge_options,
                     args.label_private, args.fleet)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cloud_backend.auth import TOKENS_ENV, TokenStore
 from cloud_backend.distributed import init_from_env
-from cloud_backend.fleet import SCHEDULES as FLEET_SCHEDULES, CloudFleet, FleetSettings
+from cloud_backend.fleet import EDGES as FLEET_EDGES, SCHEDULES as FLEET_SCHEDULES, CloudFleet, FleetSettings
 from cloud_backend.fleet_workers import WorkerFleet
 from cloud_backend.guard import DEFAULT_SEND_TIMEOUT_S
 from cloud_backend.launch import LISTENING, STATUS
@@ -111,6 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fleets.add_argument("--fleet-max-wait-ms", type=float, default=1000 * FleetSettings.max_wait,
                         help="async: how long a step waits for more requests after the first "
                              f"(default: {1000 * FleetSettings.max_wait:g})")
+    fleets.add_argument("--fleet-edge", choices=FLEET_EDGES, default=FleetSettings.edge,
+                        help="personal: each device trains its own edge half (FedAvg on request, sft-edge "
+                             "--average-every); shared: one edge for the whole fleet, each round's edge gradients "
+                             "summed through the cloud so every device applies the same step (sync schedule, onnx "
+                             "engine; each step moves the edge's weight bytes up and down, docs/USAGE.md) "
+                             "(default: personal)")
     fleets.add_argument("--distributed", action="store_true",
                         help="run as one worker of a group that torchrun started (torchrun --nproc-per-node N -m "
                              "cloud_backend.cli --distributed ...): each worker serves its share of a fleet's "
@@ -139,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be positive (seconds)")
     try:
         args.fleets = FleetSettings(args.fleet_schedule, args.round_timeout, args.fleet_quorum, args.fleet_max_rows,
-                                    args.fleet_max_wait_ms / 1000)
+                                    args.fleet_max_wait_ms / 1000, args.fleet_edge)
     except UsageError as exc:
         parser.error(str(exc))
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -147,6 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.distributed and (args.fleet_schedule != "sync" or args.port == 0 or not args.distributed_timeout > 0):
         parser.error("--distributed needs --fleet-schedule sync, a --port other than 0 (worker r listens on "
                      "--port + r) and a positive --distributed-timeout")
+    if args.distributed and args.fleet_edge == "shared":
+        parser.error("--fleet-edge shared is not available with --distributed: the edge gradients would have to be "
+                     "summed across the workers, which only the top part's are")
     return args
 
 

@@ -21,6 +21,13 @@ Averaging (FedAvg, ``splitwire.fedavg``) is a round of its own: members send the
 edge weights and example counts, and every one of them gets the example-weighted average.
 Only edge weights travel, never data.
 
+A *shared edge* (``edge="shared"``, sync only) keeps the edge halves one model: after each
+train round every member sends its edge gradient (its part of the round's one loss) and gets
+the sum over the round's members, so every device applies the same AdamW step, as one device
+training on the round's stacked batch would (``models.fleet.Fleet(shared_edge=True)``). A
+member that misses a gradient round (it dropped) no longer equals the others: the round went
+ahead without its gradient and it did not apply the sum; an averaging round brings it back.
+
 One asyncio task per fleet (``run``) takes ready rounds and runs them on the server's
 compute thread; handlers wait on futures.
 """
@@ -42,12 +49,13 @@ from cloud_backend.rounds import Barrier, Batcher
 from cloud_backend.session import CloudSession, StepResult, read_checkpoint, write_checkpoint
 from models import EdgePart, EncoderSpec, SplitSpec
 from splitwire.bundle import Bundle
-from splitwire.errors import UsageError
-from splitwire.fedavg import fedavg
-from splitwire.protocol import Average, Averaged, Train
+from splitwire.errors import ProtocolError, UsageError
+from splitwire.fedavg import fedavg, gradient_sum
+from splitwire.protocol import Average, Averaged, EdgeGradient, GradientSum, Kind, Train
 from splitwire.steps import CloudSteps, Replay
 
 SCHEDULES = ("sync", "async")
+EDGES = ("personal", "shared")  # the fleet's edge halves: each device's own, or one model kept in step
 FLEET_PREFIX = "fleet:"  # the shared top part's session id (and state file name) is this and the fleet's name
 
 
@@ -60,10 +68,15 @@ class FleetSettings:
     quorum: int = 1  # sync: the first round waits until this many devices have joined
     max_rows: int = 256  # async: rows stacked into one step at most
     max_wait: float = 0.005  # async: seconds a step waits for more requests after the first
+    edge: str = "personal"  # EDGES: "shared" sums the members' edge gradients every round
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise UsageError(f"the fleet schedule is one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.edge not in EDGES:
+            raise UsageError(f"the fleet's edge is one of {', '.join(EDGES)}, got {self.edge!r}")
+        if self.edge == "shared" and self.schedule != "sync":
+            raise UsageError("a shared edge sums each round's edge gradients: it needs the sync schedule")
         if not (self.round_timeout > 0 and self.quorum >= 1 and self.max_rows >= 1 and self.max_wait >= 0):
             raise UsageError("fleet round timeout must be > 0, quorum and max rows >= 1, max wait >= 0")
 
@@ -106,10 +119,12 @@ class CloudFleet:
                                           else Batcher(settings.max_rows, settings.max_wait))
         self.checkpoints: Barrier = Barrier(settings.round_timeout)
         self.averages: Barrier = Barrier(settings.round_timeout)
+        self.gradient_sums: Barrier = Barrier(settings.round_timeout)
         self.saved_step: int | None = None  # the cloud step of the last requested snapshot
         self.saved_members: dict[str, int] = {}  # each member's step in that snapshot
         self._in_flight: dict[str, _Job] = {}  # each member's step waiting for its round
-        self._averaged: dict[str, tuple[int, asyncio.Future]] = {}  # each member's last AVERAGE: its step, its answer
+        # each member's last AVERAGE and EDGE_GRADIENT: its step, its answer
+        self._answered: dict[Kind, dict[str, tuple[int, asyncio.Future]]] = {Kind.AVERAGE: {}, Kind.EDGE_GRADIENT: {}}
         self._changed = asyncio.Event()
         self.parallel: DataParallelTop | None = None  # the top's collectives across workers (``cloud_backend.fleet_workers``)
         for member in self.members:
@@ -128,16 +143,18 @@ class CloudFleet:
         self._changed.set()
         return steps
 
+    def _barriers(self) -> list[Barrier]:
+        queues = (self.trains, self.checkpoints, self.averages, self.gradient_sums)
+        return [queue for queue in queues if isinstance(queue, Barrier)]
+
     def _join_barriers(self, member: str) -> None:
-        for barrier in (self.trains, self.checkpoints, self.averages):
-            if isinstance(barrier, Barrier):
-                barrier.join(member)
+        for barrier in self._barriers():
+            barrier.join(member)
 
     def leave(self, member: str) -> None:
         """``member`` said bye: rounds no longer wait for it (it may join again)."""
-        for barrier in (self.trains, self.checkpoints, self.averages):
-            if isinstance(barrier, Barrier):
-                barrier.leave(member)
+        for barrier in self._barriers():
+            barrier.leave(member)
         self._changed.set()
 
     def resume(self, member: str, resume_from: int) -> None:
@@ -177,17 +194,31 @@ class CloudFleet:
         return await self._wait(job)
 
     async def average(self, member: str, request: Average) -> Averaged:
-        """The example-weighted average of the edge weights of the members in this averaging round.
+        """The example-weighted average of the edge weights of the members in this averaging round."""
+        return await self._edge_round(Kind.AVERAGE, self.averages, member, request)
 
-        An AVERAGE sent again after a reconnect (the reply was lost) gets its round's average, never a
-        round of its own: a second round would average it with no one, or with the others' next ones.
+    async def sum_gradients(self, member: str, request: EdgeGradient) -> GradientSum:
+        """The sum of the edge gradients of the members in this gradient round (a shared edge)."""
+        if self.settings.edge != "shared":
+            raise ProtocolError(f"fleet {self.name!r} keeps personal edge halves: it sums no edge gradients")
+        if request.step != self.members[member].step:
+            raise ProtocolError(f"an edge gradient is of the step the cloud applied last, {self.members[member].step}, "
+                                f"got step {request.step}")
+        return await self._edge_round(Kind.EDGE_GRADIENT, self.gradient_sums, member, request)
+
+    async def _edge_round(self, kind: Kind, barrier: Barrier, member: str, request: Average | EdgeGradient):
+        """Submit ``member``'s edge-sized request to its round and wait for the round's answer.
+
+        One sent again after a reconnect (the reply was lost) gets its round's answer, never a round of
+        its own: a second round would reduce it with no one, or with the others' next ones.
         """
-        step, answer = self._averaged.get(member, (None, None))
+        answered = self._answered[kind]
+        step, answer = answered.get(member, (None, None))
         if step == request.step and not (answer.done() and answer.exception() is not None):  # a failed round: again
             return await asyncio.shield(answer)
         job = _Job(member, request)
-        self._averaged[member] = (request.step, job.future)
-        self.averages.submit(member, job, time.monotonic())
+        answered[member] = (request.step, job.future)
+        barrier.submit(member, job, time.monotonic())
         return await self._wait(job)
 
     async def _wait(self, job: _Job) -> Any:
@@ -200,7 +231,7 @@ class CloudFleet:
     async def run(self) -> None:
         """Take each round as it becomes ready and run it; wake at the earliest deadline."""
         kinds = ((self.trains, self._train_round), (self.checkpoints, self._checkpoint_round),
-                 (self.averages, self._average_round))
+                 (self.averages, self._average_round), (self.gradient_sums, self._gradient_round))
         while True:
             self._changed.clear()
             now = time.monotonic()
@@ -251,6 +282,12 @@ class CloudFleet:
         """The averaging round's FedAvg (``cloud_backend.fleet_workers`` takes it across workers)."""
         return fedavg(weights, examples)
 
+    async def _gradient_round(self, jobs: list[_Job]) -> None:
+        requests: list[EdgeGradient] = [job.payload for job in jobs]
+        summed = await self.compute.run(self.key, gradient_sum, [r.tensors for r in requests])
+        for job, request in zip(jobs, requests):
+            job.future.set_result(GradientSum(request.step, summed))
+
     # ------------------------------------------------------------------ checkpoints
 
     async def _save(self, snapshot: str) -> None:
@@ -278,7 +315,8 @@ class CloudFleet:
 
     def idle(self) -> bool:
         """No member's request waits in a round: the fleet may be saved and taken out of memory."""
-        return not self._in_flight and not any(queue.pending for queue in (self.trains, self.checkpoints, self.averages))
+        queues = (self.trains, self.checkpoints, self.averages, self.gradient_sums)
+        return not self._in_flight and not any(queue.pending for queue in queues)
 
     async def save_latest(self) -> bool:
         """Save the fleet as it is (at shutdown); whether a file was written (not without a state dir)."""

@@ -60,7 +60,7 @@ from splitwire.errors import (
     BundleMismatch, CheckpointCorrupt, ConfigMismatch, IdleTimeout, NonFinite, ProtocolError, ServerBusy, SplitftError, TooManyInFlight,
 )
 from splitwire.protocol import (
-    Average, DEFAULT_MAX_BATCH, SessionConfig, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top,
+    Average, DEFAULT_MAX_BATCH, EdgeGradient, SessionConfig, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, Top,
     TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag, weights_frame_bytes,
 )
 
@@ -302,7 +302,8 @@ class CloudServer:
                 await self._rewind(live, hello.resume_from)
             resume = live.steps.step
         tag = session_tag(hello.session_id)
-        welcome = encode(Welcome(self.bundle.hash, live.config, resume, self.limits.max_batch, hello.fleet)
+        shared = live.fleet is not None and live.fleet.settings.edge == "shared"
+        welcome = encode(Welcome(self.bundle.hash, live.config, resume, self.limits.max_batch, hello.fleet, shared)
                          .to_frame(session=tag))
         if live.fleet is not None:  # its edge weights come up for averaging: larger frames, after the token check
             ws.protocol.max_message_size = max(ws.protocol.max_message_size or 0,
@@ -541,6 +542,8 @@ class CloudServer:
                 reply = await self._save(live, frame)
             elif frame.kind == Kind.AVERAGE and live.fleet is not None:
                 reply = await self._average(live, frame)
+            elif frame.kind == Kind.EDGE_GRADIENT and live.fleet is not None:
+                reply = await self._sum_gradients(live, frame)
             else:
                 raise ProtocolError(f"the cloud does not accept {frame.kind.name} here")
             elapsed = time.perf_counter() - started
@@ -639,6 +642,11 @@ class CloudServer:
         """A fleet member's averaging round: its edge weights up, the fleet's FedAvg down."""
         averaged = await live.fleet.average(live.member, Average.from_frame(frame, shapes=live.fleet.shapes))
         return encode(averaged.to_frame(session=frame.session))
+
+    async def _sum_gradients(self, live: LiveSession, frame: Frame) -> bytes:
+        """A shared-edge member's gradient round: its edge gradient up, the round's sum down."""
+        summed = await live.fleet.sum_gradients(live.member, EdgeGradient.from_frame(frame, shapes=live.fleet.shapes))
+        return encode(summed.to_frame(session=frame.session))
 
     async def _save(self, live: LiveSession, frame: Frame) -> bytes:
         if live.fleet is not None:

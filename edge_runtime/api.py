@@ -89,7 +89,8 @@ class EdgeTrainer:
     ``ws://`` or ``wss://`` URL ``sft-cloud`` printed; ``session``: the session id (its token
     from ``token``); checkpoints go to ``checkpoint_dir`` (default ``runs/<session>``). A lost
     connection is reopened with ``retry`` (``None``: not at all). ``fleet``: train the shared top part
-    of that fleet on the cloud (its edge half stays this device's own), and predict with it.
+    of that fleet on the cloud (its edge half stays this device's own, unless the cloud shares the
+    fleet's edge: ``sft-cloud --fleet-edge shared``), and predict with it.
     """
 
     def __init__(self, bundle: str | Path | Bundle, *, cloud: str, session: str = "default",

@@ -50,7 +50,7 @@ from splitwire.errors import (
     UsageError,
 )
 from splitwire.protocol import (
-    Average, Averaged, DEFAULT_MAX_BATCH, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Top,
+    Average, Averaged, DEFAULT_MAX_BATCH, EdgeGradient, EdgeTensors, GradientSum, REPLAYED, Bye, CheckpointRequest, Checkpointed, Error, Frame, Gradient, Hello, Kind, Predict, Prediction, SessionConfig, Top,
     TopGradient, Train, Welcome, WireLimits, decode, encode, session_tag, weights_frame_bytes,
 )
 from splitwire.schedule import Schedule
@@ -145,7 +145,9 @@ class CloudClient:
         self.bytes_received = 0
         self.last_step_bytes = (0, 0)
         self.averaging_bytes = 0  # AVERAGE and AVERAGED frames (fleet averaging of the edge weights)
-        self._weights_frame = 0  # the largest AVERAGED frame, once this edge averages: every connection takes it
+        self.shared_edge_bytes = 0  # EDGE_GRADIENT and GRADIENT_SUM frames (a fleet's shared edge)
+        self.shared_edge = False  # the cloud welcomed this session into a fleet with one shared edge
+        self._weights_frame = 0  # the largest edge-sized frame, once this edge sent one: every connection takes it
         self._last = (0, 0)  # (up, down) bytes of the last exchange of any kind
 
     @classmethod
@@ -221,6 +223,7 @@ class CloudClient:
             await self._ws.close()
             raise
         self.steps.welcomed(welcome.resume_step)
+        self.shared_edge = welcome.shared_edge
         self._limits = replace(dial.limits, max_batch=min(dial.limits.max_batch, welcome.max_batch))
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], *, what: str) -> T:
@@ -354,15 +357,29 @@ class CloudClient:
     async def average(self, step: int, examples: int, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Send this fleet member's trainable edge weights after ``step`` (and the examples it trained on);
         returns the fleet's example-weighted average of them. Counted in ``averaging_bytes`` too."""
-        shapes = {name: value.shape for name, value in weights.items()}
-        data = encode(Average(step, examples, weights).to_frame(session=self._tag))
-        Average.from_frame(decode(data), shapes=shapes)
+        averaged = await self._edge_exchange(Average(step, examples, weights), Averaged)
+        self.averaging_bytes += sum(self._last)
+        return averaged
+
+    async def sum_gradients(self, step: int, gradients: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Send this shared-edge member's edge gradient of ``step``; returns the sum over the round's members,
+        the gradient every member applies. Counted in ``shared_edge_bytes`` too."""
+        summed = await self._edge_exchange(EdgeGradient(step, gradients), GradientSum)
+        self.shared_edge_bytes += sum(self._last)
+        return summed
+
+    async def _edge_exchange(self, request: Average | EdgeGradient, answer: type[EdgeTensors]) -> dict[str, np.ndarray]:
+        """One edge-sized round trip: ``request`` checked as the cloud will read it, its answer of the same
+        shapes; from now on every connection takes frames that large."""
+        tensors = request.weights if isinstance(request, Average) else request.tensors
+        shapes = {name: value.shape for name, value in tensors.items()}
+        data = encode(request.to_frame(session=self._tag))
+        type(request).from_frame(decode(data), shapes=shapes)
         self._weights_frame = weights_frame_bytes(shapes)
         self._ws.protocol.max_message_size = max(self._ws.protocol.max_message_size or 0, self._weights_frame)
-        reply = await self._exchange(data, step, lambda frame: Averaged.from_frame(frame, shapes=shapes),
-                                     resume_from=step, accept=(step,))
-        self.averaging_bytes += sum(self._last)
-        return {name: np.array(value) for name, value in reply.weights.items()}
+        reply = await self._exchange(data, request.step, lambda frame: answer.from_frame(frame, shapes=shapes),
+                                     resume_from=request.step, accept=(request.step,))
+        return {name: np.array(value) for name, value in reply.tensors.items()}
 
     async def close(self) -> None:
         """Say bye and close the connection."""

@@ -7,7 +7,9 @@ this interface only, and the cloud does not know which engine a device uses.
 
 One training step: ``z = engine.forward(batch)`` → send ``z`` → receive ``dz`` →
 ``engine.backward(dz)`` (parameter gradients for that batch, replacing earlier ones) →
-``engine.optimizer_step()``. A label-private bundle's engine also has a ``label_head``
+``engine.optimizer_step()``. In a fleet with a shared edge, the gradients go to the cloud
+between the two (``gradients()``) and their sum over the round comes back
+(``load_gradients``) before the step. A label-private bundle's engine also has a ``label_head``
 (``edge_runtime.label_head``) that turns the cloud's pooled top output into the loss on the device.
 """
 
@@ -47,6 +49,7 @@ class EdgeEngine(ABC):
     """Runs the edge half (embeddings … compression head) and trains its parameters."""
 
     name: ClassVar[str]
+    loads_gradients: ClassVar[bool] = False  # load_gradients works: the engine can train a fleet's shared edge
     label_head = None  # the label-private split's ``edge_runtime.label_head.LabelHead``; None otherwise
 
     @abstractmethod
@@ -68,6 +71,11 @@ class EdgeEngine(ABC):
     @abstractmethod
     def gradients(self) -> dict[str, np.ndarray]:
         """Copies of the trainable parameters' gradients, by their PyTorch names."""
+
+    def load_gradients(self, gradients: dict[str, np.ndarray]) -> None:
+        """Replace the current gradients with ``gradients`` (every trainable parameter's, float32 of its
+        shape): a shared-edge fleet's sum, which ``optimizer_step`` then applies."""
+        raise NotImplementedError(f"the {self.name} engine cannot set its gradients")
 
     @abstractmethod
     def parameters(self) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from edge_runtime.checkpoints import CheckpointDir, Rewind, RunConfig
 from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import EdgeEngine
 from edge_runtime.tokenizer import EdgeTokenizer
-from splitwire.errors import SessionRewound
+from splitwire.errors import SessionRewound, UsageError
 from splitwire.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -155,7 +155,12 @@ async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainB
                                                 lambda pooled: head.backward(pooled, batch.labels))
     received = time.perf_counter()
     engine.set_learning_rate(schedule.rate(batch.step))
-    await asyncio.to_thread(_update, engine, reply.dz)
+    if client.shared_edge:  # the fleet's one edge: every member applies the round's summed gradient
+        await asyncio.to_thread(engine.backward, reply.dz)
+        summed = await client.sum_gradients(batch.step, engine.gradients())
+        await asyncio.to_thread(_apply, engine, summed)
+    else:
+        await asyncio.to_thread(_update, engine, reply.dz)
     if times is not None:
         times.forward, times.wait, times.update = sent - started, received - sent, time.perf_counter() - received
     return reply
@@ -163,6 +168,11 @@ async def split_step(*, engine: EdgeEngine, client: "CloudClient", batch: TrainB
 
 def _update(engine: EdgeEngine, dz: np.ndarray) -> None:
     engine.backward(dz)
+    engine.optimizer_step()
+
+
+def _apply(engine: EdgeEngine, gradients: dict[str, np.ndarray]) -> None:
+    engine.load_gradients(gradients)
     engine.optimizer_step()
 
 
@@ -186,6 +196,9 @@ async def train(
     is met at a checkpoint and the steps after it are trained again; without, that raises
     ``SessionRewound``.
     """
+    if client.shared_edge and not engine.loads_gradients:
+        raise UsageError(f"the cloud trains this fleet with one shared edge, which the {engine.name} engine cannot "
+                         "take part in (it cannot set its gradients): export the bundle with --engine onnx")
     result = TrainResult(start_step=start_step)
     started = time.perf_counter()
     with tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress, dynamic_ncols=True) as bar:

@@ -16,7 +16,10 @@ optimizer and dropout RNG advancing once a round, whatever the fleet's size, and
 round deterministic. The top steps at ``rate(round)``, each edge at ``rate(its own step)``.
 
 On request the edge halves are averaged (FedAvg weighted by examples, ``splitwire.fedavg``);
-each device keeps its own AdamW moments.
+each device keeps its own AdamW moments. Or the edge is *shared* (``shared_edge``, SplitFed's
+client-side model kept in step): every device holds the same edge half, the round's edge
+gradient is the sum of the devices' (each device's part of the one joint loss), and every
+device applies that one AdamW step; here that is one ``EdgePart`` for all and one optimizer.
 """
 
 from __future__ import annotations
@@ -87,14 +90,19 @@ class Fleet:
 
     ``optimizer`` builds each part's AdamW; ``rate(step)`` is the learning-rate schedule;
     ``seed`` seeds the top's dropout RNG (kept apart from torch's global generator).
+    ``shared_edge``: ``edges`` is one ``EdgePart`` given once per device, trained by one AdamW on
+    the round's summed gradient.
     """
 
     def __init__(self, edges: Sequence[EdgePart], cloud: CloudPart, *, optimizer: Optimizer,
-                 rate: Callable[[int], float], seed: int) -> None:
+                 rate: Callable[[int], float], seed: int, shared_edge: bool = False) -> None:
         self.edges = list(edges)
+        if shared_edge and any(edge is not self.edges[0] for edge in self.edges):
+            raise ValueError("a shared edge is one EdgePart given once per device")
+        self.shared_edge = shared_edge
         self.cloud = cloud
         self.rate = rate
-        self.edge_optimizers = [optimizer(edge.parameters()) for edge in self.edges]
+        self.edge_optimizers = [optimizer(edge.parameters()) for edge in self.edges[:1 if shared_edge else None]]
         self.cloud_optimizer = optimizer(cloud.parameters())
         self.edge_steps = [0] * len(self.edges)
         self.round = 0
@@ -123,7 +131,10 @@ class Fleet:
         self._step(self.cloud_optimizer, self.round)
         for i in present:
             self.edge_steps[i] += 1
-            self._step(self.edge_optimizers[i], self.edge_steps[i])
+            if not self.shared_edge:
+                self._step(self.edge_optimizers[i], self.edge_steps[i])
+        if self.shared_edge:  # the gradients of all present devices accumulated into the one edge: their sum
+            self._step(self.edge_optimizers[0], self.round)
         losses: list[float | None] = [None] * len(self.edges)
         for i, loss in zip(present, joint.device_losses):
             losses[i] = loss

@@ -3,7 +3,8 @@
 Why it exists: a fleet's edge halves are personal by default; on request they are averaged
 through the cloud every N steps (McMahan et al.'s FedAvg). The cloud computes the average
 from the weights the devices send, and the in-process reference (``models.fleet``) and the
-tests compute it with this same function, so there is one definition. numpy only: the
+tests compute it with this same function, so there is one definition. A fleet with a shared
+edge sums its members' edge gradients instead (``gradient_sum``). numpy only: the
 edge side shares this package and never imports torch.
 """
 
@@ -37,3 +38,14 @@ def fedavg(weights: Sequence[Mapping[str, np.ndarray]], examples: Sequence[int])
         acc = sum(np.asarray(device[name], np.float64) * (n / total) for device, n in zip(weights, examples))
         averaged[name] = np.asarray(acc, dtype=first.dtype)
     return averaged
+
+
+def gradient_sum(gradients: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each tensor's sum over the devices, in float64 in the given order, returned in float32."""
+    if not gradients:
+        raise ValueError("a gradient sum needs at least one device")
+    names = set(gradients[0])
+    if any(set(device) != names for device in gradients):
+        raise ValueError("every device must send the same tensors")
+    return {name: np.sum([device[name] for device in gradients], axis=0, dtype=np.float64).astype(np.float32)
+            for name in sorted(names)}

@@ -36,6 +36,9 @@ CHECKPOINTED    cloud→edge  step n: whether it was persisted
 AVERAGE         edge→cloud  step n: a fleet member's trainable edge weights and its example
                             count, for FedAvg (``splitwire.fedavg``)
 AVERAGED        cloud→edge  step n: the fleet's example-weighted average of those weights
+EDGE_GRADIENT   edge→cloud  step n: a shared-edge fleet member's edge gradient of step n (its
+                            part of the round's one loss), one tensor per trainable edge weight
+GRADIENT_SUM    cloud→edge  step n: the sum of the edge gradients of the round's members
 ERROR           either      ``code`` (``splitwire.errors``) and message; then the sender closes
 BYE             edge→cloud  polite end of the connection
 TOP             cloud→edge  label-private step n, first reply: ``pooled`` (codec parts, ``B×1×hidden``)
@@ -98,6 +101,8 @@ class Kind(IntEnum):
     BYE = 10
     AVERAGE = 13
     AVERAGED = 14
+    EDGE_GRADIENT = 15
+    GRADIENT_SUM = 16
     TOP = 11
     TOP_GRADIENT = 12
 
@@ -398,17 +403,19 @@ class Hello:
 class Welcome:
     """The cloud accepts: its bundle hash and the session's config (the edge checks both),
     the last training step it has applied for this session, its batch limit, and the fleet the
-    session trains in (a cloud without fleets sends none: the edge then refuses to go on)."""
+    session trains in (a cloud without fleets sends none: the edge then refuses to go on), and
+    whether that fleet shares one edge (each step's edge gradient summed, ``EDGE_GRADIENT``)."""
 
     bundle_hash: str
     config: SessionConfig
     resume_step: int
     max_batch: int
     fleet: str | None = None
+    shared_edge: bool = False
 
     def to_frame(self, *, session: int) -> Frame:
         meta = {"bundle_hash": self.bundle_hash, "resume_step": self.resume_step, "max_batch": self.max_batch,
-                "fleet": self.fleet, **self.config.to_meta()}
+                "fleet": self.fleet, "shared_edge": self.shared_edge, **self.config.to_meta()}
         return Frame(Kind.WELCOME, session, 0, meta)
 
     @classmethod
@@ -417,8 +424,11 @@ class Welcome:
         resume_step, max_batch = field_of(meta, "resume_step", int), field_of(meta, "max_batch", int)
         if resume_step < 0 or max_batch < 1:
             raise ProtocolError(f"bad welcome: resume_step {resume_step}, max_batch {max_batch}")
+        fleet, shared = _fleet_name(meta), field_of(meta, "shared_edge", bool)
+        if shared and fleet is None:
+            raise ProtocolError("bad welcome: a shared edge without a fleet")
         return cls(field_of(meta, "bundle_hash", str), SessionConfig.from_meta(meta), resume_step, max_batch,
-                   _fleet_name(meta))
+                   fleet, shared)
 
 
 def _activation_shape(frame: Frame, limits: WireLimits) -> tuple[Shape3, np.ndarray]:
@@ -657,7 +667,7 @@ def _weights(frame: Frame, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.n
 
 
 def weights_frame_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
-    """The largest ``AVERAGE``/``AVERAGED`` frame for edge weights of ``shapes``."""
+    """The largest edge-sized frame (``AVERAGE``, ``AVERAGED``, ``EDGE_GRADIENT``, ``GRADIENT_SUM``) for ``shapes``."""
     return HEADER.size + MAX_META_BYTES + sum(math.prod(s) for s in shapes.values()) * DTYPES["float32"].itemsize
 
 
@@ -682,19 +692,38 @@ class Average:
 
 
 @dataclass(frozen=True)
-class Averaged:
-    """The cloud's answer to ``Average``: the fleet's example-weighted average of the edge weights."""
+class EdgeTensors:
+    """One tensor per trainable edge weight at step ``step``: the base of the fleet's edge-sized frames."""
 
+    KIND: ClassVar[Kind]
     step: int
-    weights: dict[str, np.ndarray]
+    tensors: dict[str, np.ndarray]
 
     def to_frame(self, *, session: int) -> Frame:
-        return Frame(Kind.AVERAGED, session, self.step, {}, self.weights)
+        return Frame(self.KIND, session, self.step, {}, self.tensors)
 
     @classmethod
-    def from_frame(cls, frame: Frame, *, shapes: dict[str, tuple[int, ...]]) -> "Averaged":
-        expect(frame, Kind.AVERAGED)
+    def from_frame(cls, frame: Frame, *, shapes: dict[str, tuple[int, ...]]):
+        expect(frame, cls.KIND)
         return cls(frame.step, _weights(frame, shapes))
+
+
+class Averaged(EdgeTensors):
+    """The cloud's answer to ``Average``: the fleet's example-weighted average of the edge weights."""
+
+    KIND = Kind.AVERAGED
+
+
+class EdgeGradient(EdgeTensors):
+    """A shared-edge fleet member's gradient of its step ``step`` for every trainable edge weight."""
+
+    KIND = Kind.EDGE_GRADIENT
+
+
+class GradientSum(EdgeTensors):
+    """The cloud's answer to ``EdgeGradient``: the sum over the round's members, which every one applies."""
+
+    KIND = Kind.GRADIENT_SUM
 
 
 @dataclass(frozen=True)

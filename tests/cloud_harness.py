@@ -371,10 +371,11 @@ def hello_frame(bundle: Bundle, session_id: str, token: str | None) -> bytes:
 _TINY_DROPOUT: dict[str, Path] = {}
 
 
-def tiny_dropout_bundle(tmp_path_factory, tiny_model_dir: Path, *, label_private: bool = False) -> Path:
+def tiny_dropout_bundle(tmp_path_factory, tiny_model_dir: Path, *, label_private: bool = False,
+                        engine: str = "ort-training") -> Path:
     """The tiny BERT with dropout 0.1 (so the cloud's restored RNG matters), split 2, rank 4,
-    ``ort-training``, max length 48: exported once per test session for these tests (``label_private``:
-    the U-shaped split of the same model)."""
+    ``ort-training`` (or ``engine``), max length 48: exported once per test session for these tests
+    (``label_private``: the U-shaped split of the same model)."""
     from bundles import export_cached
 
     if "model" not in _TINY_DROPOUT:
@@ -385,4 +386,4 @@ def tiny_dropout_bundle(tmp_path_factory, tiny_model_dir: Path, *, label_private
         (model_dir / "config.json").write_text(json.dumps(config))
         _TINY_DROPOUT["model"] = model_dir
     return export_cached(tmp_path_factory, _TINY_DROPOUT["model"], split=2, rank=4, init="random", max_length=48,
-                         lr=1e-3, engine="ort-training", **({"label_private": True} if label_private else {}))
+                         lr=1e-3, engine=engine, **({"label_private": True} if label_private else {}))

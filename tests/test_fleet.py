@@ -32,7 +32,7 @@ from edge_runtime.trainer import TrainerCallback, TrainResult
 from models import CloudPart, EncoderSpec, SplitSpec
 from models.fleet import DeviceBatch, Fleet, joint_loss
 from splitwire.bundle import load_bundle
-from splitwire.errors import AuthError
+from splitwire.errors import AuthError, UsageError
 from splitwire.fedavg import fedavg
 from splitwire.protocol import Kind, decode
 from splitwire.schedule import Schedule
@@ -146,6 +146,7 @@ class Member:
     bytes_sent: int
     bytes_received: int
     averaging_bytes: int
+    shared_edge_bytes: int
 
 
 class _Hooks(TrainerCallback):
@@ -213,10 +214,12 @@ async def train_member(bundle, url: str, session: str, data: TextData, steps: in
         result = await edge.train(data, run_config(edge, data, steps), checkpoint_every=checkpoint_every,
                                   average_every=average_every, callbacks=[hooks] if hooks else ())
         client = edge.client
-    return Member(result, edge.engine.parameters(), client.bytes_sent, client.bytes_received, client.averaging_bytes)
+    return Member(result, edge.engine.parameters(), client.bytes_sent, client.bytes_received, client.averaging_bytes,
+                  client.shared_edge_bytes)
 
 
-def reference(bundle, datas: list[TextData], steps: int) -> tuple[Fleet, list[list[float]]]:
+def reference(bundle, datas: list[TextData], steps: int, *,
+              shared_edge: bool = False) -> tuple[Fleet, list[list[float]]]:
     """The fleet in one process on the same batches: every device in every round, in session-id order."""
     tokenizer = EdgeTokenizer.from_bundle(bundle)
     config = run_config(trainer(bundle, "ws://unused", "ref", Path("unused"), fleet=None), datas[0], steps)
@@ -224,7 +227,8 @@ def reference(bundle, datas: list[TextData], steps: int) -> tuple[Fleet, list[li
     opt = bundle.manifest.optimizer
     cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=True)
     cloud.load_state_dict(load_file(str(bundle.cloud_file("weights"))))
-    fleet = Fleet([reference_edge(bundle.root) for _ in datas], cloud, rate=schedule.rate, seed=SEED,
+    edges = [reference_edge(bundle.root)] * len(datas) if shared_edge else [reference_edge(bundle.root) for _ in datas]
+    fleet = Fleet(edges, cloud, rate=schedule.rate, seed=SEED, shared_edge=shared_edge,
                   optimizer=lambda params: torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                                              weight_decay=opt.weight_decay))
     plans = [list(training_batches(data, tokenizer, batch_size=BATCH, epochs=100, seed=SEED, max_steps=steps))
@@ -274,6 +278,50 @@ def test_a_synchronous_fleet_of_4_real_edges_equals_its_in_process_reference(bun
     assert len({m.result.losses[0] for m in members}) == devices  # the devices' data really differ
     trained = reference_edge(bundle.root).state_dict()
     assert sum(not np.array_equal(v, trained[n].numpy()) for n, v in members[0].parameters.items()) > 0.9 * len(trained)
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory, tiny_model_dir):
+    """``bundle`` exported for the ``onnx`` engine, the one that trains a shared edge."""
+    return load_bundle(tiny_dropout_bundle(tmp_path_factory, tiny_model_dir, engine="onnx"))
+
+
+def test_a_shared_edge_fleet_of_4_real_edges_equals_one_edge_trained_on_the_rounds_summed_gradients(onnx_bundle,
+                                                                                                     tmp_path):
+    steps, devices = 4, 4
+    datas = [device_data(i) for i in range(devices)]
+
+    async def scenario():
+        settings = FleetSettings("sync", round_timeout=60.0, quorum=devices, edge="shared")
+        async with serve_cloud(onnx_bundle, port=0, device="cpu", fleets=settings) as server:
+            members = await asyncio.gather(*(train_member(onnx_bundle, server.url, f"dev-{i}", data, steps,
+                                                          tmp_path / f"dev-{i}") for i, data in enumerate(datas)))
+            return members, {n: p.detach().numpy().copy() for n, p in server.fleets["f"].top.model.named_parameters()}
+
+    members, top = asyncio.run(scenario())
+    want, want_losses = reference(onnx_bundle, datas, steps, shared_edge=True)
+    assert_close_weights(top, {n: p.detach().numpy() for n, p in want.cloud.named_parameters()}, steps, "top")
+    for i, member in enumerate(members):
+        assert rel_err(member.result.losses, want_losses[i]) <= REL, i
+        assert_close_weights(member.parameters, want.edge_weights(0), steps, f"edge {i}")
+        for name, value in member.parameters.items():  # one edge: every device applied the same sums
+            assert np.array_equal(value, members[0].parameters[name]), f"edge {i} {name}"
+    assert len({m.result.losses[0] for m in members}) == devices  # the devices' data really differ
+    weight_bytes = sum(v.nbytes for v in members[0].parameters.values())
+    for member in members:  # every step: its edge gradient up, the sum down, a small header each way
+        assert 2 * steps * weight_bytes < member.shared_edge_bytes < 2 * steps * (weight_bytes + 32 * 1024)
+        assert member.averaging_bytes == 0
+
+
+def test_an_ort_training_edge_is_told_it_cannot_join_a_shared_edge_fleet_before_it_trains(bundle, tmp_path):
+    async def scenario():
+        settings = FleetSettings("sync", round_timeout=60.0, edge="shared")
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=settings) as server:
+            with pytest.raises(UsageError, match="--engine onnx"):
+                await train_member(bundle, server.url, "old-engine", device_data(0), 2, tmp_path / "old")
+            return server.fleets["f"].top.step
+
+    assert asyncio.run(scenario()) == 0
 
 
 def test_an_averaging_round_gives_every_device_the_example_weighted_numpy_average(bundle, tmp_path):

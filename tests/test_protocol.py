@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from splitwire.codecs import Carries, Fp32Codec
 from splitwire.errors import AuthError, BundleMismatch, ProtocolError, ServerBusy, VersionMismatch
 from splitwire.protocol import (
-    HEADER, MAGIC, REPLAYED, Checkpointed, Error, Gradient, Hello, Kind, Predict, Prediction, SessionConfig,
+    HEADER, MAGIC, REPLAYED, Checkpointed, EdgeGradient, Error, Gradient, GradientSum, Hello, Kind, Predict, Prediction, SessionConfig,
     Train, Welcome, WireLimits, decode, encode, session_tag,
 )
 from splitwire.schedule import Schedule
@@ -84,12 +84,33 @@ def test_hello_and_welcome_carry_hash_config_and_resume_point():
     assert Hello.from_frame(decode(encode(hello.to_frame()))) == hello
     welcome = Welcome("ab" * 32, CONFIG, 12, 64)
     assert Welcome.from_frame(decode(encode(welcome.to_frame(session=TAG)))) == welcome
+    shared = Welcome("ab" * 32, CONFIG, 12, 64, fleet="f", shared_edge=True)
+    assert Welcome.from_frame(decode(encode(shared.to_frame(session=TAG)))) == shared
+    with pytest.raises(ProtocolError, match="shared edge without a fleet"):
+        Welcome.from_frame(decode(encode(dataclasses.replace(shared, fleet=None).to_frame(session=TAG))))
     huge = dataclasses.replace(hello, config=dataclasses.replace(CONFIG, seed=2**70))
     with pytest.raises(ProtocolError, match="'seed' is out of the 64-bit range"):
         Hello.from_frame(decode(encode(huge.to_frame())))
     forged = _with_header(encode(hello.to_frame()), session=session_tag("device-2"))
     with pytest.raises(ProtocolError, match="session tag"):
         Hello.from_frame(decode(forged))
+
+
+def test_edge_gradients_and_their_sum_carry_exactly_the_trainable_edge_weights_finite():
+    shapes = {"a.weight": (3, 2), "b.bias": (2,)}
+    gradient = EdgeGradient(5, {"a.weight": np.arange(6, dtype=np.float32).reshape(3, 2),
+                                "b.bias": np.ones(2, np.float32)})
+    for message in (gradient, GradientSum(5, gradient.tensors)):
+        back = type(message).from_frame(decode(encode(message.to_frame(session=TAG))), shapes=shapes)
+        assert back.step == 5 and all(np.array_equal(back.tensors[n], v) for n, v in gradient.tensors.items())
+    with pytest.raises(ProtocolError, match="exactly the trainable edge weights"):
+        EdgeGradient.from_frame(decode(encode(EdgeGradient(5, {"a.weight": gradient.tensors["a.weight"]})
+                                              .to_frame(session=TAG))), shapes=shapes)
+    poisoned = {**gradient.tensors, "b.bias": np.array([1.0, np.inf], np.float32)}
+    with pytest.raises(ProtocolError, match="finite|NaN|infinite"):
+        EdgeGradient.from_frame(decode(encode(EdgeGradient(5, poisoned).to_frame(session=TAG))), shapes=shapes)
+    with pytest.raises(ProtocolError):  # a sum is not a gradient
+        EdgeGradient.from_frame(decode(encode(GradientSum(5, gradient.tensors).to_frame(session=TAG))), shapes=shapes)
 
 
 @pytest.mark.parametrize("error", [ProtocolError("bad z"), BundleMismatch("other bundle"), AuthError("no"),

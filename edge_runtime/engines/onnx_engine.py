@@ -120,6 +120,7 @@ class AotGraphs:
 
 class Engine(EdgeEngine):
     name: ClassVar[str] = "onnx"
+    loads_gradients: ClassVar[bool] = True
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self._bundle = bundle
@@ -165,6 +166,16 @@ class Engine(EdgeEngine):
         if not self._has_gradients:
             raise RuntimeError("no gradients yet: call backward() first")
         return {n: g.copy() for n, g in self._grads.items()}
+
+    def load_gradients(self, gradients: dict[str, np.ndarray]) -> None:
+        if set(gradients) != set(self._grads):
+            raise ValueError(f"gradients must name exactly the trainable parameters; differ in "
+                             f"{sorted(set(gradients) ^ set(self._grads))[:5]}")
+        for name, value in gradients.items():
+            if value.shape != self._grads[name].shape:
+                raise ValueError(f"gradient {name!r} has shape {value.shape}, the parameter {self._grads[name].shape}")
+            self._grads[name][...] = value
+        self._has_gradients = True
 
     def parameters(self) -> dict[str, np.ndarray]:
         return {n: p.copy() for n, p in self._params.views.items()}
