@@ -258,6 +258,8 @@ class CloudFleet:
                     job.future.set_exception(exc)
 
     async def _train_round(self, jobs: list[_Job]) -> None:
+        if self.settings.edge == "shared":  # its gradient round waits for this round's members only
+            self.gradient_sums.absent |= self.gradient_sums.members - {job.member for job in jobs}
         items = [job.payload for job in jobs]
         replies = await self.compute.run(self.key, self.top.train_group, [item.request for item in items],
                                          [item.answer for item in items], parallel=self.parallel)

@@ -439,16 +439,19 @@ def test_an_idle_fleet_counts_as_a_session_and_is_evicted_to_the_state_dir_then_
     assert sessions == ["solo-2"]  # making room for the fleet again evicted the least recently used session
 
 
-def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_and_goes_on(bundle, tmp_path):
+@pytest.mark.parametrize("edge", ["personal", "shared"])
+def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_and_goes_on(edge, request, tmp_path):
     """``dev-2`` dies before its step 3 (its connection drops, no bye): round 3 goes ahead with the
     other two after the round timeout, and later rounds do not wait for it; it restarts from its
-    checkpoint of step 2, rejoins, and trains to the end."""
+    checkpoint of step 2, rejoins, and trains to the end. With a shared edge, round 3's gradient round
+    does not wait for it again, and the two devices that took part in every round end with one edge."""
+    bundle = request.getfixturevalue("bundle" if edge == "personal" else "onnx_bundle")
     timeout, steps = 2.0, 6
     timer = StepTimer()
     step_seconds = timer.seconds
 
     async def scenario():
-        async with serve_cloud(bundle, port=0, device="cpu", fleets=FleetSettings("sync", timeout, 3)) as server:
+        async with serve_cloud(bundle, port=0, device="cpu", fleets=FleetSettings("sync", timeout, 3, edge=edge)) as server:
             victim = trainer(bundle, server.url, "dev-2", tmp_path / "dev-2")
 
             async def rejoin():
@@ -459,19 +462,22 @@ def test_a_device_killed_mid_round_is_waited_for_until_the_timeout_then_rejoins_
                 return await train_member(bundle, server.url, "dev-2", device_data(2), steps, tmp_path / "dev-2",
                                           checkpoint_every=1)
 
-            first, _, _, back = await asyncio.gather(
+            first, second, _, back = await asyncio.gather(
                 train_member(bundle, server.url, "dev-0", device_data(0), steps, tmp_path / "dev-0", hooks=timer),
                 train_member(bundle, server.url, "dev-1", device_data(1), steps, tmp_path / "dev-1"),
                 train_until_killed(victim, device_data(2), steps, at=3, checkpoint_every=1), rejoin())
-            return first, back, server.fleets["f"]
+            return first, second, back, server.fleets["f"]
 
-    first, back, fleet = asyncio.run(scenario())
+    first, second, back, fleet = asyncio.run(scenario())
     assert first.result.steps == list(range(1, steps + 1))
     assert step_seconds[3] >= timeout - 0.1  # round 3 waited for dev-2 until the timeout
+    assert edge == "personal" or step_seconds[3] < 2 * timeout  # and its gradient round did not wait again
     assert max(step_seconds[s] for s in (4, 5, 6) if s in step_seconds) < timeout  # then not again
     assert back.result.start_step == 2 and back.result.steps == list(range(3, steps + 1))
     assert fleet.members["dev-2"].step == steps
     assert fleet.top.step > steps  # dev-2's 4 steps after its return need a round beyond the others' 6
+    same = [np.array_equal(first.parameters[n], second.parameters[n]) for n in first.parameters]
+    assert all(same) if edge == "shared" else not any(same)
 
 
 def test_a_device_that_joins_mid_training_and_leaves_early_never_makes_the_fleet_wait_for_a_timeout(bundle, tmp_path):
