@@ -290,6 +290,7 @@ def _train_summary(result: TrainResult, *, total: int, client: CloudClient) -> d
         "bytes_sent": client.bytes_sent,
         "bytes_received": client.bytes_received,
         "averaging_bytes": client.averaging_bytes,
+        "shared_edge_bytes": client.shared_edge_bytes,
     }
     if ran:
         ups, downs = zip(*result.step_bytes)
@@ -316,6 +317,9 @@ def _print_train(summary: dict[str, Any], directory: CheckpointDir) -> None:
               f"in all: up {summary['bytes_sent']}, down {summary['bytes_received']}")
         if summary["averaging_bytes"]:
             print(f"fleet averaging of the edge half: {summary['averaging_bytes']} bytes (included above)")
+        if summary["shared_edge_bytes"]:
+            print(f"the fleet's shared edge (edge gradients up, their sums down): {summary['shared_edge_bytes']} bytes "
+                  "(included above)")
         print(f"checkpoint: {directory.latest().path}")
     for key in ("holdout_metrics", "eval_file_metrics"):
         if key in summary:

@@ -32,6 +32,7 @@ from edge_runtime.data import LabelMap, TextData
 from edge_runtime.engine import EdgeEngine
 from edge_runtime.tokenizer import EdgeTokenizer
 from splitwire.errors import SessionRewound, UsageError
+from splitwire.manifest import EMBEDDING_TABLES
 from splitwire.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -199,6 +200,10 @@ async def train(
     if client.shared_edge and not engine.loads_gradients:
         raise UsageError(f"the cloud trains this fleet with one shared edge, which the {engine.name} engine cannot "
                          "take part in (it cannot set its gradients): export the bundle with --engine onnx")
+    if client.shared_edge and EMBEDDING_TABLES[0] in engine.parameters():
+        log.warning("this fleet's shared edge sends the word-embedding gradient every step, and its nonzero rows "
+                    "are the token ids of the step's batch: export with --freeze-embeddings to keep them on the "
+                    "device (docs/SECURITY.md)")
     result = TrainResult(start_step=start_step)
     started = time.perf_counter()
     with tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress, dynamic_ncols=True) as bar:

@@ -287,7 +287,7 @@ def onnx_bundle(tmp_path_factory, tiny_model_dir):
 
 
 def test_a_shared_edge_fleet_of_4_real_edges_equals_one_edge_trained_on_the_rounds_summed_gradients(onnx_bundle,
-                                                                                                     tmp_path):
+                                                                                                     tmp_path, caplog):
     steps, devices = 4, 4
     datas = [device_data(i) for i in range(devices)]
 
@@ -311,6 +311,8 @@ def test_a_shared_edge_fleet_of_4_real_edges_equals_one_edge_trained_on_the_roun
     for member in members:  # every step: its edge gradient up, the sum down, a small header each way
         assert 2 * steps * weight_bytes < member.shared_edge_bytes < 2 * steps * (weight_bytes + 32 * 1024)
         assert member.averaging_bytes == 0
+    warned = [r for r in caplog.records if "nonzero rows are the token ids" in r.getMessage()]
+    assert len(warned) == devices  # the word embeddings train here: each device is told what their gradient shows
 
 
 def test_an_ort_training_edge_is_told_it_cannot_join_a_shared_edge_fleet_before_it_trains(bundle, tmp_path):
