@@ -46,7 +46,7 @@ from benchmarks.report import write_section, save_plot
 
 MODEL, SPLIT, BATCH, MAX_LENGTH, SEED = "bert-base-uncased", 4, 32, 128, 0
 RANKS = (1, 2, 4, 8, 16, 32, 64)
-BASES = ("fp32", "fp16", "bf16", "int8", "int8-channel")
+BASES = ("fp32", "fp16", "bf16", "int8", "int8-channel", "int4-channel")
 CODECS = tuple(base + packed for base in BASES for packed in ("", "+packed"))
 VANILLA = "vanilla"  # the rank label of the uncompressed split
 LOSS, METRICS = math.log(2), {"correct": 16.0, "count": float(BATCH)}  # a typical GRADIENT's metadata

@@ -19,8 +19,10 @@ options, in this order: ``<base>[+sr][+packed]``, e.g. ``fp16+packed``, ``int8+s
 - ``int8``: int8 values + a float32 scale per token; error ≤ absmax(token)/127/2.
 - ``int8-channel``: int8 values + a float32 scale per channel (over the tokens sent);
   error ≤ absmax(channel)/127/2.
+- ``int4-channel``: values in ``-7..7``, two to a byte, + a float32 scale per channel; error ≤
+  absmax(channel)/7/2. Half the bytes of ``int8-channel``: twice the rank for the same traffic.
 
-``+sr`` (int8 only): gradients are rounded stochastically (up with probability equal to
+``+sr`` (int8 and int4): gradients are rounded stochastically (up with probability equal to
 the fraction), so the decoded gradient is unbiased; the draws are seeded from the session
 seed and the step, so a replayed step encodes to the same bytes. Activations are always
 rounded to nearest.
@@ -198,6 +200,7 @@ class Int8Codec(Codec):
 
     base = "int8"
     options = (STOCHASTIC, PACKED)
+    levels: ClassVar[int] = INT8_MAX  # q in -levels..levels
 
     def __init__(self, carries: Carries, *, packed: bool = False, stochastic: bool = False, seed: int = 0) -> None:
         super().__init__(carries, packed=packed, seed=seed)
@@ -222,21 +225,21 @@ class Int8Codec(Codec):
 
     def encode_tokens(self, x: np.ndarray, *, step: int) -> dict[str, np.ndarray]:
         if not np.isfinite(x).all():
-            raise ProtocolError(f"cannot encode a non-finite {self.carries.value} as int8")
-        scale = (self.absmax(x) / np.float32(INT8_MAX)).astype(np.float32)
+            raise ProtocolError(f"cannot encode a non-finite {self.carries.value} as {self.base}")
+        scale = (self.absmax(x) / np.float32(self.levels)).astype(np.float32)
         ratio = x / self.spread(np.where(scale > 0, scale, np.float32(1)))
         if self.stochastic and self.carries == Carries.GRADIENT:
             q = np.floor(ratio + self.rng(step).random(ratio.shape, dtype=np.float32))
         else:
             q = np.rint(ratio)
-        return {"": np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8), "scale": scale}
+        return {"": np.clip(q, -self.levels, self.levels).astype(np.int8), "scale": scale}
 
     def decode_tokens(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         q, scale = parts[""], parts["scale"]
         if not (np.isfinite(scale).all() and (scale >= 0).all()):
             raise ProtocolError(f"{self.name} scales must be finite and >= 0")
-        if (q == -INT8_MAX - 1).any():
-            raise ProtocolError(f"{self.name} values must be in -{INT8_MAX}..{INT8_MAX}")
+        if (np.abs(q.astype(np.int16)) > self.levels).any():
+            raise ProtocolError(f"{self.name} values must be in -{self.levels}..{self.levels}")
         with np.errstate(over="ignore"):  # an overflow is refused as non-finite by the protocol
             return q.astype(np.float32) * self.spread(scale)
 
@@ -257,8 +260,40 @@ class Int8ChannelCodec(Int8Codec):
         return scale
 
 
+class Int4ChannelCodec(Int8ChannelCodec):
+    """Values in ``-7..7`` with a float32 scale per channel, packed two to a byte.
+
+    Each value is stored as ``q + 8`` in one nibble (the even channel in the low one); an odd width's
+    last byte has ``8`` (zero) in its high nibble. A nibble of 0 (``q = -8``) is refused.
+    """
+
+    base = "int4-channel"
+    levels = 7
+
+    def token_parts(self, tokens: tuple[int, ...], width: int) -> dict[str, PartSpec]:
+        return {"": PartSpec("uint8", (*tokens, (width + 1) // 2)), "scale": PartSpec("float32", (width,))}
+
+    def encode_tokens(self, x: np.ndarray, *, step: int) -> dict[str, np.ndarray]:
+        parts = super().encode_tokens(x, step=step)
+        nibbles = parts[""].astype(np.uint8) + np.uint8(8)
+        if nibbles.shape[-1] % 2:
+            nibbles = np.concatenate([nibbles, np.full((*nibbles.shape[:-1], 1), 8, np.uint8)], axis=-1)
+        return {"": nibbles[..., 0::2] | (nibbles[..., 1::2] << np.uint8(4)), "scale": parts["scale"]}
+
+    def decode_tokens(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        packed, scale = parts[""], parts["scale"]
+        width = scale.shape[0]
+        nibbles = np.stack([packed & np.uint8(15), packed >> np.uint8(4)], axis=-1).reshape(*packed.shape[:-1], -1)
+        if width % 2 and (nibbles[..., width] != 8).any():
+            raise ProtocolError(f"{self.name}: the padding nibble of an odd width must be 8 (zero)")
+        if (nibbles[..., :width] == 0).any():
+            raise ProtocolError(f"{self.name} values must be in -{self.levels}..{self.levels}")
+        q = nibbles[..., :width].astype(np.int8) - np.int8(8)
+        return super().decode_tokens({"": q, "scale": scale})
+
+
 CODECS: dict[str, type[Codec]] = {cls.base: cls for cls in (Fp32Codec, Fp16Codec, Bf16Codec, Int8Codec,
-                                                             Int8ChannelCodec)}
+                                                             Int8ChannelCodec, Int4ChannelCodec)}
 
 
 def _names() -> tuple[str, ...]:

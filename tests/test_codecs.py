@@ -53,7 +53,8 @@ def _round_trip(name: str, x: np.ndarray, carries: Carries = Carries.ACTIVATION,
     codec = codec_for(name, carries, seed=3)
     if carries == Carries.ACTIVATION:
         frame = Train(step, x, lengths, np.zeros(len(lengths), np.int64)).to_frame(session=1, codec=codec)
-        return Train.from_frame(decode(encode(frame)), limits=LIMITS, codec=codec).z
+        limits = WireLimits(LIMITS.max_batch, LIMITS.max_length, x.shape[2], LIMITS.num_labels)
+        return Train.from_frame(decode(encode(frame)), limits=limits, codec=codec).z
     frame = Gradient(step, x, 0.5, {}).to_frame(session=1, codec=codec, lengths=lengths)
     return Gradient.from_frame(decode(encode(frame)), codec=codec, shape=x.shape, lengths=lengths).dz
 
@@ -139,6 +140,19 @@ def test_int8_per_channel_error_is_at_most_half_a_step_of_the_channel_absmax(pac
     assert np.all(np.abs(back - want) <= step / 2 * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("width", [6, 5])  # an odd width pads its last byte
+@pytest.mark.parametrize("packed", ["", "+packed"])
+def test_int4_per_channel_error_is_at_most_half_a_step_of_the_channel_absmax_and_sr_is_unbiased(packed, width):
+    x = np.ascontiguousarray(_tensor()[..., :width])
+    sent = x[padding_mask(x.shape, LENGTHS)] if packed else x.reshape(-1, width)
+    step = np.abs(sent).max(axis=0) / 7
+    want = _real(x) if packed else x
+    assert np.all(np.abs(_round_trip("int4-channel" + packed, x) - want) <= step / 2 * (1 + 1e-5))
+    draws = 1000
+    mean = sum(_round_trip("int4-channel+sr" + packed, x, Carries.GRADIENT, step=n) for n in range(draws)) / draws
+    assert np.all(np.abs(mean - want) <= 5 * step / (2 * np.sqrt(draws)))
+
+
 def test_stochastic_rounding_of_gradients_is_unbiased_and_replays_the_same_draws():
     x = _tensor()
     step = np.abs(x).max(axis=-1, keepdims=True) / 127
@@ -182,6 +196,8 @@ def test_wire_sizes_follow_the_format():
     assert _nbytes("fp16") == _nbytes("bf16") == 2 * b * l * w and _nbytes("bf16+packed") == 2 * t * w
     assert _nbytes("int8") == b * l * (w + 4) and _nbytes("int8+sr+packed") == t * (w + 4)
     assert _nbytes("int8-channel") == b * l * w + 4 * w and _nbytes("int8-channel+packed") == t * w + 4 * w
+    assert _nbytes("int4-channel") == b * l * w // 2 + 4 * w and _nbytes("int4-channel+packed") == t * w // 2 + 4 * w
+    assert _nbytes("int4-channel", shape=(b, l, w - 1)) == b * l * w // 2 + 4 * (w - 1)  # odd: a padded byte
 
 
 def test_max_frame_bytes_covers_the_widest_codec():
@@ -209,6 +225,8 @@ def _tampered(name: str, part: str, value) -> bytes:
         ("int8+packed", "z.scale", np.nan, "scales must be finite and >= 0"),
         ("int8-channel", "z.scale", np.inf, "scales must be finite and >= 0"),
         ("int8", "z", -128, r"values must be in -127..127"),
+        ("int4-channel", "z", 0x80, r"values must be in -7..7"),  # a high nibble of 0
+        ("int4-channel+packed", "z.scale", -1.0, "scales must be finite and >= 0"),
         ("int8", "z.scale", 3e38, "NaN or infinite"),  # finite scale, infinite value
         ("bf16", "z", 0x7FC0, "NaN or infinite"),
         ("fp16+packed", "z", np.inf, "NaN or infinite"),
