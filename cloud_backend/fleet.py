@@ -287,6 +287,9 @@ class CloudFleet:
     async def _gradient_round(self, jobs: list[_Job]) -> None:
         requests: list[EdgeGradient] = [job.payload for job in jobs]
         summed = await self.compute.run(self.key, gradient_sum, [r.tensors for r in requests])
+        if not all(np.isfinite(tensor).all() for tensor in summed.values()):  # finite parts, too large a sum
+            raise ProtocolError("the round's edge gradients sum beyond float32's range: a member sent gradients "
+                                "far too large")
         for job, request in zip(jobs, requests):
             job.future.set_result(GradientSum(request.step, summed))
 
