@@ -46,7 +46,7 @@ import torch
 from cloud_backend.distributed import DataParallelTop
 from cloud_backend.fair_compute import FairCompute
 from cloud_backend.rounds import Barrier, Batcher
-from cloud_backend.session import CloudSession, StepResult, read_checkpoint, write_checkpoint
+from cloud_backend.session import MAX_GRADIENT, CloudSession, StepResult, read_checkpoint, write_checkpoint
 from models import EdgePart, EncoderSpec, SplitSpec
 from splitwire.bundle import Bundle
 from splitwire.errors import ProtocolError, UsageError
@@ -204,6 +204,9 @@ class CloudFleet:
         if request.step != self.members[member].step:
             raise ProtocolError(f"an edge gradient is of the step the cloud applied last, {self.members[member].step}, "
                                 f"got step {request.step}")
+        largest = max((float(np.abs(g).max()) for g in request.tensors.values() if g.size), default=0.0)
+        if largest > MAX_GRADIENT:  # it would poison every device's AdamW second moment
+            raise ProtocolError(f"an edge gradient must stay within ±{MAX_GRADIENT:g}, got {largest:.3g}")
         return await self._edge_round(Kind.EDGE_GRADIENT, self.gradient_sums, member, request)
 
     async def _edge_round(self, kind: Kind, barrier: Barrier, member: str, request: Average | EdgeGradient):
@@ -287,9 +290,8 @@ class CloudFleet:
     async def _gradient_round(self, jobs: list[_Job]) -> None:
         requests: list[EdgeGradient] = [job.payload for job in jobs]
         summed = await self.compute.run(self.key, gradient_sum, [r.tensors for r in requests])
-        if not all(np.isfinite(tensor).all() for tensor in summed.values()):  # finite parts, too large a sum
-            raise ProtocolError("the round's edge gradients sum beyond float32's range: a member sent gradients "
-                                "far too large")
+        if max((float(np.abs(t).max()) for t in summed.values() if t.size), default=0.0) > MAX_GRADIENT:
+            raise ProtocolError(f"the round's edge gradients sum beyond ±{MAX_GRADIENT:g}")
         for job, request in zip(jobs, requests):
             job.future.set_result(GradientSum(request.step, summed))
 

@@ -32,7 +32,7 @@ from edge_runtime.trainer import TrainerCallback, TrainResult
 from models import CloudPart, EncoderSpec, SplitSpec
 from models.fleet import DeviceBatch, Fleet, joint_loss
 from splitwire.bundle import load_bundle
-from splitwire.errors import AuthError, UsageError
+from splitwire.errors import AuthError, ProtocolError, UsageError
 from splitwire.fedavg import fedavg
 from splitwire.protocol import Kind, decode
 from splitwire.schedule import Schedule
@@ -313,6 +313,32 @@ def test_a_shared_edge_fleet_of_4_real_edges_equals_one_edge_trained_on_the_roun
         assert member.averaging_bytes == 0
     warned = [r for r in caplog.records if "nonzero rows are the token ids" in r.getMessage()]
     assert len(warned) == devices  # the word embeddings train here: each device is told what their gradient shows
+
+
+def test_a_poisoned_edge_gradient_cuts_off_its_sender_and_the_shared_edge_trains_on_finite(onnx_bundle, tmp_path):
+    """``bad`` sends finite gradients of 1e30 (their square would overflow every device's AdamW): it is
+    refused and cut off, and ``good`` goes on alone after one round timeout, its edge finite."""
+    steps = 3
+
+    async def scenario():
+        settings = FleetSettings("sync", round_timeout=1.0, quorum=2, edge="shared")
+        async with serve_cloud(onnx_bundle, port=0, device="cpu", fleets=settings) as server:
+            bad = trainer(onnx_bundle, server.url, "bad", tmp_path / "bad")
+            honest = bad.engine.gradients
+            bad.engine.gradients = lambda: {n: np.full_like(g, 1e30) for n, g in honest().items()}
+
+            async def poison():
+                with pytest.raises(ProtocolError, match=r"within ±1e\+18"):
+                    async with bad:
+                        await bad.train(device_data(1), run_config(bad, device_data(1), steps), checkpoint_every=None)
+
+            good, _ = await asyncio.gather(train_member(onnx_bundle, server.url, "good", device_data(0), steps,
+                                                        tmp_path / "good"), poison())
+            return good
+
+    good = asyncio.run(scenario())
+    assert good.result.steps == list(range(1, steps + 1))
+    assert all(np.isfinite(v).all() for v in good.parameters.values())
 
 
 def test_an_ort_training_edge_is_told_it_cannot_join_a_shared_edge_fleet_before_it_trains(bundle, tmp_path):
