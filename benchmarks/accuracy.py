@@ -336,7 +336,7 @@ def evaluate(model, test: TextData, tokenizer: EdgeTokenizer) -> dict[str, float
 
 def _edge_traffic(variant: str) -> str:
     """What a fleet variant's edge traffic is, for the findings."""
-    if variant.endswith("shared edge"):
+    if "shared edge" in variant:
         return "the shared edge (each round its edge gradient up, the fleet's sum down)"
     return "FedAvg (weights up, average down)"
 
@@ -432,12 +432,17 @@ def _findings(rows: list[dict]) -> list[str]:
                            f"against every edge weight trained under the same head, {trained['accuracy']:.2f} ± "
                            f"{trained['std']:.2f} % ({light['accuracy'] - trained['accuracy']:+.2f} points).")
         for fleet in (r for r in mine if FLEET in r["variant"]):
-            alone = next((r for r in mine if r["variant"] == fleet["variant"].split(FLEET)[0]), None)
+            base = fleet["variant"].split(FLEET)[0]
+            alone = next((r for r in mine if r["variant"] == base), None)
+            option = next((o for o in EDGE_OPTIONS if fleet["variant"].endswith(o)), None)
+            same = next((r for r in mine if option and r["variant"] == f"{base}, edge {option}"), None)
             if alone is not None:
                 out.append(f"- **{dataset}**, {fleet['variant']}: {fleet['accuracy']:.2f} ± {fleet['std']:.2f} % "
                            f"(mean over the 4 devices' models) against one device training on all the rows with the "
                            f"same budget of examples, {alone['accuracy']:.2f} ± {alone['std']:.2f} % "
                            f"({fleet['accuracy'] - alone['accuracy']:+.2f} points)"
+                           + (f", and against one device with the same edge ({option}), {same['accuracy']:.2f} ± "
+                              f"{same['std']:.2f} % ({fleet['accuracy'] - same['accuracy']:+.2f})" if same else "")
                            + (f"; {_edge_traffic(fleet['variant'])} moved {fleet['averaging_mb']:,.0f} MB per device."
                               if fleet.get("averaging_mb") else "."))
         full = next((r for r in mine if r["variant"] == "full fine-tuning"), None)
