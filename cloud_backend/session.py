@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from cloud_backend.distributed import DataParallelTop
 from cloud_backend.model import load_cloud_part
+from models import rate_groups
 from models.fleet import joint_loss
 from splitwire.atomic import write_atomically
 from splitwire.bundle import Bundle
@@ -157,8 +158,8 @@ class CloudSession:
         self.model = load_cloud_part(bundle, device=device)
         opt = bundle.manifest.optimizer
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.schedule.rate(1), betas=opt.betas, eps=opt.eps,
-            weight_decay=opt.weight_decay,
+            rate_groups(self.model, opt.lr_scales("cloud", dict(self.model.named_parameters()))),
+            lr=config.schedule.rate(1), betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
         )
         self.seed_rng(config.seed)
         self.steps = CloudSteps(session_id)  # step order and the replay cache (``splitwire.steps``)
@@ -294,7 +295,7 @@ class CloudSession:
     def _apply(self, step: int, rng: torch.Tensor) -> None:
         """AdamW at ``schedule.rate(step)`` with the gradients just taken; the RNG moves on to ``rng``."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.schedule.rate(step)
+            group["lr"] = self.config.schedule.rate(step) * group.get("scale", 1.0)  # older checkpoints: none
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not kept between steps: memory
         self.rng = rng

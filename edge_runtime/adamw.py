@@ -64,15 +64,23 @@ class FlatParameters:
 
 
 class AdamW:
-    """``torch.optim.AdamW`` (one parameter group, no amsgrad) over a ``FlatParameters`` buffer."""
+    """``torch.optim.AdamW`` (no amsgrad) over a ``FlatParameters`` buffer.
+
+    ``lr_scales``: parameters that train at a multiple of ``lr`` (torch: a parameter group of their own
+    whose rate is that multiple); the others train at ``lr``.
+    """
 
     def __init__(
         self, params: FlatParameters, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-        moments: str = "fp32",
+        moments: str = "fp32", lr_scales: dict[str, float] | None = None,
     ) -> None:
         if moments not in MOMENT_DTYPES:
             raise ValueError(f"moments must be one of {', '.join(MOMENT_DTYPES)}, got {moments!r}")
+        unknown = set(lr_scales or ()) - set(params.shapes)
+        if unknown:
+            raise ValueError(f"lr_scales names no trainable parameter: {sorted(unknown)[:5]}")
         self.params = params
+        self._segments = _segments(params, lr_scales or {})
         self.moments = moments
         self.lr = float(lr)
         self.beta1, self.beta2 = (float(b) for b in betas)
@@ -89,26 +97,31 @@ class AdamW:
             raise ValueError(f"gradients must be float32 of shape {self.params.buffer.shape}, "
                              f"got {grads.dtype} {grads.shape}")
         self.step_count += 1
+        size = min(CHUNK, grads.size)
+        scratch = [np.empty(size, np.float32) for _ in range(2 if self.moments == "fp32" else 4)]
+        for (first, end), scale in self._segments:
+            constants = self._constants(self.lr * scale)
+            for start in range(first, end, CHUNK):
+                chunk = slice(start, min(start + CHUNK, end))
+                p, g, m, v = self.params.buffer[chunk], grads[chunk], self.exp_avg[chunk], self.exp_avg_sq[chunk]
+                a, b, *wide = (s[: p.size] for s in scratch)
+                if self.moments == "fp32":
+                    _update(p, g, m, v, a, b, constants)
+                    continue
+                m32, v32 = (_from_bf16(x, out) for x, out in ((m, wide[0]), (v, wide[1])))
+                _update(p, g, m32, v32, a, b, constants)
+                _to_bf16(m32, m, a)
+                _to_bf16(v32, v, a)
+
+    def _constants(self, lr: float) -> "_Constants":
+        """This step's float32 constants at rate ``lr``."""
         f32 = np.float32
-        constants = _Constants(
-            decay=f32(1.0 - self.lr * self.weight_decay),
-            step_size=f32(-(self.lr / (1.0 - self.beta1**self.step_count))),
+        return _Constants(
+            decay=f32(1.0 - lr * self.weight_decay),
+            step_size=f32(-(lr / (1.0 - self.beta1**self.step_count))),
             bias_correction2_sqrt=f32((1.0 - self.beta2**self.step_count) ** 0.5),
             one_minus_beta1=f32(1.0 - self.beta1), one_minus_beta2=f32(1.0 - self.beta2),
             beta2=f32(self.beta2), eps=f32(self.eps))
-        size = min(CHUNK, grads.size)
-        scratch = [np.empty(size, np.float32) for _ in range(2 if self.moments == "fp32" else 4)]
-        for start in range(0, grads.size, CHUNK):
-            chunk = slice(start, start + CHUNK)
-            p, g, m, v = self.params.buffer[chunk], grads[chunk], self.exp_avg[chunk], self.exp_avg_sq[chunk]
-            a, b, *wide = (s[: p.size] for s in scratch)
-            if self.moments == "fp32":
-                _update(p, g, m, v, a, b, constants)
-                continue
-            m32, v32 = (_from_bf16(x, out) for x, out in ((m, wide[0]), (v, wide[1])))
-            _update(p, g, m32, v32, a, b, constants)
-            _to_bf16(m32, m, a)
-            _to_bf16(v32, v, a)
 
     def _flat_state(self) -> tuple[tuple[str, np.ndarray], ...]:
         return (_PARAM, self.params.buffer), (_EXP_AVG, self.exp_avg), (_EXP_AVG_SQ, self.exp_avg_sq)
@@ -134,6 +147,19 @@ class AdamW:
                     _copy_checked(f.get_tensor(prefix + name), view, where=f"{path}: {prefix}{name}")
             self.step_count = int(f.get_tensor(_STEP))
             self.lr = float(f.get_tensor(_LR))
+
+
+def _segments(params: FlatParameters, lr_scales: dict[str, float]) -> list[tuple[tuple[int, int], float]]:
+    """The buffer as runs of parameters at one rate multiple: ``((start, end), scale)``, in buffer order."""
+    runs: list[tuple[tuple[int, int], float]] = []
+    for name, shape in params.shapes.items():
+        start, scale = params.offsets[name], float(lr_scales.get(name, 1.0))
+        end = start + int(np.prod(shape))
+        if runs and runs[-1][1] == scale and runs[-1][0][1] == start:
+            runs[-1] = ((runs[-1][0][0], end), scale)
+        else:
+            runs.append(((start, end), scale))
+    return runs
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-moments", choices=MOMENT_DTYPES, default="fp32",
                    help="dtype of the edge AdamW's two moments: fp32 (exact torch.optim.AdamW; the default) or bf16 "
                         "(half the optimizer memory and checkpoint, moments rounded each step; onnx engine only)")
+    p.add_argument("--head-lr-scale", type=float, default=1.0, metavar="K",
+                   help="train the compression head's parameters (new at the cut: the edge's head, the cloud's "
+                        "decompression and residual rebuild) at K times the learning rate (default 1; onnx engine; "
+                        "docs/USAGE.md)")
     p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="pretrained weights, or random weights from the config (offline bert-base-sized runs)")
     p.add_argument("--revision", help="hub revision of --model")
@@ -128,7 +132,7 @@ def _export(args: argparse.Namespace, chatter: io.StringIO | None) -> Path:
     return export_bundle(
         model=args.model, split=args.split, rank=None if args.no_compression else args.rank,
         num_labels=args.num_labels, max_length=args.max_length, freeze_embeddings=args.freeze_embeddings,
-        train_edge_layers=args.train_edge_layers, edge_moments=args.edge_moments,
+        train_edge_layers=args.train_edge_layers, edge_moments=args.edge_moments, head_lr_scale=args.head_lr_scale,
         edge_lora_rank=args.edge_lora_rank, edge_lora_alpha=args.edge_lora_alpha,
         init=args.init, revision=args.revision, tokenizer=args.tokenizer, engine=args.engine, pooling=args.pooling,
         head=args.head, label_private=args.label_private, calibration_text=args.calibration_text, calibration_column=args.calibration_column,

@@ -41,6 +41,7 @@ def export_bundle(
     freeze_embeddings: bool = False,
     train_edge_layers: int | None = None,
     edge_moments: str = "fp32",
+    head_lr_scale: float = 1.0,
     edge_lora_rank: int | None = None,
     edge_lora_alpha: float | None = None,
     init: str = "pretrained",
@@ -68,6 +69,7 @@ def export_bundle(
     ``train_edge_layers``: train only the top N edge layers (the split layer's attention block counts as one)
     and the compression head; the embeddings and the layers below are frozen, so the backward graph stops at
     the first trained layer. ``edge_moments``: the dtype of the edge AdamW's moments (``MOMENT_DTYPES``).
+    ``head_lr_scale``: the compression head's parameters (``HEAD_PARAMETERS``) train at this × the rate.
     ``edge_lora_rank``: LoRA adapters of that rank (``models.lora``, scale ``edge_lora_alpha / rank``,
     alpha 2·rank by default) on the edge layers' projections; only they and the compression head train.
     ``label_private``: the U-shaped split; the edge also holds the pooling layer, the classifier and
@@ -79,6 +81,10 @@ def export_bundle(
     check_target(out, force=force)
     builder = _edge_builder(engine)
     _check_numbers(max_length=max_length, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    if not 0 < head_lr_scale <= 1e6 or head_lr_scale != 1.0 and (engine != "onnx" or rank is None):
+        raise ExportError(f"--head-lr-scale must be positive and, other than 1, needs a compression head and the "
+                          f"onnx engine (onnxruntime-training has one rate for all), got {head_lr_scale} with "
+                          f"{engine}{'' if rank else ', no compression'}")
     _check_edge_training(engine=engine, split=split, train_edge_layers=train_edge_layers, edge_moments=edge_moments,
                          edge_lora_rank=edge_lora_rank, edge_lora_alpha=edge_lora_alpha)
     spec = SplitSpec(split, rank, num_labels, link_elimination=rank is not None, head=head,
@@ -112,7 +118,7 @@ def export_bundle(
     log("classifier: the checkpoint's fine-tuned head" if split_model.fine_tuned_head
         else f"classifier: new, {spec.num_labels} outputs")
     optimizer = Optimizer(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                          moments=edge_moments).to_dict()
+                          moments=edge_moments, head_lr_scale=head_lr_scale).to_dict()
     with staged_bundle(out, force=force) as root:
         with timed(log, f"building the {engine} edge files"):
             edge_files = builder.write_edge_files(split_model.edge, out_dir=root, frozen=frozen,

@@ -278,3 +278,13 @@ def build_full(
     full_edge = EdgePart(encoder, split, dropout=True)
     full_edge.load_state_dict(model.edge.state_dict())
     return SplitModel(full_edge, model.cloud)
+
+
+def rate_groups(module: nn.Module, lr_scales: dict[str, float]) -> list[dict]:
+    """``module``'s trainable parameters as optimizer groups, one per rate multiple (its ``"scale"``): those
+    named in ``lr_scales`` at theirs (``splitwire.manifest.Optimizer.lr_scales``), the others at 1."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault(float(lr_scales.get(name, 1.0)), []).append(parameter)
+    return [{"params": params, "scale": scale} for scale, params in groups.items()]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from splitwire.errors import BundleError
 
@@ -33,6 +33,9 @@ EDGE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 EMBEDDING_TABLES = ("embeddings.word.weight", "embeddings.position.weight", "embeddings.token_type.weight")
 # The edge AdamW's moment dtypes: exact float32 (the default), or bfloat16 (half the optimizer state, onnx engine).
 MOMENT_DTYPES = ("fp32", "bf16")
+# The compression head's parameters (new at the cut, not pretrained) by name prefix, on each side: they train at
+# ``optimizer.head_lr_scale`` × the schedule's rate (``sft-export --head-lr-scale``).
+HEAD_PARAMETERS = {"edge": ("head.",), "cloud": ("split_ffn.decompression.", "split_ffn.rebuild.")}
 # Value names in the onnx engine's graphs: z out, dL/dz in, saved activations "saved.N", gradients "grad.<parameter>".
 Z, DZ, SAVED, GRAD = "z", "dz", "saved.", "grad."
 
@@ -64,10 +67,21 @@ class Optimizer:
     weight_decay: float
     name: str = "adamw"
     moments: str = "fp32"  # the edge's AdamW moments in memory and checkpoints: one of MOMENT_DTYPES
+    head_lr_scale: float = 1.0  # HEAD_PARAMETERS train at this × the rate, on both halves
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                "weight_decay": self.weight_decay, "moments": self.moments}
+                "weight_decay": self.weight_decay, "moments": self.moments, "head_lr_scale": self.head_lr_scale}
+
+    def lr_scales(self, side: str, names: Iterable[str]) -> dict[str, float]:
+        """Each of ``names`` (one side's trainable parameters) that trains at a multiple of the rate, and that
+        multiple: the compression head's, unless the scale is 1."""
+        return {} if self.head_lr_scale == 1.0 else dict.fromkeys(head_parameters(side, names), self.head_lr_scale)
+
+
+def head_parameters(side: str, names: Iterable[str]) -> list[str]:
+    """The compression head's parameters among ``names``, the ``side`` (edge or cloud) part's parameter names."""
+    return [name for name in names if name.startswith(HEAD_PARAMETERS[side])]
 
 
 @dataclass(frozen=True)
@@ -160,7 +174,8 @@ class Manifest(Mapping[str, Any]):
             cloud=CloudSection(cloud["files"], _flag(cloud, "dropout", where)),
             optimizer=Optimizer(lr=_number(opt, "lr", where), betas=_betas(opt, where), eps=_number(opt, "eps", where),
                                 weight_decay=_number(opt, "weight_decay", where, zero=True),
-                                moments=_choice(opt, "moments", MOMENT_DTYPES, where)),
+                                moments=_choice(opt, "moments", MOMENT_DTYPES, where),
+                                head_lr_scale=_number(opt, "head_lr_scale", where) if "head_lr_scale" in opt else 1.0),
             tokenizer=TokenizerSettings(file=tok["file"], max_length=raw["max_length"],
                                         pad_id=_whole(raw, "tokenizer", "pad_id", where, minimum=0),
                                         pad_token=_text(tok, "pad_token", where),

@@ -31,7 +31,7 @@ from edge_runtime.label_head import PREFIX
 from edge_runtime.tokenizer import EdgeTokenizer
 from edge_runtime.batches import training_batches
 from edge_runtime.trainer import train
-from models import CloudPart, EncoderSpec, SplitSpec
+from models import CloudPart, EncoderSpec, SplitSpec, rate_groups
 from splitwire.bundle import load_bundle
 from splitwire.manifest import ENGINES
 from splitwire.schedule import Schedule
@@ -58,6 +58,7 @@ def reviews():
 CASES = [("bert", engine, head) for head in HEADS for engine in ENGINES]
 CASES += [(family, "onnx", "svd") for family in NEW_FAMILIES]
 CASES += [("bert", engine, "svd", "label-private") for engine in ENGINES]  # the U-shaped split (issue 15)
+CASES += [("bert", "onnx", "principal+heal", "head-lr-scale")]  # the compression head at 10 × the rate (issue 16)
 
 
 @pytest.fixture(scope="module", params=CASES, ids="-".join)
@@ -76,7 +77,8 @@ def bundle(request, tmp_path_factory, tiny_model_dir):
         (model_dir / "config.json").write_text(json.dumps(config))
     root = export_cached(tmp_path_factory, model_dir, split=2, rank=4, init="random", max_length=48,
                          lr=SCHEDULE.lr, engine=engine, **head_options(head),
-                         **({"label_private": True} if mode else {}))
+                         **({"label_private": True} if "label-private" in mode else {}),
+                         **({"head_lr_scale": 10.0} if "head-lr-scale" in mode else {}))
     return load_bundle(root)
 
 
@@ -89,9 +91,11 @@ def in_process(bundle, batches, head: torch.nn.Module | None = None) -> tuple[li
         edge.get_parameter(name).requires_grad_(False)
     cloud = CloudPart(EncoderSpec.from_dict(bundle.encoder), SplitSpec.from_dict(bundle.split), dropout=True)
     cloud.load_state_dict(load_file(str(bundle.path(bundle.manifest["cloud"]["files"]["weights"]))))
-    opt = bundle.manifest["optimizer"]
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
-                                    weight_decay=opt["weight_decay"]) for m in (edge, cloud, head) if m is not None]
+    opt = bundle.manifest.optimizer
+    halves = [(edge, opt.lr_scales("edge", dict(edge.named_parameters()))),
+              (cloud, opt.lr_scales("cloud", dict(cloud.named_parameters()))), (head, {})]
+    optimizers = [torch.optim.AdamW(rate_groups(m, scales), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                    weight_decay=opt.weight_decay) for m, scales in halves if m is not None]
     losses = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
@@ -104,7 +108,7 @@ def in_process(bundle, batches, head: torch.nn.Module | None = None) -> tuple[li
             loss.backward()
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
-                    group["lr"] = SCHEDULE.rate(batch.step)
+                    group["lr"] = SCHEDULE.rate(batch.step) * group["scale"]
                 optimizer.step()
                 optimizer.zero_grad()
             losses.append(loss.item())

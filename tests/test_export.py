@@ -162,3 +162,25 @@ def test_library_chatter_is_collected_and_errors_still_reach_stderr(capfd):
     assert "nn_module_stack" not in err and "a real problem" in err
     logging.getLogger("torch.onnx").warning("after the export")
     assert "after the export" not in chatter.getvalue()  # outside, the libraries' own handlers are back
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(head_lr_scale=10.0, engine="ort-training"), "needs a compression head and the onnx engine"),
+    (dict(head_lr_scale=10.0, no_compression=True), "needs a compression head"),
+    (dict(head_lr_scale=0.0), "must be positive"),
+])
+def test_a_head_learning_rate_multiple_the_bundle_cannot_train_is_refused_and_writes_nothing(
+        options, message, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_tiny_args(tiny_model_dir, out, split=2, **options)) == FAILED
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_head_learning_rate_multiple_is_recorded_for_both_halves(tmp_path_factory, tiny_model_dir):
+    bundle = load_bundle(export_cached(tmp_path_factory, tiny_model_dir, **tiny_options("onnx"), head_lr_scale=4.0))
+    optimizer = bundle.manifest.optimizer
+    assert optimizer.head_lr_scale == 4.0
+    assert set(optimizer.lr_scales("edge", bundle.manifest.edge.trainable)) == {"head.vt", "head.s"}
+    assert optimizer.lr_scales("cloud", ["split_ffn.decompression.u", "split_ffn.dense_out.weight"]) == {
+        "split_ffn.decompression.u": 4.0}

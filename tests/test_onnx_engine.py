@@ -60,6 +60,35 @@ def test_numpy_adamw_equals_torch_adamw_on_random_tensors(tmp_path):
         assert np.abs(params.views["w"] - initial["w"]).max() > 1e-3  # it moved
 
 
+def test_numpy_adamw_with_a_rate_multiple_equals_torch_adamw_with_a_parameter_group_of_its_own():
+    """``lr_scales`` (``sft-export --head-lr-scale``): "head" and "tail" train at 10 × the rate, torch's second group."""
+    rng = np.random.default_rng(1)
+    shapes = {"a": (40, 3), "head": (200_000,), "b": (7,), "tail": (5,)}  # "head" spans two chunks
+    initial = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    params = FlatParameters(initial)
+    adamw = AdamW(params, lr=1e-3, lr_scales={"head": 10.0, "tail": 10.0}, **SETTINGS)
+    reference = {n: torch.nn.Parameter(torch.from_numpy(a.copy())) for n, a in initial.items()}
+    torch_adamw = torch.optim.AdamW([{"params": [reference["a"], reference["b"]], "scale": 1.0},
+                                     {"params": [reference["head"], reference["tail"]], "scale": 10.0}],
+                                    lr=1e-3, **SETTINGS)
+    grads = np.zeros_like(params.buffer)
+    for step, lr in enumerate([1e-3, 2e-4, 5e-4]):
+        adamw.lr = lr
+        for group in torch_adamw.param_groups:
+            group["lr"] = lr * group["scale"]
+        for name, g in params.split(grads).items():
+            g[...] = rng.standard_normal(g.shape)
+            reference[name].grad = torch.from_numpy(g.copy())
+        adamw.step(grads)
+        torch_adamw.step()
+        for name, p in reference.items():
+            _assert_ulps_close(params.views[name], p.detach().numpy(), (step, name))
+    moved = {n: np.abs(params.views[n] - initial[n]).mean() for n in shapes}
+    assert moved["head"] > 5 * moved["a"]  # the multiple really applies
+    with pytest.raises(ValueError, match="names no trainable parameter"):
+        AdamW(params, lr=1e-3, lr_scales={"nope": 2.0}, **SETTINGS)
+
+
 def test_adamw_state_round_trips_exactly_and_refuses_other_metadata(tmp_path):
     rng = np.random.default_rng(1)
     params = FlatParameters({"a": rng.standard_normal((4, 3)).astype(np.float32)})

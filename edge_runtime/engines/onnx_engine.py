@@ -137,7 +137,8 @@ class Engine(EdgeEngine):
         self._grads = self._params.split(self._grad_buffer)
         settings = bundle.manifest.optimizer
         self._adamw = AdamW(self._params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                            weight_decay=settings.weight_decay, moments=settings.moments)
+                            weight_decay=settings.weight_decay, moments=settings.moments,
+                            lr_scales=settings.lr_scales("edge", self._params.shapes))
         self._batch: dict[str, np.ndarray] | None = None
         self._has_gradients = False
 
