@@ -24,9 +24,12 @@ Only edge weights travel, never data.
 A *shared edge* (``edge="shared"``, sync only) keeps the edge halves one model: after each
 train round every member sends its edge gradient (its part of the round's one loss) and gets
 the sum over the round's members, so every device applies the same AdamW step, as one device
-training on the round's stacked batch would (``models.fleet.Fleet(shared_edge=True)``). A
-member that misses a gradient round (it dropped) no longer equals the others: the round went
-ahead without its gradient and it did not apply the sum; an averaging round brings it back.
+training on the round's stacked batch would (``models.fleet.Fleet(shared_edge=True)``). Each
+train round opens its own gradient round, expecting exactly its members
+(``cloud_backend.rounds.GradientRounds``). A gradient that comes after its round went ahead
+(after ``round_timeout``) gets that round's sum, so its device stays one with the others; a
+member that missed a whole train round (it was away) did not apply that round's sum and no
+longer equals the others; an averaging round brings it back.
 
 One asyncio task per fleet (``run``) takes ready rounds and runs them on the server's
 compute thread; handlers wait on futures.
@@ -35,6 +38,7 @@ compute thread; handlers wait on futures.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +49,7 @@ import torch
 
 from cloud_backend.distributed import DataParallelTop
 from cloud_backend.fair_compute import FairCompute
-from cloud_backend.rounds import Barrier, Batcher
+from cloud_backend.rounds import Barrier, Batcher, GradientRounds
 from cloud_backend.session import MAX_GRADIENT, CloudSession, StepResult, read_checkpoint, write_checkpoint
 from models import EdgePart, EncoderSpec, SplitSpec
 from splitwire.bundle import Bundle
@@ -54,6 +58,7 @@ from splitwire.fedavg import fedavg, gradient_sum
 from splitwire.protocol import Average, Averaged, EdgeGradient, GradientSum, Kind, Train
 from splitwire.steps import CloudSteps, Replay
 
+log = logging.getLogger(__name__)
 SCHEDULES = ("sync", "async")
 EDGES = ("personal", "shared")  # the fleet's edge halves: each device's own, or one model kept in step
 FLEET_PREFIX = "fleet:"  # the shared top part's session id (and state file name) is this and the fleet's name
@@ -119,7 +124,10 @@ class CloudFleet:
                                           else Batcher(settings.max_rows, settings.max_wait))
         self.checkpoints: Barrier = Barrier(settings.round_timeout)
         self.averages: Barrier = Barrier(settings.round_timeout)
-        self.gradient_sums: Barrier = Barrier(settings.round_timeout)
+        self.gradient_sums: GradientRounds = GradientRounds(settings.round_timeout)
+        self._train_rounds = 0  # shared edge: the train rounds so far, each opening its gradient round
+        self._trained_in: dict[str, int] = {}  # each member's last train round
+        self._summed: tuple[int, dict[str, np.ndarray]] | None = None  # the last gradient round: its number, its sum
         self.saved_step: int | None = None  # the cloud step of the last requested snapshot
         self.saved_members: dict[str, int] = {}  # each member's step in that snapshot
         self._in_flight: dict[str, _Job] = {}  # each member's step waiting for its round
@@ -144,8 +152,7 @@ class CloudFleet:
         return steps
 
     def _barriers(self) -> list[Barrier]:
-        queues = (self.trains, self.checkpoints, self.averages, self.gradient_sums)
-        return [queue for queue in queues if isinstance(queue, Barrier)]
+        return [queue for queue in (self.trains, self.checkpoints, self.averages) if isinstance(queue, Barrier)]
 
     def _join_barriers(self, member: str) -> None:
         for barrier in self._barriers():
@@ -155,6 +162,7 @@ class CloudFleet:
         """``member`` said bye: rounds no longer wait for it (it may join again)."""
         for barrier in self._barriers():
             barrier.leave(member)
+        self.gradient_sums.leave(member)
         self._changed.set()
 
     def resume(self, member: str, resume_from: int) -> None:
@@ -195,7 +203,8 @@ class CloudFleet:
 
     async def average(self, member: str, request: Average) -> Averaged:
         """The example-weighted average of the edge weights of the members in this averaging round."""
-        return await self._edge_round(Kind.AVERAGE, self.averages, member, request)
+        return await self._edge_round(Kind.AVERAGE, lambda job: self.averages.submit(member, job, time.monotonic()),
+                                      member, request)
 
     async def sum_gradients(self, member: str, request: EdgeGradient) -> GradientSum:
         """The sum of the edge gradients of the members in this gradient round (a shared edge)."""
@@ -207,9 +216,28 @@ class CloudFleet:
         largest = max((float(np.abs(g).max()) for g in request.tensors.values() if g.size), default=0.0)
         if largest > MAX_GRADIENT:  # it would poison every device's AdamW second moment
             raise ProtocolError(f"an edge gradient must stay within ±{MAX_GRADIENT:g}, got {largest:.3g}")
-        return await self._edge_round(Kind.EDGE_GRADIENT, self.gradient_sums, member, request)
+        number = self._trained_in.get(member)
 
-    async def _edge_round(self, kind: Kind, barrier: Barrier, member: str, request: Average | EdgeGradient):
+        def submit(job: _Job) -> None:
+            if number is not None and self.gradient_sums.is_open(number):
+                job.payload = (number, request)
+                self.gradient_sums.submit(number, member, job)
+            else:
+                job.future.set_result(self._missed(number, member, request))
+
+        return await self._edge_round(Kind.EDGE_GRADIENT, submit, member, request)
+
+    def _missed(self, number: int | None, member: str, request: EdgeGradient) -> GradientSum:
+        """The answer to a gradient whose round went ahead without it: that round's sum, which the others
+        applied, so the device stays one with them; older than that, its own gradient (it diverges)."""
+        if self._summed is not None and self._summed[0] == number:
+            return GradientSum(request.step, self._summed[1])
+        log.warning("fleet %s: %s's gradient of step %d came after its round and the next: it applies it alone "
+                    "and no longer equals the others", self.name, member, request.step)
+        return GradientSum(request.step, request.tensors)
+
+    async def _edge_round(self, kind: Kind, submit: Callable[[_Job], None], member: str,
+                          request: Average | EdgeGradient):
         """Submit ``member``'s edge-sized request to its round and wait for the round's answer.
 
         One sent again after a reconnect (the reply was lost) gets its round's answer, never a round of
@@ -221,7 +249,7 @@ class CloudFleet:
             return await asyncio.shield(answer)
         job = _Job(member, request)
         answered[member] = (request.step, job.future)
-        barrier.submit(member, job, time.monotonic())
+        submit(job)
         return await self._wait(job)
 
     async def _wait(self, job: _Job) -> Any:
@@ -261,11 +289,13 @@ class CloudFleet:
                     job.future.set_exception(exc)
 
     async def _train_round(self, jobs: list[_Job]) -> None:
-        if self.settings.edge == "shared":  # its gradient round waits for this round's members only
-            self.gradient_sums.absent |= self.gradient_sums.members - {job.member for job in jobs}
         items = [job.payload for job in jobs]
         replies = await self.compute.run(self.key, self.top.train_group, [item.request for item in items],
                                          [item.answer for item in items], parallel=self.parallel)
+        if self.settings.edge == "shared":  # its gradient round expects exactly this round's members
+            self._train_rounds += 1
+            self.gradient_sums.expect(self._train_rounds, {job.member for job in jobs}, time.monotonic())
+            self._trained_in |= dict.fromkeys((job.member for job in jobs), self._train_rounds)
         for job, item, reply in zip(jobs, items, replies):
             self.members[job.member].applied(item.request.step, item.digest, reply)
             self._in_flight.pop(job.member, None)
@@ -288,10 +318,12 @@ class CloudFleet:
         return fedavg(weights, examples)
 
     async def _gradient_round(self, jobs: list[_Job]) -> None:
-        requests: list[EdgeGradient] = [job.payload for job in jobs]
+        number = jobs[0].payload[0]
+        requests: list[EdgeGradient] = [job.payload[1] for job in jobs]
         summed = await self.compute.run(self.key, gradient_sum, [r.tensors for r in requests])
         if max((float(np.abs(t).max()) for t in summed.values() if t.size), default=0.0) > MAX_GRADIENT:
             raise ProtocolError(f"the round's edge gradients sum beyond ±{MAX_GRADIENT:g}")
+        self._summed = (number, summed)
         for job, request in zip(jobs, requests):
             job.future.set_result(GradientSum(request.step, summed))
 

@@ -12,6 +12,8 @@ them what to do; the time is always passed in.
   round is absent, not waited for, until it submits again (it rejoins). The first round
   waits until ``quorum`` members have joined, so that a fleet that starts together starts
   with all its devices. A member that leaves (says bye) is no longer waited for.
+- ``GradientRounds`` (a fleet's shared edge): train round ``n`` opens gradient round ``n``, which
+  expects exactly that round's members and goes ahead when they all sent, or after ``timeout``.
 - ``Batcher`` (the asynchronous schedule): items are taken as they arrive; the step goes
   ahead once ``max_rows`` rows are waiting, or ``max_wait`` seconds after the first one
   arrived, with the waiting items in arrival order (at most ``max_rows`` rows, at least one item).
@@ -114,3 +116,59 @@ class Batcher(Generic[T]):
             rows += size
         self.first_at = now if self.pending else None
         return taken
+
+
+@dataclass
+class GradientRounds(Generic[T]):
+    """A shared edge's gradient rounds: each train round's members send one item (their edge gradient).
+
+    Train round ``n`` opens gradient round ``n`` expecting exactly its members (``expect``); it goes ahead
+    once they all sent, or ``timeout`` seconds after it opened, with what came (a round nobody sent to
+    closes empty). Rounds stay apart, so a late item can never join another round's sum.
+    """
+
+    timeout: float
+    rounds: dict[int, tuple[set[str], dict[str, T], float]] = field(default_factory=dict)  # n → expected, items, opened
+
+    def expect(self, number: int, members: set[str], now: float) -> None:
+        self.rounds[number] = (set(members), {}, now)
+
+    def is_open(self, number: int) -> bool:
+        return number in self.rounds
+
+    def submit(self, number: int, member: str, item: T) -> None:
+        expected, items, _ = self.rounds[number]
+        if member not in expected or member in items:
+            raise ValueError(f"{member!r} has no place in gradient round {number}")
+        items[member] = item
+
+    def leave(self, member: str) -> None:
+        """``member`` said bye: no open round waits for it."""
+        for expected, items, _ in self.rounds.values():
+            if member not in items:
+                expected.discard(member)
+
+    @property
+    def pending(self) -> bool:
+        return any(items for _, items, _ in self.rounds.values())
+
+    def deadline(self) -> float | None:
+        return min((opened + self.timeout for _, _, opened in self.rounds.values()), default=None)
+
+    def ready(self, now: float) -> bool:
+        self._close_expired_empty(now)
+        return any(self._done(number, now) for number in self.rounds)
+
+    def take(self, now: float) -> list[tuple[str, T]]:
+        """The oldest ready round's items in member order (the round closes)."""
+        number = next(n for n in sorted(self.rounds) if self._done(n, now))
+        _, items, _ = self.rounds.pop(number)
+        return sorted(items.items())
+
+    def _done(self, number: int, now: float) -> bool:
+        expected, items, opened = self.rounds[number]
+        return bool(items) and (expected <= set(items) or now >= opened + self.timeout)
+
+    def _close_expired_empty(self, now: float) -> None:
+        for number in [n for n, (_, items, opened) in self.rounds.items() if not items and now >= opened + self.timeout]:
+            del self.rounds[number]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from cloud_backend.auth import TokenStore
 from cloud_backend.fleet import FleetSettings
-from cloud_backend.rounds import Barrier, Batcher
+from cloud_backend.rounds import Barrier, Batcher, GradientRounds
 from cloud_backend.server import serve_cloud
 from edge_runtime.api import EdgeTrainer
 from edge_runtime.batches import training_batches
@@ -111,6 +111,57 @@ def test_a_round_waits_for_every_member_in_fixed_order_and_goes_ahead_without_th
     assert rounds.absent == set() and rounds.waiting_for() == {"a", "c"}
     rounds.leave("a")
     assert rounds.waiting_for() == {"c"}
+
+
+def test_each_train_rounds_gradient_round_expects_its_members_and_never_takes_another_rounds_items():
+    rounds: GradientRounds[str] = GradientRounds(timeout=5.0)
+    rounds.expect(1, {"a", "b", "c"}, now=0.0)
+    rounds.submit(1, "a", "a1")
+    rounds.submit(1, "b", "b1")
+    assert not rounds.ready(4.9) and rounds.deadline() == 5.0
+    rounds.expect(2, {"a", "b"}, now=6.0)  # c was late for round 1; round 2 went on without it
+    assert rounds.ready(6.0) and rounds.take(6.0) == [("a", "a1"), ("b", "b1")]  # round 1, after its timeout
+    assert not rounds.is_open(1)
+    with pytest.raises(ValueError, match="no place in gradient round 2"):
+        rounds.submit(2, "c", "c1")  # c's late item cannot join round 2's sum
+    rounds.submit(2, "b", "b2")
+    rounds.leave("a")  # said bye: round 2 no longer waits for it
+    assert rounds.ready(6.0) and rounds.take(6.0) == [("b", "b2")]
+    rounds.expect(3, {"a"}, now=7.0)
+    assert not rounds.ready(11.9) and not rounds.pending
+    assert not rounds.ready(12.0) and not rounds.is_open(3)  # nobody sent: it closes empty
+
+
+def test_a_gradient_that_comes_after_its_round_went_ahead_gets_that_rounds_sum_and_its_edge_stays_one(
+        onnx_bundle, tmp_path):
+    """``late`` sends its step-2 gradient 3 s late, past the 2 s round timeout: gradient round 2 goes ahead
+    without it, and ``late`` gets round 2's sum, then makes train round 3 (which waits for it until 2 s
+    after the others' step 3), so all three edges end bit-equal."""
+    steps = 3
+
+    async def scenario():
+        settings = FleetSettings("sync", round_timeout=2.0, quorum=3, edge="shared")
+        async with serve_cloud(onnx_bundle, port=0, device="cpu", fleets=settings) as server:
+            late = trainer(onnx_bundle, server.url, "late", tmp_path / "late")
+
+            def slow_at_2(step: int) -> None:
+                if step == 2:
+                    on_sending(late, Kind.EDGE_GRADIENT, wait=3.0)
+
+            async def run_late():
+                async with late:
+                    await late.train(device_data(2), run_config(late, device_data(2), steps), checkpoint_every=None,
+                                     callbacks=[_Hooks(begin=slow_at_2)])
+                    return late.engine.parameters()
+
+            members = await asyncio.gather(*(train_member(onnx_bundle, server.url, f"dev-{i}", device_data(i),
+                                                          steps, tmp_path / f"dev-{i}") for i in range(2)), run_late())
+            return *members, server.fleets["f"].top.step
+
+    first, second, late_edge, cloud_steps = asyncio.run(scenario())
+    assert cloud_steps == steps  # late missed no train round
+    for name, value in first.parameters.items():
+        assert np.array_equal(value, second.parameters[name]) and np.array_equal(value, late_edge[name]), name
 
 
 def test_the_first_round_waits_for_its_quorum_and_the_async_batcher_takes_what_arrived():

@@ -223,7 +223,7 @@ def test_a_refused_gradient_ends_the_held_step_which_is_begun_again_exactly(bund
 # Every frame kind of a label-private run, and all it may carry (fp32 codec: no codec parts).
 PRIVATE_FRAMES = {  # kind: (meta keys, tensor names)
     Kind.HELLO: ({"session_id", "bundle_hash", "token", "resume_from", "schedule", "seed", "codec", "fleet"}, set()),
-    Kind.WELCOME: ({"bundle_hash", "resume_step", "max_batch", "schedule", "seed", "codec", "fleet"}, set()),
+    Kind.WELCOME: ({"bundle_hash", "resume_step", "max_batch", "schedule", "seed", "codec", "fleet", "shared_edge"}, set()),
     Kind.TRAIN: ({"shape"}, {"z", "lengths"}),
     Kind.TOP: ({"batch"}, {"pooled"}),
     Kind.TOP_GRADIENT: ({"batch"}, {"dpooled"}),
