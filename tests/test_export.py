@@ -32,7 +32,7 @@ def test_minilm_bundle_runs_one_split_training_step(minilm_bundle, minilm_dir):
     assert manifest["base_model"]["id"] == str(minilm_dir) and manifest["base_model"]["init"] == "pretrained"
     assert manifest["format_version"] == 2 and not {"task", "wire"} & set(manifest)  # format 2: no dead fields
     assert manifest["optimizer"] == {"name": "adamw", "lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
-                                     "weight_decay": 0.01, "moments": "fp32"}
+                                     "weight_decay": 0.01, "moments": "fp32", "head_lr_scale": 1.0}
     assert manifest["edge"]["frozen"] == [] and set(manifest["edge"]) == {"files", "trainable", "frozen",
                                                                           "trained_layers", "adapters"}
     assert manifest.edge.trained_layers is None and manifest.edge.adapters is None
