@@ -94,6 +94,11 @@ def edge_shapes(bundle: Bundle) -> dict[str, tuple[int, ...]]:
     return {name: shapes[name] for name in bundle.manifest.edge.trainable}
 
 
+def _largest(tensors: dict[str, np.ndarray]) -> float:
+    """The largest magnitude in ``tensors`` (0 when they are empty)."""
+    return max((float(np.abs(t).max()) for t in tensors.values() if t.size), default=0.0)
+
+
 @dataclass
 class _Job:
     """A member's item waiting in a round, and the future its handler awaits."""
@@ -213,7 +218,7 @@ class CloudFleet:
         if request.step != self.members[member].step:
             raise ProtocolError(f"an edge gradient is of the step the cloud applied last, {self.members[member].step}, "
                                 f"got step {request.step}")
-        largest = max((float(np.abs(g).max()) for g in request.tensors.values() if g.size), default=0.0)
+        largest = _largest(request.tensors)
         if largest > MAX_GRADIENT:  # it would poison every device's AdamW second moment
             raise ProtocolError(f"an edge gradient must stay within ±{MAX_GRADIENT:g}, got {largest:.3g}")
         number = self._trained_in.get(member)
@@ -321,7 +326,7 @@ class CloudFleet:
         number = jobs[0].payload[0]
         requests: list[EdgeGradient] = [job.payload[1] for job in jobs]
         summed = await self.compute.run(self.key, gradient_sum, [r.tensors for r in requests])
-        if max((float(np.abs(t).max()) for t in summed.values() if t.size), default=0.0) > MAX_GRADIENT:
+        if _largest(summed) > MAX_GRADIENT:
             raise ProtocolError(f"the round's edge gradients sum beyond ±{MAX_GRADIENT:g}")
         self._summed = (number, summed)
         for job, request in zip(jobs, requests):
